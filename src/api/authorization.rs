@@ -1,0 +1,216 @@
+//! `chargegate.v1.ChargingAuthorization`: intake, decision streams and decision lookups.
+
+use std::{collections::BTreeSet, pin::Pin, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{invalid_argument, store_unavailable};
+use crate::{
+    cursor::Cursor,
+    fanout::{self, Hub, Start, StreamContext, StreamItem},
+    intake::{self, FieldViolation},
+    proto::{
+        self, AcceptStatus, AuthorizeRequest, AuthorizeResponse, DecisionStatus,
+        GetDecisionRequest, GetDecisionResponse, SubscribeDecisionsRequest,
+        charging_authorization_server::ChargingAuthorization,
+    },
+    queue::{EnqueueOutcome, Queue},
+    store::{DecisionLog, RequestState, StationFilter},
+    token::Fingerprinter,
+};
+
+pub const MESSAGE_CALLBACK: &str = "Request is being processed asynchronously. The result will be sent to the provided callback URL.";
+pub const MESSAGE_SUBSCRIBERS: &str =
+    "Request is being processed asynchronously. The result will be pushed to decision subscribers.";
+
+/// Most stations one subscription may name.
+pub const MAX_SUBSCRIBED_STATIONS: usize = 10_000;
+/// Items buffered between a stream task and the HTTP/2 stream.
+const STREAM_BUFFER: usize = 16;
+
+pub struct AuthorizationService {
+    pub queue: Arc<dyn Queue>,
+    pub log: Arc<dyn DecisionLog>,
+    pub hub: Arc<Hub>,
+    pub fingerprinter: Fingerprinter,
+    pub heartbeat_interval: Duration,
+    /// Cancelled at shutdown; every decision stream then ends with UNAVAILABLE.
+    pub streams_shutdown: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl ChargingAuthorization for AuthorizationService {
+    #[tracing::instrument(skip_all, fields(request_id, station_id))]
+    async fn authorize(
+        &self,
+        request: Request<AuthorizeRequest>,
+    ) -> Result<Response<AuthorizeResponse>, Status> {
+        let new = intake::validate(request.into_inner(), &self.fingerprinter).map_err(|v| {
+            metrics::counter!("chargegate_requests_total", "outcome" => "invalid_argument")
+                .increment(1);
+            invalid_argument(v)
+        })?;
+        let span = tracing::Span::current();
+        span.record("request_id", new.request_id.as_str());
+        span.record("station_id", new.station_id.as_str());
+        let request_id = new.request_id.clone();
+        let message = if new.callback_url.is_some() {
+            MESSAGE_CALLBACK
+        } else {
+            MESSAGE_SUBSCRIBERS
+        };
+        let outcome = self.queue.enqueue(new).await.map_err(|e| {
+            metrics::counter!("chargegate_requests_total", "outcome" => "unavailable").increment(1);
+            store_unavailable(&e)
+        })?;
+        let (accepted_at, duplicate) = match outcome {
+            EnqueueOutcome::Accepted { accepted_at } => (accepted_at, false),
+            EnqueueOutcome::Duplicate { accepted_at } => (accepted_at, true),
+            EnqueueOutcome::Conflict => {
+                metrics::counter!("chargegate_requests_total", "outcome" => "conflict")
+                    .increment(1);
+                return Err(Status::already_exists(
+                    "request_id was already used for another station or driver token",
+                ));
+            }
+            EnqueueOutcome::Full => {
+                metrics::counter!("chargegate_requests_total", "outcome" => "queue_full")
+                    .increment(1);
+                return Err(Status::resource_exhausted("the queue is full; retry later"));
+            }
+        };
+        let outcome = if duplicate { "duplicate" } else { "accepted" };
+        metrics::counter!("chargegate_requests_total", "outcome" => outcome).increment(1);
+        metrics::gauge!("chargegate_queue_depth").set(self.queue.depth() as f64);
+        Ok(Response::new(AuthorizeResponse {
+            request_id,
+            status: AcceptStatus::Accepted as i32,
+            message: message.to_owned(),
+            duplicate,
+            accepted_at: Some(accepted_at.to_proto()),
+        }))
+    }
+
+    type SubscribeDecisionsStream = Pin<Box<dyn Stream<Item = StreamItem> + Send + 'static>>;
+
+    async fn subscribe_decisions(
+        &self,
+        request: Request<SubscribeDecisionsRequest>,
+    ) -> Result<Response<Self::SubscribeDecisionsStream>, Status> {
+        let request = request.into_inner();
+        let filter = parse_station_filter(&request.station_ids).map_err(invalid_argument)?;
+        let start = self.parse_start(&request.after_cursor).await?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ctx = StreamContext {
+            hub: self.hub.clone(),
+            log: self.log.clone(),
+            heartbeat_interval: self.heartbeat_interval,
+            shutdown: self.streams_shutdown.clone(),
+        };
+        tokio::spawn(fanout::run_stream(ctx, filter, start, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_decision(
+        &self,
+        request: Request<GetDecisionRequest>,
+    ) -> Result<Response<GetDecisionResponse>, Status> {
+        let request_id = request.into_inner().request_id;
+        if request_id.is_empty() || request_id.len() > intake::MAX_REQUEST_ID_LEN {
+            return Err(invalid_argument(vec![FieldViolation::new(
+                "request_id",
+                format!(
+                    "is required and at most {} characters",
+                    intake::MAX_REQUEST_ID_LEN
+                ),
+            )]));
+        }
+        let state = self
+            .log
+            .request_state(&request_id)
+            .await
+            .map_err(|e| store_unavailable(&e))?;
+        let decision = match state {
+            None => {
+                return Err(Status::not_found(
+                    "no request with this request_id is retained",
+                ));
+            }
+            Some(RequestState::Decided(d)) => d.to_proto(),
+            Some(RequestState::Pending {
+                station_id,
+                fingerprint,
+                accepted_at,
+            }) => proto::Decision {
+                request_id,
+                station_id,
+                status: DecisionStatus::Pending as i32,
+                driver_token_fingerprint: fingerprint.as_str().to_owned(),
+                accepted_at: Some(accepted_at.to_proto()),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(GetDecisionResponse {
+            decision: Some(decision),
+        }))
+    }
+}
+
+impl AuthorizationService {
+    /// Where a subscription starts; checks the cursor against the log's bounds.
+    async fn parse_start(&self, after_cursor: &str) -> Result<Start, Status> {
+        if after_cursor.is_empty() {
+            return Ok(Start::Live);
+        }
+        let malformed =
+            |why: &str| invalid_argument(vec![FieldViolation::new("after_cursor", why)]);
+        let cursor = Cursor::decode(after_cursor)
+            .map_err(|_| malformed("is not a cursor issued by this service"))?;
+        if cursor.log_id != self.log.log_id() {
+            return Err(malformed("belongs to another decision log"));
+        }
+        let bounds = self.log.bounds().await.map_err(|e| store_unavailable(&e))?;
+        if cursor.position < bounds.floor {
+            return Err(Status::out_of_range(
+                "after_cursor is older than the retained decision log; subscribe without a cursor",
+            ));
+        }
+        if cursor.position > bounds.head {
+            return Err(Status::out_of_range(
+                "after_cursor is ahead of the decision log",
+            ));
+        }
+        Ok(Start::After(cursor.position))
+    }
+}
+
+/// Canonical, de-duplicated station ids; empty means every station.
+fn parse_station_filter(ids: &[String]) -> Result<StationFilter, Vec<FieldViolation>> {
+    if ids.is_empty() {
+        return Ok(StationFilter::All);
+    }
+    if ids.len() > MAX_SUBSCRIBED_STATIONS {
+        return Err(vec![FieldViolation::new(
+            "station_ids",
+            format!("names more than {MAX_SUBSCRIBED_STATIONS} stations"),
+        )]);
+    }
+    let mut stations = BTreeSet::new();
+    let mut violations = Vec::new();
+    for raw in ids {
+        match intake::parse_station_id_named("station_ids", raw) {
+            Ok(id) => {
+                stations.insert(id);
+            }
+            Err(v) if violations.is_empty() => violations.push(v),
+            Err(_) => {}
+        }
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    Ok(StationFilter::Only(stations.into_iter().collect()))
+}

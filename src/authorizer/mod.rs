@@ -1,0 +1,33 @@
+//! The authorizer port: given a station and a driver token, allowed or not, and why.
+//!
+//! Implementations: [`acl::AccessList`] (the embedded access list). A remote HTTP authorizer and
+//! others are new files implementing [`Authorizer`]. The deadline (`authorize_timeout_ms`) and the
+//! token format check are applied by the pipeline around every implementation, not inside them.
+
+pub mod acl;
+
+use async_trait::async_trait;
+
+use crate::{
+    decision::{DecidedBy, Verdict},
+    token::{DriverToken, Fingerprint},
+};
+
+/// What an authorizer is asked. Borrowed from the queued request; the token is only exposed to it.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthorizationRequest<'a> {
+    pub request_id: &'a str,
+    /// Canonical (lower-case) station id.
+    pub station_id: &'a str,
+    pub token: &'a DriverToken,
+    pub fingerprint: &'a Fingerprint,
+}
+
+#[async_trait]
+pub trait Authorizer: Send + Sync + 'static {
+    /// Who this authorizer is in audit records, including when it misses its deadline.
+    fn kind(&self) -> DecidedBy;
+
+    /// Decides one request. Failures are verdicts (`UNKNOWN`/`authorizer_error`), not errors.
+    async fn authorize(&self, request: AuthorizationRequest<'_>) -> Verdict;
+}

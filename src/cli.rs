@@ -1,0 +1,275 @@
+//! The command line: `chargegate` (= `chargegate serve`) and the client subcommands that talk to a
+//! running server. Flags and `CHARGEGATE_*` variables are gathered here; [`crate::config`] parses them.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_stream::StreamExt;
+
+use crate::proto::{
+    self, AuthorizeRequest, DecisionStatus, GetDecisionRequest, SubscribeDecisionsRequest,
+    charging_authorization_client::ChargingAuthorizationClient,
+    subscribe_decisions_response::Event,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chargegate",
+    version,
+    about = "Asynchronous authorization of EV-charging sessions over gRPC"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// With no subcommand, chargegate serves.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve(Box<ServeArgs>),
+    /// Ask a running server to authorize a driver token at a station.
+    Authorize(AuthorizeArgs),
+    /// Subscribe to decisions and print them, one JSON object per line.
+    Watch(WatchArgs),
+    /// Print the state of one request.
+    Get(GetArgs),
+}
+
+macro_rules! serve_args {
+    ($($field:ident, $env:literal, $help:literal;)*) => {
+        /// Server flags: one per configuration key, each also read from `CHARGEGATE_<KEY>`.
+        #[derive(Debug, Clone, Default, Args)]
+        pub struct ServeArgs {
+            /// TOML file with the same keys as the flags (flags and environment win over it).
+            #[arg(long, env = "CHARGEGATE_CONFIG", value_name = "FILE")]
+            pub config: Option<PathBuf>,
+            $(
+                #[arg(long, env = $env, value_name = "VALUE", help = $help, hide_env_values = true)]
+                pub $field: Option<String>,
+            )*
+        }
+
+        impl ServeArgs {
+            /// The keys set by a flag or the environment.
+            pub fn overrides(&self) -> BTreeMap<&'static str, String> {
+                let mut set = BTreeMap::new();
+                $(
+                    if let Some(value) = &self.$field {
+                        set.insert(stringify!($field), value.clone());
+                    }
+                )*
+                set
+            }
+        }
+    };
+}
+
+serve_args! {
+    listen, "CHARGEGATE_LISTEN", "gRPC address [default: 127.0.0.1:50051]";
+    metrics_listen, "CHARGEGATE_METRICS_LISTEN", "HTTP address of /metrics, /healthz, /readyz, or off [default: 127.0.0.1:9464]";
+    data_dir, "CHARGEGATE_DATA_DIR", "Directory of the embedded store and generated keys [default: ./data]";
+    queue_url, "CHARGEGATE_QUEUE_URL", "Queue backend [default: sqlite://<data_dir>/chargegate.db]";
+    store_url, "CHARGEGATE_STORE_URL", "Store backend [default: sqlite://<data_dir>/chargegate.db]";
+    workers, "CHARGEGATE_WORKERS", "Decisions in flight at once [default: 64]";
+    queue_max, "CHARGEGATE_QUEUE_MAX", "Pending requests before RESOURCE_EXHAUSTED [default: 1000000]";
+    authorizer, "CHARGEGATE_AUTHORIZER", "acl or http [default: acl]";
+    acl_file, "CHARGEGATE_ACL_FILE", "Access-list CSV (station_id,driver_token[,expires_at][,blocked])";
+    authorizer_url, "CHARGEGATE_AUTHORIZER_URL", "URL of the remote authorizer (authorizer = http)";
+    authorize_timeout_ms, "CHARGEGATE_AUTHORIZE_TIMEOUT_MS", "Deadline of one decision; past it UNKNOWN/timeout [default: 3000]";
+    authorizer_breaker_failures, "CHARGEGATE_AUTHORIZER_BREAKER_FAILURES", "Consecutive failures that open the circuit [default: 5]";
+    authorizer_breaker_cooldown_ms, "CHARGEGATE_AUTHORIZER_BREAKER_COOLDOWN_MS", "How long the circuit stays open [default: 30000]";
+    authorizer_cache_ttl_ms, "CHARGEGATE_AUTHORIZER_CACHE_TTL_MS", "Cache of remote answers, 0 = off [default: 0]";
+    webhook_secret, "CHARGEGATE_WEBHOOK_SECRET", "whsec_<base64 key> to sign webhooks";
+    webhook_timeout_ms, "CHARGEGATE_WEBHOOK_TIMEOUT_MS", "Per-attempt webhook timeout [default: 10000]";
+    webhook_max_attempts, "CHARGEGATE_WEBHOOK_MAX_ATTEMPTS", "Webhook attempts before dead [default: 10]";
+    webhook_backoff_base_ms, "CHARGEGATE_WEBHOOK_BACKOFF_BASE_MS", "First webhook retry delay [default: 1000]";
+    webhook_backoff_max_ms, "CHARGEGATE_WEBHOOK_BACKOFF_MAX_MS", "Longest webhook retry delay [default: 600000]";
+    webhook_max_age_ms, "CHARGEGATE_WEBHOOK_MAX_AGE_MS", "Give up on a webhook older than this [default: 3600000]";
+    webhook_allow_private, "CHARGEGATE_WEBHOOK_ALLOW_PRIVATE", "Allow private webhook destinations [default: false]";
+    heartbeat_interval_ms, "CHARGEGATE_HEARTBEAT_INTERVAL_MS", "Heartbeat on idle decision streams [default: 15000]";
+    audit_retention_days, "CHARGEGATE_AUDIT_RETENTION_DAYS", "Retention of decisions and call records [default: 730]";
+    token_hash_key, "CHARGEGATE_TOKEN_HASH_KEY", "Key of token fingerprints [default: generated into the data dir]";
+    tls_cert, "CHARGEGATE_TLS_CERT", "TLS certificate (PEM)";
+    tls_key, "CHARGEGATE_TLS_KEY", "TLS private key (PEM)";
+    tls_client_ca, "CHARGEGATE_TLS_CLIENT_CA", "CA of client certificates (mutual TLS)";
+    clients_file, "CHARGEGATE_CLIENTS_FILE", "Client identities (TOML)";
+    log_format, "CHARGEGATE_LOG_FORMAT", "text or json [default: text]";
+    shutdown_grace_ms, "CHARGEGATE_SHUTDOWN_GRACE_MS", "Time to drain at SIGTERM [default: 10000]";
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArg {
+    /// Address of the chargegate server.
+    #[arg(
+        long,
+        env = "CHARGEGATE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AuthorizeArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Station UUID.
+    #[arg(long)]
+    pub station: String,
+    /// Driver token (prefer CHARGEGATE_DRIVER_TOKEN to keep it out of the shell history).
+    #[arg(long, env = "CHARGEGATE_DRIVER_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Where the decision is POSTed.
+    #[arg(long)]
+    pub callback_url: Option<String>,
+    /// Idempotency key (default: assigned by the server).
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// Wait for the decision and print it.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    /// Station UUID to watch; repeat for several. None: every station.
+    #[arg(long = "station")]
+    pub stations: Vec<String>,
+    /// Resume after this cursor.
+    #[arg(long)]
+    pub after: Option<String>,
+    /// Also print heartbeats.
+    #[arg(long)]
+    pub heartbeats: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    pub request_id: String,
+}
+
+async fn connect(
+    server: &ServerArg,
+) -> anyhow::Result<ChargingAuthorizationClient<tonic::transport::Channel>> {
+    ChargingAuthorizationClient::connect(server.server.clone())
+        .await
+        .with_context(|| format!("cannot connect to {}", server.server))
+}
+
+/// Runs a client subcommand.
+pub async fn run_client(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("serve is run by main"),
+        Command::Authorize(args) => authorize(args).await,
+        Command::Watch(args) => watch(args).await,
+        Command::Get(args) => {
+            let mut client = connect(&args.server).await?;
+            let decision = client
+                .get_decision(GetDecisionRequest {
+                    request_id: args.request_id,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .decision
+                .unwrap_or_default();
+            println!("{}", decision_json(&decision));
+            Ok(())
+        }
+    }
+}
+
+async fn authorize(args: AuthorizeArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let ack = client
+        .authorize(AuthorizeRequest {
+            station_id: args.station,
+            driver_token: args.token,
+            callback_url: args.callback_url.unwrap_or_default(),
+            request_id: args.request_id.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "{}",
+        serde_json::json!({
+            "request_id": ack.request_id,
+            "status": "accepted",
+            "duplicate": ack.duplicate,
+            "message": ack.message,
+        })
+    );
+    if args.wait {
+        let mut delay = std::time::Duration::from_millis(20);
+        loop {
+            let decision = client
+                .get_decision(GetDecisionRequest {
+                    request_id: ack.request_id.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .decision
+                .unwrap_or_default();
+            if decision.status() != DecisionStatus::Pending {
+                println!("{}", decision_json(&decision));
+                return Ok(());
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_millis(500));
+        }
+    }
+    Ok(())
+}
+
+async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let mut stream = client
+        .subscribe_decisions(SubscribeDecisionsRequest {
+            station_ids: args.stations,
+            after_cursor: args.after.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    while let Some(item) = stream.next().await {
+        match item.map_err(status_error)?.event {
+            Some(Event::Decision(d)) => println!("{}", decision_json(&d)),
+            Some(Event::Heartbeat(h)) if args.heartbeats => {
+                println!("{}", serde_json::json!({ "heartbeat": h.cursor }))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+fn decision_json(d: &proto::Decision) -> serde_json::Value {
+    let status = d
+        .status()
+        .as_str_name()
+        .trim_start_matches("DECISION_STATUS_")
+        .to_ascii_lowercase();
+    serde_json::json!({
+        "request_id": d.request_id,
+        "station_id": d.station_id,
+        "status": status,
+        "reason": d.reason,
+        "driver_token_fingerprint": d.driver_token_fingerprint,
+        "processing_time_ms": d.processing_time_ms,
+        "cursor": d.cursor,
+    })
+}

@@ -1,0 +1,163 @@
+//! The decision pipeline: claim a queued request, decide it under the deadline, record it.
+//!
+//! A dispatcher claims as many requests as it holds worker permits (`workers`); each decision runs
+//! in its own task with its permit moved into it. A malformed token is decided INVALID without
+//! asking the authorizer; anything else gets the authorizer's verdict, or UNKNOWN/`timeout` when it
+//! misses `authorize_timeout_ms`. The decision is then settled: recorded idempotently in the decision
+//! log and its queue entry completed (see [`Queue::settle`]). When the store fails, the task keeps
+//! its verdict and retries with backoff; at shutdown it releases the claim instead, so the request
+//! is decided after the restart — never dropped, never decided twice.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    authorizer::{AuthorizationRequest, Authorizer},
+    decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
+    queue::{Claim, Queue},
+};
+
+/// First and longest pause between attempts to record a decision while the store fails.
+const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(2));
+/// Pause after a failed claim.
+const CLAIM_BACKOFF: Duration = Duration::from_millis(200);
+
+pub struct Pipeline {
+    pub queue: Arc<dyn Queue>,
+    pub authorizer: Arc<dyn Authorizer>,
+    pub workers: usize,
+    pub timeout: Duration,
+}
+
+impl Pipeline {
+    /// Decides until `stop` is cancelled, then waits for the decisions in flight. Dropping the
+    /// returned future aborts them; their requests stay queued and are decided after a restart.
+    pub async fn run(self, stop: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.workers));
+        let mut tasks = JoinSet::new();
+        let max_claim = self.workers.min(256);
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let first = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let mut held = vec![first];
+            while held.len() < max_claim {
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            let claims = match self.queue.claim(held.len()).await {
+                Ok(claims) => claims,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming queued requests failed");
+                    drop(held);
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(CLAIM_BACKOFF) => continue,
+                    }
+                }
+            };
+            if claims.is_empty() {
+                drop(held);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.queue.work_available() => continue,
+                }
+            }
+            for (claim, permit) in claims.into_iter().zip(held) {
+                let queue = self.queue.clone();
+                let authorizer = self.authorizer.clone();
+                let stop = stop.clone();
+                let timeout = self.timeout;
+                tasks.spawn(async move {
+                    decide_and_record(queue, authorizer, timeout, claim, stop).await;
+                    drop(permit);
+                });
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+#[tracing::instrument(skip_all, fields(request_id = %claim.request.request_id, station_id = %claim.request.station_id))]
+async fn decide_and_record(
+    queue: Arc<dyn Queue>,
+    authorizer: Arc<dyn Authorizer>,
+    timeout: Duration,
+    claim: Claim,
+    stop: CancellationToken,
+) {
+    let verdict = decide(&*authorizer, timeout, &claim).await;
+    let request = &claim.request;
+    let decision = NewDecision {
+        request_id: request.request_id.clone(),
+        station_id: request.station_id.clone(),
+        fingerprint: request.fingerprint.clone(),
+        verdict,
+        accepted_at: request.accepted_at,
+        decided_at: Micros::now(),
+    };
+    let mut claim = claim;
+    let mut backoff = SETTLE_BACKOFF.0;
+    loop {
+        match queue.settle(claim, decision.clone()).await {
+            Ok(settled) => {
+                if settled.first {
+                    let d = &settled.decision.decision;
+                    metrics::counter!("chargegate_decisions_total", "status" => d.verdict.status().as_str())
+                        .increment(1);
+                    let latency = (d.decided_at.0 - d.accepted_at.0).max(0) as f64 / 1e6;
+                    metrics::histogram!("chargegate_decision_latency_seconds").record(latency);
+                    tracing::debug!(
+                        status = d.verdict.status().as_str(),
+                        reason = d.verdict.reason.as_str(),
+                        "decided"
+                    );
+                }
+                return;
+            }
+            Err((returned, e)) => {
+                if stop.is_cancelled() {
+                    tracing::warn!(error = %e, "could not record a decision before shutdown; the request stays queued");
+                    queue.release(returned);
+                    return;
+                }
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recording a decision failed");
+                claim = returned;
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(SETTLE_BACKOFF.1);
+            }
+        }
+    }
+}
+
+/// The verdict for one claimed request.
+async fn decide(authorizer: &dyn Authorizer, timeout: Duration, claim: &Claim) -> Verdict {
+    let request = &claim.request;
+    if !request.token.is_well_formed() {
+        return Verdict::new(Reason::TokenFormat, DecidedBy::Format);
+    }
+    let asked = AuthorizationRequest {
+        request_id: &request.request_id,
+        station_id: &request.station_id,
+        token: &request.token,
+        fingerprint: &request.fingerprint,
+    };
+    let started = std::time::Instant::now();
+    let verdict = match tokio::time::timeout(timeout, authorizer.authorize(asked)).await {
+        Ok(verdict) => verdict,
+        Err(_) => Verdict::new(Reason::Timeout, authorizer.kind()),
+    };
+    metrics::histogram!("chargegate_authorization_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    verdict
+}

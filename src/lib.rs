@@ -1,0 +1,35 @@
+//! chargegate authorizes EV-charging sessions asynchronously: a station's gateway calls
+//! `Authorize`, is acknowledged once the request is durable, and the decision is pushed to
+//! `SubscribeDecisions` streams and recorded in the decision log.
+//!
+//! # Layout
+//! The path of a request reads like the module list:
+//! - [`intake`]: validates an `AuthorizeRequest` into a [`intake::NewRequest`], or field violations.
+//! - [`queue`]: the port where acknowledged requests wait; [`queue::sqlite`] is the embedded queue.
+//! - [`decide`]: the pipeline that claims queued requests and decides them under a deadline.
+//! - [`authorizer`]: the port that says allowed or not; [`authorizer::acl`] is the access list.
+//! - [`store`]: the decision log port; [`store::sqlite`] is the embedded store (and group commit).
+//! - [`fanout`]: pushes recorded decisions to subscribers, catching lagging ones up from the log.
+//! - [`api`]: the gRPC services and the mapping of errors to `tonic::Status`.
+//!
+//! Around them: [`config`] (every key, parsed once), [`server`] (wiring and ordered shutdown),
+//! [`health`] (grpc.health.v1 and readiness), [`telemetry`] (logs, Prometheus), [`cli`] (the
+//! command line), [`token`] (driver tokens and their fingerprints), [`cursor`] (opaque log
+//! positions), [`decision`] (statuses, reasons, records) and [`proto`] (generated code).
+
+pub mod api;
+pub mod authorizer;
+pub mod cli;
+pub mod config;
+pub mod cursor;
+pub mod decide;
+pub mod decision;
+pub mod fanout;
+pub mod health;
+pub mod intake;
+pub mod proto;
+pub mod queue;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod token;

@@ -1,0 +1,85 @@
+//! The `chargegate` binary: parses the command line, and either serves or runs a client command.
+
+use std::process::ExitCode;
+
+use chargegate::{
+    cli::{Cli, Command},
+    config::Config,
+    server::{self, ServeError},
+    telemetry,
+};
+use clap::Parser;
+
+/// The exit code for a configuration that cannot be used (EX_CONFIG is 78; EX_USAGE 64 is what
+/// operators and the contract expect here).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match cli.command {
+        None => serve(&runtime, cli.serve),
+        Some(Command::Serve(args)) => serve(&runtime, *args),
+        Some(command) => match runtime.block_on(chargegate::cli::run_client(command)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("chargegate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn serve(runtime: &tokio::runtime::Runtime, args: chargegate::cli::ServeArgs) -> ExitCode {
+    let config = match Config::resolve(&args.overrides(), args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("chargegate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init_logging(config.log_format);
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        server::run(listener, config, shutdown_signal())
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("chargegate: {e:#}");
+            let config_error = matches!(
+                e.downcast_ref::<ServeError>(),
+                Some(ServeError::Config(_) | ServeError::AccessList(_) | ServeError::Key(_))
+            );
+            if config_error {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("chargegate: second signal, exiting at once");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,86 @@
+//! The queue port: where an acknowledged request waits, durable, until it is decided.
+//!
+//! Delivery semantics show in the types: [`Queue::claim`] hands out [`Claim`]s; a claim is consumed
+//! by [`Queue::settle`] (record the decision, then complete the entry) or by [`Queue::release`] (back
+//! to the queue). A claim that is neither (the process died) returns to the queue when its lease
+//! ends — at the next start for the embedded queue.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::{
+    decision::{Micros, NewDecision, RecordedDecision},
+    intake::NewRequest,
+    store::StoreError,
+    token::{DriverToken, Fingerprint},
+};
+
+/// What enqueueing a request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnqueueOutcome {
+    /// Durable in the queue.
+    Accepted { accepted_at: Micros },
+    /// The request_id was seen before with the same station and token: nothing enqueued.
+    Duplicate { accepted_at: Micros },
+    /// The request_id was seen before with another station or token: nothing enqueued.
+    Conflict,
+    /// `queue_max` requests are pending: nothing enqueued.
+    Full,
+}
+
+/// A queued request as a worker sees it. The only place besides the queue row with a plain token.
+#[derive(Clone, Debug)]
+pub struct QueuedRequest {
+    pub request_id: String,
+    pub station_id: String,
+    pub token: DriverToken,
+    pub fingerprint: Fingerprint,
+    pub callback_url: Option<String>,
+    pub accepted_at: Micros,
+}
+
+/// A request handed to one worker. Consume it with `settle` or `release`.
+#[derive(Debug)]
+pub struct Claim {
+    pub request: QueuedRequest,
+    /// The backend's handle on the entry (the SQLite row, a Redis stream entry id).
+    pub(crate) position: u64,
+}
+
+/// The outcome of settling a claim.
+#[derive(Clone, Debug)]
+pub struct Settled {
+    pub decision: RecordedDecision,
+    /// False when the request had been decided before (a retried or re-delivered claim): the
+    /// recorded decision is the earlier one and nothing new was written.
+    pub first: bool,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Makes the request durable, once per request_id. Returns only after it is committed.
+    async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError>;
+
+    /// Up to `max` requests, oldest first; empty when none is waiting.
+    async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError>;
+
+    /// Resolves when `claim` may find something.
+    async fn work_available(&self);
+
+    /// Records `decision` in the decision log idempotently by request_id, then completes the entry
+    /// and erases its token. The embedded backend does both in one transaction; a two-system backend
+    /// records first and acknowledges second, so a crash between the two re-delivers a request
+    /// whose decision already exists, and settling it again records nothing new.
+    async fn settle(
+        &self,
+        claim: Claim,
+        decision: NewDecision,
+    ) -> Result<Settled, (Claim, StoreError)>;
+
+    /// Returns the claim to the queue for another worker.
+    fn release(&self, claim: Claim);
+
+    /// Requests waiting or being decided.
+    fn depth(&self) -> u64;
+}

@@ -1,0 +1,180 @@
+//! The embedded queue: the `queue` table of the SQLite file (see [`crate::store::sqlite`]).
+//!
+//! One process owns the file (it is locked), so claims need no row updates: the queue keeps a scan
+//! position in memory and hands out entries in `seq` order, each with a lease. A released claim, or
+//! one whose lease ran out, is handed out again; settling is idempotent by request_id, so a second
+//! hand-out never yields a second decision. At start-up the scan position is zero: whatever the
+//! previous process claimed but did not settle is pending again.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, watch};
+
+use super::{Claim, EnqueueOutcome, Queue, QueuedRequest, Settled};
+use crate::{
+    decision::NewDecision, intake::NewRequest, store::StoreError, store::sqlite::Database,
+};
+
+pub struct SqliteQueue {
+    db: Database,
+    lease: Duration,
+    state: Mutex<ClaimState>,
+    /// Rung by `release` so the dispatcher sees re-queued work at once.
+    released: Notify,
+    /// The newest committed queue position, sent by the writer thread.
+    enqueue_head: watch::Receiver<u64>,
+}
+
+#[derive(Default)]
+struct ClaimState {
+    /// Every entry at or before this position has been handed out at least once.
+    scanned_through: u64,
+    /// Entries to hand out again, before new ones.
+    redeliver: VecDeque<(u64, QueuedRequest)>,
+    /// Handed-out entries and the end of their lease.
+    leased: HashMap<u64, Instant>,
+}
+
+impl SqliteQueue {
+    /// `lease` must outlast a decision: the authorizer deadline plus the time to record it.
+    pub fn new(db: Database, lease: Duration) -> Self {
+        let enqueue_head = db.enqueue_head();
+        Self {
+            db,
+            lease,
+            state: Mutex::new(ClaimState::default()),
+            released: Notify::new(),
+            enqueue_head,
+        }
+    }
+
+    /// Entries whose lease ran out go back to the front of the queue. Their rows are read again,
+    /// since the claim (with its token) is still with the worker that let the lease lapse.
+    async fn reclaim_expired(&self) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let expired: Vec<u64> = {
+            let mut state = self.state.lock().expect("claim state lock");
+            let expired: Vec<u64> = state
+                .leased
+                .iter()
+                .filter(|(_, end)| **end <= now)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in &expired {
+                state.leased.remove(p);
+            }
+            expired
+        };
+        for position in expired {
+            tracing::warn!(
+                position,
+                "a claim's lease ran out; handing the request out again"
+            );
+            if let Some(entry) = self
+                .db
+                .queued_after(position - 1, 1)
+                .await?
+                .into_iter()
+                .find(|(p, _)| *p == position)
+            {
+                self.state
+                    .lock()
+                    .expect("claim state lock")
+                    .redeliver
+                    .push_back(entry);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Queue for SqliteQueue {
+    async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
+        self.db.enqueue(request).await
+    }
+
+    async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError> {
+        self.reclaim_expired().await?;
+        let mut claims = Vec::with_capacity(max);
+        let scanned_through = {
+            let mut state = self.state.lock().expect("claim state lock");
+            while claims.len() < max {
+                let Some((position, request)) = state.redeliver.pop_front() else {
+                    break;
+                };
+                claims.push(Claim { request, position });
+            }
+            state.scanned_through
+        };
+        if claims.len() < max && *self.enqueue_head.borrow() > scanned_through {
+            let fresh = self
+                .db
+                .queued_after(scanned_through, max - claims.len())
+                .await?;
+            let mut state = self.state.lock().expect("claim state lock");
+            for (position, request) in fresh {
+                state.scanned_through = state.scanned_through.max(position);
+                claims.push(Claim { request, position });
+            }
+        }
+        let until = Instant::now() + self.lease;
+        let mut state = self.state.lock().expect("claim state lock");
+        for claim in &claims {
+            state.leased.insert(claim.position, until);
+        }
+        Ok(claims)
+    }
+
+    async fn work_available(&self) {
+        let scanned_through = {
+            let state = self.state.lock().expect("claim state lock");
+            if !state.redeliver.is_empty() {
+                return;
+            }
+            state.scanned_through
+        };
+        let mut head = self.enqueue_head.clone();
+        let lease_check = tokio::time::sleep(self.lease);
+        tokio::select! {
+            _ = head.wait_for(|h| *h > scanned_through) => {}
+            _ = self.released.notified() => {}
+            _ = lease_check => {}
+        }
+    }
+
+    async fn settle(
+        &self,
+        claim: Claim,
+        decision: NewDecision,
+    ) -> Result<Settled, (Claim, StoreError)> {
+        match self.db.settle(claim.position, decision).await {
+            Ok(settled) => {
+                self.state
+                    .lock()
+                    .expect("claim state lock")
+                    .leased
+                    .remove(&claim.position);
+                Ok(settled)
+            }
+            Err(e) => Err((claim, e)),
+        }
+    }
+
+    fn release(&self, claim: Claim) {
+        let mut state = self.state.lock().expect("claim state lock");
+        state.leased.remove(&claim.position);
+        state.redeliver.push_back((claim.position, claim.request));
+        drop(state);
+        self.released.notify_one();
+    }
+
+    fn depth(&self) -> u64 {
+        self.db.pending()
+    }
+}

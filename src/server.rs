@@ -1,0 +1,231 @@
+//! Wiring and lifecycle: opens the stores, starts the pipeline, serves gRPC on an already-bound
+//! listener and shuts down in order when the shutdown future resolves:
+//! health NOT_SERVING → stop accepting and end decision streams (UNAVAILABLE) → let in-flight calls
+//! and decisions finish within `shutdown_grace_ms` (what does not finish stays queued) → commit and
+//! checkpoint the store → return.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+
+use crate::{
+    api::authorization::AuthorizationService,
+    authorizer::{Authorizer, acl::AccessList},
+    config::{AuthorizerConfig, Config, ConfigError},
+    decide::Pipeline,
+    fanout::Hub,
+    health::Health,
+    proto::{self, charging_authorization_server::ChargingAuthorizationServer},
+    queue::{Queue, sqlite::SqliteQueue},
+    store::{DecisionLog, StoreError, sqlite::Database},
+    telemetry,
+    token::{Fingerprinter, KeyError},
+};
+
+/// Time a claim may stay with a worker beyond the authorizer deadline before it is handed out again.
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("the token hash key")]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    AccessList(#[from] crate::authorizer::acl::AclError),
+    #[error("cannot open the store")]
+    Store(#[from] StoreError),
+    #[error("cannot create the data dir {0}")]
+    DataDir(String, #[source] std::io::Error),
+    #[error("cannot bind the metrics listener on {0}")]
+    MetricsBind(SocketAddr, #[source] std::io::Error),
+    #[error("the gRPC server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A chargegate server, ready to serve. Tests replace the authorizer with [`Server::with_authorizer`].
+pub struct Server {
+    config: Config,
+    authorizer: Option<Arc<dyn Authorizer>>,
+}
+
+/// Serves `config` on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    Server::new(config).serve(listener, shutdown).await
+}
+
+impl Server {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            authorizer: None,
+        }
+    }
+
+    /// Decides with `authorizer` instead of the one the configuration names.
+    pub fn with_authorizer(mut self, authorizer: Arc<dyn Authorizer>) -> Self {
+        self.authorizer = Some(authorizer);
+        self
+    }
+
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let config = self.config;
+        config.check_supported()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| ServeError::DataDir(config.data_dir.display().to_string(), e))?;
+        let fingerprinter = Fingerprinter::load(
+            config.token_hash_key.as_ref().map(|k| k.expose()),
+            &config.data_dir,
+        )?;
+        telemetry::prometheus();
+
+        // Background tasks stop on `background`; decision streams end on `streams`.
+        let background = CancellationToken::new();
+        let streams = CancellationToken::new();
+
+        let authorizer: Arc<dyn Authorizer> = match (self.authorizer, &config.authorizer) {
+            (Some(custom), _) => custom,
+            (None, AuthorizerConfig::Acl { file: Some(path) }) => {
+                let list = Arc::new(AccessList::from_file(path, &fingerprinter)?);
+                tracing::info!(path = %path.display(), grants = list.len(), "access list loaded");
+                list.clone()
+                    .watch(path.clone(), fingerprinter.clone(), background.clone());
+                list
+            }
+            (None, AuthorizerConfig::Acl { file: None }) => {
+                tracing::warn!(
+                    "no acl_file is set: every well-formed token is decided NOT_ALLOWED/no_grant"
+                );
+                Arc::new(AccessList::empty())
+            }
+            (None, AuthorizerConfig::Http { .. }) => unreachable!("refused by check_supported"),
+        };
+
+        let hub = Arc::new(Hub::new());
+        let db_path = config
+            .sqlite_path()
+            .expect("refused by check_supported")
+            .to_owned();
+        let db = Database::open(&db_path, config.queue_max, hub.clone())?;
+        let log: Arc<dyn DecisionLog> = Arc::new(db.clone());
+        let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::new(
+            db.clone(),
+            config.authorize_timeout + LEASE_MARGIN,
+        ));
+        tracing::info!(path = %db_path.display(), pending = queue.depth(), "store opened");
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health::new(reporter);
+        health.set(true).await;
+        let health_monitor = health.clone().monitor(log.clone(), background.clone());
+
+        let metrics_task = match config.metrics_listen {
+            Some(addr) => {
+                let listener = telemetry::bind_http(addr)
+                    .await
+                    .map_err(|e| ServeError::MetricsBind(addr, e))?;
+                tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "metrics listening");
+                Some(tokio::spawn(telemetry::serve_http(
+                    listener,
+                    health.clone(),
+                    background.clone(),
+                )))
+            }
+            None => None,
+        };
+
+        let pipeline_stop = CancellationToken::new();
+        let pipeline = Pipeline {
+            queue: queue.clone(),
+            authorizer,
+            workers: config.workers,
+            timeout: config.authorize_timeout,
+        };
+        let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the descriptor set is compiled in");
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("the descriptor set is compiled in");
+        let authorization = AuthorizationService {
+            queue: queue.clone(),
+            log: log.clone(),
+            hub,
+            fingerprinter,
+            heartbeat_interval: config.heartbeat_interval,
+            streams_shutdown: streams.clone(),
+        };
+
+        let local = listener.local_addr().ok();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ChargingAuthorizationServer::new(authorization))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = accepting_stopped.await;
+            });
+        tracing::info!(addr = ?local, "chargegate serving");
+
+        tokio::pin!(grpc);
+        let mut result = Ok(());
+        let mut grpc_done = false;
+        tokio::select! {
+            served = &mut grpc => {
+                grpc_done = true;
+                // The server stopped on its own: an error. Shut the rest down as for a signal.
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the gRPC server failed");
+                    result = Err(ServeError::Transport(e));
+                }
+            }
+            _ = shutdown => tracing::info!("shutting down"),
+        }
+
+        let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+        health.stop().await;
+        streams.cancel();
+        pipeline_stop.cancel();
+        let _ = stop_accepting.send(());
+        if !grpc_done && tokio::time::timeout_at(deadline, &mut grpc).await.is_err() {
+            tracing::warn!("calls still open at the end of the grace period were cut");
+        }
+        if tokio::time::timeout_at(deadline, &mut pipeline_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("decisions still in flight at the end of the grace period stay queued");
+            pipeline_task.abort();
+            let _ = pipeline_task.await;
+        }
+        background.cancel();
+        let _ = health_monitor.await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        db.close().await;
+        tracing::info!("shutdown complete");
+        result
+    }
+}

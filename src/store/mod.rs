@@ -1,0 +1,88 @@
+//! The store port: the decision log (and, as they arrive, audit records, grants and the webhook
+//! outbox). [`sqlite`] is the embedded backend; a PostgreSQL backend implements the same trait.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{
+    decision::{Micros, RecordedDecision},
+    token::Fingerprint,
+};
+
+/// A failure of a queue or store backend. Never carries a driver token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store failed")]
+    Backend(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+impl StoreError {
+    pub fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Backend(Arc::new(e))
+    }
+}
+
+/// Which stations a read covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StationFilter {
+    All,
+    /// Canonical (lower-case) station ids.
+    Only(Vec<String>),
+}
+
+impl StationFilter {
+    pub fn matches(&self, station_id: &str) -> bool {
+        match self {
+            StationFilter::All => true,
+            StationFilter::Only(ids) => ids.iter().any(|id| id == station_id),
+        }
+    }
+}
+
+/// The positions a decision log can be read between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogBounds {
+    /// Decisions at or before this position were purged; a cursor before it is out of range.
+    pub floor: u64,
+    /// The position of the newest recorded decision (0 when there is none).
+    pub head: u64,
+}
+
+/// A request the log knows about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestState {
+    Pending {
+        station_id: String,
+        fingerprint: Fingerprint,
+        accepted_at: Micros,
+    },
+    Decided(RecordedDecision),
+}
+
+/// The decision log: append-only, one record per request_id, each at a position that orders it.
+#[async_trait]
+pub trait DecisionLog: Send + Sync + 'static {
+    /// Identifies this log inside its cursors.
+    fn log_id(&self) -> u32;
+
+    /// Up to `limit` decisions after `position`, in log order, for the stations in `filter`.
+    async fn read_after(
+        &self,
+        position: u64,
+        filter: &StationFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedDecision>, StoreError>;
+
+    async fn bounds(&self) -> Result<LogBounds, StoreError>;
+
+    /// Pending or decided; `None` for a request_id never accepted (or no longer retained).
+    async fn request_state(&self, request_id: &str) -> Result<Option<RequestState>, StoreError>;
+
+    /// Succeeds while the store accepts writes.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

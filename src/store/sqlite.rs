@@ -1,0 +1,714 @@
+//! The embedded backend: one SQLite file holds the queue, the decision log and (as they arrive)
+//! audit records, grants and the webhook outbox.
+//!
+//! Writes go through one writer thread that owns the only write connection. It takes every write
+//! that arrived while the previous commit was in flight and commits them together (group commit):
+//! many concurrent `Authorize` calls share one transaction and one fsync. After a commit it
+//! publishes the decisions it recorded, in log order, to the fan-out hub, then answers each caller.
+//! Reads use a small pool of read connections; in WAL mode they never block the writer.
+//!
+//! Durability: WAL with `synchronous=FULL`, so a commit that returned survives `kill -9` and power
+//! loss. `secure_delete=ON` overwrites a queue row's token when the row is deleted. The file is
+//! locked (`<db>.lock`) so two processes cannot share it.
+//!
+//! Tables:
+//! - `requests`: every accepted request_id with its station, token fingerprint and acceptance time:
+//!   the idempotency keys. `seq` orders them.
+//! - `queue`: the pending requests (`seq` = `requests.seq`) with the plain token, deleted when decided.
+//! - `decisions`: the decision log; `seq` is the position in cursors, `request_id` is unique.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{DecisionLog, LogBounds, RequestState, StationFilter, StoreError};
+use crate::{
+    cursor::Cursor,
+    decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
+    fanout::Hub,
+    intake::NewRequest,
+    queue::{EnqueueOutcome, QueuedRequest, Settled},
+    token::{DriverToken, Fingerprint},
+};
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 2048;
+/// Writes waiting for the writer thread before callers wait for room (backpressure).
+const WRITE_QUEUE: usize = 16 * 1024;
+/// Read connections kept open.
+const READERS: usize = 4;
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id     TEXT NOT NULL UNIQUE,
+    station_id     TEXT NOT NULL,
+    token_fp       TEXT NOT NULL,
+    callback_url   TEXT,
+    accepted_at_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue (
+    seq          INTEGER PRIMARY KEY,
+    driver_token TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id     TEXT NOT NULL UNIQUE,
+    station_id     TEXT NOT NULL,
+    token_fp       TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    authorizer     TEXT NOT NULL,
+    accepted_at_us INTEGER NOT NULL,
+    decided_at_us  INTEGER NOT NULL,
+    processing_ms  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_station_seq ON decisions (station_id, seq);
+";
+
+/// A write for the writer thread, with the channel its result goes back on.
+enum WriteOp {
+    Enqueue(
+        NewRequest,
+        oneshot::Sender<Result<EnqueueOutcome, StoreError>>,
+    ),
+    Settle(
+        u64,
+        NewDecision,
+        oneshot::Sender<Result<Settled, StoreError>>,
+    ),
+    Ping(oneshot::Sender<Result<(), StoreError>>),
+    /// Finish what is queued, checkpoint the WAL into the main file and stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// What one write did inside a transaction that has not committed yet.
+enum Applied {
+    Enqueue(EnqueueOutcome),
+    Settle(Settled),
+    Ping,
+    Close,
+}
+
+/// A handle on the embedded database. Cheap to clone; the writer thread runs until [`close`].
+///
+/// [`close`]: Database::close
+#[derive(Clone)]
+pub struct Database {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// To the writer thread, which owns the write connection. When every handle is dropped, the
+    /// thread finishes its batch and exits.
+    writer: mpsc::Sender<WriteOp>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    log_id: u32,
+    shared: Arc<Shared>,
+    /// Held for the life of the process: the SQLite file belongs to this process alone.
+    _lock: File,
+}
+
+/// State the writer thread publishes for everyone else.
+struct Shared {
+    /// Requests in the queue table (pending or being decided).
+    pending: AtomicU64,
+    /// Position of the newest recorded decision.
+    decision_head: AtomicU64,
+    /// `seq` of the newest committed queue entry; the queue's dispatcher waits on it.
+    enqueue_head: watch::Sender<u64>,
+    /// False after a commit failed, until one succeeds.
+    healthy: AtomicBool,
+}
+
+impl Database {
+    /// Opens (creating if needed) the database at `path`, takes its lock and starts the writer.
+    pub fn open(path: &Path, queue_max: u64, hub: Arc<Hub>) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(StoreError::backend)?;
+        }
+        let lock_path = path.with_extension("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(StoreError::backend)?;
+        lock.try_lock().map_err(|_| {
+            StoreError::backend(std::io::Error::other(format!(
+                "{} is in use by another chargegate process",
+                path.display()
+            )))
+        })?;
+
+        let mut conn = open_connection(path, false).map_err(StoreError::backend)?;
+        let log_id = migrate(&mut conn).map_err(StoreError::backend)?;
+        let pending: u64 = conn
+            .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))
+            .map_err(StoreError::backend)? as u64;
+        let head: u64 = conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM decisions", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(StoreError::backend)? as u64;
+        let enqueue_head: u64 = conn
+            .query_row("SELECT coalesce(max(seq), 0) FROM queue", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_err(StoreError::backend)? as u64;
+        hub.set_head(head);
+
+        let shared = Arc::new(Shared {
+            pending: AtomicU64::new(pending),
+            decision_head: AtomicU64::new(head),
+            enqueue_head: watch::Sender::new(enqueue_head),
+            healthy: AtomicBool::new(true),
+        });
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let writer = Writer {
+            conn,
+            log_id,
+            queue_max,
+            shared: shared.clone(),
+            hub,
+        };
+        thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(StoreError::backend)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer: tx,
+                readers: Mutex::new(Vec::new()),
+                path: path.to_owned(),
+                log_id,
+                shared,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Commits what is queued, checkpoints the WAL into the main file and stops the writer.
+    /// Later writes fail with [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.writer.send(WriteOp::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.inner.readers.lock().expect("reader pool lock").clear();
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.inner.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn pending(&self) -> u64 {
+        self.inner.shared.pending.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn enqueue_head(&self) -> watch::Receiver<u64> {
+        self.inner.shared.enqueue_head.subscribe()
+    }
+
+    pub(crate) async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Enqueue(request, tx), rx).await
+    }
+
+    pub(crate) async fn settle(
+        &self,
+        position: u64,
+        decision: NewDecision,
+    ) -> Result<Settled, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Settle(position, decision, tx), rx)
+            .await
+    }
+
+    async fn write<T>(
+        &self,
+        op: WriteOp,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.inner
+            .writer
+            .send(op)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a pooled read connection on the blocking pool.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().expect("reader pool lock").pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&inner.path, true).map_err(StoreError::backend)?,
+            };
+            let result = f(&conn).map_err(StoreError::backend);
+            let mut pool = inner.readers.lock().expect("reader pool lock");
+            if pool.len() < READERS {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(StoreError::backend)?
+    }
+
+    /// Queue entries after `position`, oldest first.
+    pub(crate) async fn queued_after(
+        &self,
+        position: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, QueuedRequest)>, StoreError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT q.seq, q.driver_token, r.request_id, r.station_id, r.token_fp, r.callback_url,
+                        r.accepted_at_us
+                 FROM queue q JOIN requests r ON r.seq = q.seq
+                 WHERE q.seq > ?1 ORDER BY q.seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![position as i64, limit as i64], |row| {
+                Ok((
+                    row.get::<_, i64>(0)? as u64,
+                    QueuedRequest {
+                        token: DriverToken::new(row.get::<_, String>(1)?),
+                        request_id: row.get(2)?,
+                        station_id: row.get(3)?,
+                        fingerprint: Fingerprint::from_stored(row.get(4)?),
+                        callback_url: row.get(5)?,
+                        accepted_at: Micros(row.get(6)?),
+                    },
+                ))
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl DecisionLog for Database {
+    fn log_id(&self) -> u32 {
+        self.inner.log_id
+    }
+
+    async fn read_after(
+        &self,
+        position: u64,
+        filter: &StationFilter,
+        limit: usize,
+    ) -> Result<Vec<RecordedDecision>, StoreError> {
+        let log_id = self.inner.log_id;
+        let stations = match filter {
+            StationFilter::All => None,
+            StationFilter::Only(ids) => {
+                Some(serde_json::to_string(ids).expect("strings serialize"))
+            }
+        };
+        self.read(move |conn| {
+            let mut out = Vec::new();
+            match stations {
+                None => {
+                    let mut stmt = conn.prepare_cached(&format!(
+                        "SELECT {DECISION_COLUMNS} FROM decisions WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                    ))?;
+                    let rows = stmt.query_map(params![position as i64, limit as i64], |r| decision_row(r, log_id))?;
+                    for row in rows {
+                        out.push(row?);
+                    }
+                }
+                Some(json) => {
+                    let mut stmt = conn.prepare_cached(&format!(
+                        "SELECT {DECISION_COLUMNS} FROM decisions
+                         WHERE seq > ?1 AND station_id IN (SELECT value FROM json_each(?3))
+                         ORDER BY seq LIMIT ?2"
+                    ))?;
+                    let rows =
+                        stmt.query_map(params![position as i64, limit as i64, json], |r| decision_row(r, log_id))?;
+                    for row in rows {
+                        out.push(row?);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn bounds(&self) -> Result<LogBounds, StoreError> {
+        Ok(LogBounds {
+            floor: 0,
+            head: self.inner.shared.decision_head.load(Ordering::Acquire),
+        })
+    }
+
+    async fn request_state(&self, request_id: &str) -> Result<Option<RequestState>, StoreError> {
+        let log_id = self.inner.log_id;
+        let request_id = request_id.to_owned();
+        self.read(move |conn| {
+            let decided = conn
+                .prepare_cached(&format!(
+                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ?1"
+                ))?
+                .query_row([&request_id], |r| decision_row(r, log_id))
+                .optional()?;
+            if let Some(d) = decided {
+                return Ok(Some(RequestState::Decided(d)));
+            }
+            conn.prepare_cached(
+                "SELECT station_id, token_fp, accepted_at_us FROM requests WHERE request_id = ?1",
+            )?
+            .query_row([&request_id], |r| {
+                Ok(RequestState::Pending {
+                    station_id: r.get(0)?,
+                    fingerprint: Fingerprint::from_stored(r.get(1)?),
+                    accepted_at: Micros(r.get(2)?),
+                })
+            })
+            .optional()
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Ping(tx), rx).await
+    }
+}
+
+const DECISION_COLUMNS: &str =
+    "seq, request_id, station_id, token_fp, reason, authorizer, accepted_at_us, decided_at_us";
+
+fn decision_row(r: &rusqlite::Row<'_>, log_id: u32) -> rusqlite::Result<RecordedDecision> {
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("unknown {what}").into(),
+        )
+    };
+    let reason: String = r.get(4)?;
+    let authorizer: String = r.get(5)?;
+    Ok(RecordedDecision {
+        cursor: Cursor::new(log_id, r.get::<_, i64>(0)? as u64),
+        decision: NewDecision {
+            request_id: r.get(1)?,
+            station_id: r.get(2)?,
+            fingerprint: Fingerprint::from_stored(r.get(3)?),
+            verdict: Verdict::new(
+                Reason::parse(&reason).ok_or_else(|| bad(4, "reason"))?,
+                DecidedBy::parse(&authorizer).ok_or_else(|| bad(5, "authorizer"))?,
+            ),
+            accepted_at: Micros(r.get(6)?),
+            decided_at: Micros(r.get(7)?),
+        },
+    })
+}
+
+fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         PRAGMA secure_delete = ON;
+         PRAGMA foreign_keys = OFF;
+         PRAGMA cache_size = -16384;",
+    )?;
+    Ok(conn)
+}
+
+/// Creates or checks the schema; returns the log id.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the database schema is version {version}; this chargegate knows up to {SCHEMA_VERSION}"
+        )));
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    let existing: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let log_id = match existing.and_then(|v| v.parse().ok()) {
+        Some(id) => id,
+        None => {
+            let id: u32 = rand::random();
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('log_id', ?1)",
+                [id.to_string()],
+            )?;
+            id
+        }
+    };
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(log_id)
+}
+
+/// The writer thread's state: the only write connection.
+struct Writer {
+    conn: Connection,
+    log_id: u32,
+    queue_max: u64,
+    shared: Arc<Shared>,
+    hub: Arc<Hub>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<WriteOp>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut closing = None;
+        while closing.is_none() {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&batch) {
+                Ok((applied, published, enqueue_head)) => {
+                    self.shared.healthy.store(true, Ordering::Relaxed);
+                    if let Some(last) = published.last() {
+                        self.shared
+                            .decision_head
+                            .store(last.cursor.position, Ordering::Release);
+                        self.hub.publish(&published);
+                    }
+                    if let Some(head) = enqueue_head {
+                        self.shared.enqueue_head.send_replace(head);
+                    }
+                    for (op, result) in batch.drain(..).zip(applied) {
+                        match (op, result) {
+                            (WriteOp::Enqueue(_, reply), Applied::Enqueue(o)) => {
+                                drop(reply.send(Ok(o)))
+                            }
+                            (WriteOp::Settle(_, _, reply), Applied::Settle(s)) => {
+                                drop(reply.send(Ok(s)))
+                            }
+                            (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
+                            (WriteOp::Close(reply), Applied::Close) => closing = Some(reply),
+                            _ => unreachable!("results follow the batch order"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.shared.healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %e, writes = batch.len(), "SQLite commit failed; the batch was rolled back");
+                    let err = StoreError::backend(e);
+                    for op in batch.drain(..) {
+                        match op {
+                            WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::Settle(_, _, reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::Ping(reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::Close(reply) => closing = Some(reply),
+                        }
+                    }
+                }
+            }
+        }
+        rx.close();
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
+        }
+        drop(self.conn);
+        if let Some(reply) = closing {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Applies a batch in one transaction. Returns each write's result, the decisions recorded
+    /// for the first time (in log order) and the newest queue position, if any entry was added.
+    #[allow(clippy::type_complexity)]
+    fn commit(
+        &mut self,
+        batch: &[WriteOp],
+    ) -> rusqlite::Result<(Vec<Applied>, Vec<RecordedDecision>, Option<u64>)> {
+        let mut pending = self.shared.pending.load(Ordering::Relaxed);
+        let tx = self.conn.transaction()?;
+        let mut applied = Vec::with_capacity(batch.len());
+        let mut published = Vec::new();
+        let mut enqueue_head = None;
+        for op in batch {
+            applied.push(match op {
+                WriteOp::Enqueue(request, _) => {
+                    let (outcome, seq) = enqueue(&tx, request, pending, self.queue_max)?;
+                    if let Some(seq) = seq {
+                        pending += 1;
+                        enqueue_head = Some(seq);
+                    }
+                    Applied::Enqueue(outcome)
+                }
+                WriteOp::Settle(position, decision, _) => {
+                    let (settled, completed) = settle(&tx, *position, decision, self.log_id)?;
+                    if completed {
+                        pending = pending.saturating_sub(1);
+                    }
+                    if settled.first {
+                        published.push(settled.decision.clone());
+                    }
+                    Applied::Settle(settled)
+                }
+                WriteOp::Ping(_) => {
+                    tx.query_row("SELECT count(*) FROM meta", [], |_| Ok(()))?;
+                    Applied::Ping
+                }
+                WriteOp::Close(_) => Applied::Close,
+            });
+        }
+        tx.commit()?;
+        self.shared.pending.store(pending, Ordering::Relaxed);
+        Ok((applied, published, enqueue_head))
+    }
+}
+
+fn enqueue(
+    tx: &Transaction<'_>,
+    r: &NewRequest,
+    pending: u64,
+    queue_max: u64,
+) -> rusqlite::Result<(EnqueueOutcome, Option<u64>)> {
+    let seen: Option<(String, String, i64)> = tx
+        .prepare_cached(
+            "SELECT station_id, token_fp, accepted_at_us FROM requests WHERE request_id = ?1",
+        )?
+        .query_row([&r.request_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    if let Some((station_id, fingerprint, accepted_at)) = seen {
+        let same = station_id == r.station_id && fingerprint == r.fingerprint.as_str();
+        let outcome = if same {
+            EnqueueOutcome::Duplicate {
+                accepted_at: Micros(accepted_at),
+            }
+        } else {
+            EnqueueOutcome::Conflict
+        };
+        return Ok((outcome, None));
+    }
+    if pending >= queue_max {
+        return Ok((EnqueueOutcome::Full, None));
+    }
+    tx.prepare_cached(
+        "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        r.request_id,
+        r.station_id,
+        r.fingerprint.as_str(),
+        r.callback_url,
+        r.accepted_at.0
+    ])?;
+    let seq = tx.last_insert_rowid();
+    tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
+        .execute(params![seq, r.token.expose()])?;
+    Ok((
+        EnqueueOutcome::Accepted {
+            accepted_at: r.accepted_at,
+        },
+        Some(seq as u64),
+    ))
+}
+
+/// Records the decision unless one exists for the request_id, and deletes the queue entry.
+/// Returns the settled decision and whether a queue entry was deleted.
+fn settle(
+    tx: &Transaction<'_>,
+    position: u64,
+    d: &NewDecision,
+    log_id: u32,
+) -> rusqlite::Result<(Settled, bool)> {
+    let inserted: Option<i64> = tx
+        .prepare_cached(
+            "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
+                                    accepted_at_us, decided_at_us, processing_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (request_id) DO NOTHING
+             RETURNING seq",
+        )?
+        .query_row(
+            params![
+                d.request_id,
+                d.station_id,
+                d.fingerprint.as_str(),
+                d.verdict.status().as_str(),
+                d.verdict.reason.as_str(),
+                d.verdict.decided_by.as_str(),
+                d.accepted_at.0,
+                d.decided_at.0,
+                d.processing_time_ms(),
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let settled = match inserted {
+        Some(seq) => Settled {
+            decision: RecordedDecision {
+                cursor: Cursor::new(log_id, seq as u64),
+                decision: d.clone(),
+            },
+            first: true,
+        },
+        None => {
+            let earlier = tx
+                .prepare_cached(&format!(
+                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ?1"
+                ))?
+                .query_row([&d.request_id], |r| decision_row(r, log_id))?;
+            Settled {
+                decision: earlier,
+                first: false,
+            }
+        }
+    };
+    let deleted = tx
+        .prepare_cached("DELETE FROM queue WHERE seq = ?1")?
+        .execute([position as i64])?;
+    Ok((settled, deleted == 1))
+}
