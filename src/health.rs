@@ -40,8 +40,15 @@ impl Health {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Reports the store's state; ignored once shutdown has started.
     pub async fn set(&self, serving: bool) {
-        let serving = serving && !self.stopping.load(Ordering::Acquire);
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        self.report(serving).await;
+    }
+
+    async fn report(&self, serving: bool) {
         let was = self.ready.swap(serving, Ordering::AcqRel);
         let status = if serving {
             ServingStatus::Serving
@@ -60,7 +67,16 @@ impl Health {
     /// NOT_SERVING for good.
     pub async fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        self.set(false).await;
+        self.report(false).await;
+    }
+
+    /// Ends every `Watch` stream (each first delivers the NOT_SERVING it has not seen yet), so
+    /// health watchers do not hold connections open through a graceful shutdown. Call after
+    /// [`Health::stop`] and after new calls are refused: `Check` then finds no service.
+    pub async fn close_watches(&self) {
+        let mut reporter = self.reporter.clone();
+        reporter.clear_service_status("").await;
+        reporter.clear_service_status(AUTHORIZATION_SERVICE).await;
     }
 
     /// Probes the store (which also holds the embedded queue) until `shutdown`.

@@ -186,7 +186,10 @@ impl Server {
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = accepting_stopped.await;
             });
-        tracing::info!(addr = ?local, "chargegate serving");
+        match local {
+            Some(addr) => tracing::info!(listen = %addr, "chargegate serving"),
+            None => tracing::info!("chargegate serving"),
+        }
 
         tokio::pin!(grpc);
         let mut result = Ok(());
@@ -208,6 +211,7 @@ impl Server {
         streams.cancel();
         pipeline_stop.cancel();
         let _ = stop_accepting.send(());
+        health.close_watches().await;
         if !grpc_done && tokio::time::timeout_at(deadline, &mut grpc).await.is_err() {
             tracing::warn!("calls still open at the end of the grace period were cut");
         }

@@ -1,0 +1,253 @@
+//! Health, reflection, shutdown and what is left on disk and in logs.
+
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::support::{binary::ChildServer, *};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_then_not_serving_through_shutdown() {
+    let dir = TestDir::new();
+    let mut server = TestServer::start(dir.config()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "chargegate.v1.ChargingAuthorization"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("check")
+            .into_inner();
+        assert_eq!(status.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let mut watch = health
+        .watch(HealthCheckRequest { service: "".into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    server.begin_shutdown();
+    let next = tokio::time::timeout(PATIENCE, watch.next())
+        .await
+        .expect("a status change")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    let ended = tokio::time::timeout(PATIENCE, watch.next())
+        .await
+        .expect("the watch ends");
+    assert!(
+        ended.is_none_or(|r| r.is_err()),
+        "the watch stream ends so the server can drain"
+    );
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+
+    let mut v1_client =
+        v1::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut responses = v1_client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("a service list")
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "chargegate.v1.ChargingAuthorization",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+
+    let mut alpha =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "chargegate.v1.ChargingAuthorization".into(),
+            ),
+        ),
+    };
+    let mut responses = alpha
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        responses.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("a file descriptor response")
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plain_token_is_left_in_the_data_dir_after_a_clean_shutdown() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let mut client = server.client().await;
+    let mut stream = subscribe(&mut client, &[], "").await;
+    let tokens = [
+        TOKEN_GRANTED,
+        TOKEN_WILDCARD,
+        TOKEN_EXPIRED,
+        TOKEN_BLOCKED,
+        TOKEN_UNKNOWN,
+        "TOKEN-malformed!",
+    ];
+    for _ in 0..50 {
+        for token in tokens {
+            authorize(&mut client, STATION_A, token).await;
+        }
+    }
+    next_decisions(&mut stream, 50 * tokens.len()).await;
+    drop(stream);
+    server.stop().await.expect("clean stop");
+    for token in tokens {
+        let hits = files_containing(&dir.data_dir(), token.as_bytes());
+        assert!(hits.is_empty(), "{token} found in {hits:?}");
+    }
+    // The scan itself works: the access list (outside the data dir) does hold a token.
+    assert!(!files_containing(&dir.path(), TOKEN_GRANTED.as_bytes()).is_empty());
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero_and_nothing_acknowledged_is_lost() {
+    let dir = TestDir::new();
+    let acl = dir.write_acl(&standard_acl());
+    let mut child = ChildServer::start(&dir.data_dir(), &acl, &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = child.url();
+    let acked: Vec<String> = runtime.block_on(async {
+        let mut client =
+            chargegate::proto::charging_authorization_client::ChargingAuthorizationClient::connect(
+                url,
+            )
+            .await
+            .unwrap();
+        let mut acked = Vec::new();
+        for i in 0..200 {
+            let token = if i % 2 == 0 {
+                TOKEN_GRANTED
+            } else {
+                TOKEN_UNKNOWN
+            };
+            acked.push(authorize(&mut client, STATION_A, token).await.request_id);
+        }
+        acked
+    });
+    child.signal("TERM");
+    assert_eq!(
+        child.wait(Duration::from_secs(20)),
+        Some(0),
+        "SIGTERM exits 0"
+    );
+    let log = child.drain_log().join("\n");
+    assert!(log.contains("shutdown complete"), "{log}");
+    for token in [TOKEN_GRANTED, TOKEN_UNKNOWN] {
+        assert!(
+            !log.contains(token),
+            "the driver token never reaches a log line"
+        );
+    }
+    drop(child);
+
+    // After a restart every acknowledged request is decided exactly once.
+    let child = ChildServer::start(&dir.data_dir(), &acl, &[]);
+    runtime.block_on(async {
+        let mut client =
+            chargegate::proto::charging_authorization_client::ChargingAuthorizationClient::connect(
+                child.url(),
+            )
+            .await
+            .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for id in &acked {
+            let decision = loop {
+                let d = client
+                    .get_decision(chargegate::proto::GetDecisionRequest {
+                        request_id: id.clone(),
+                    })
+                    .await
+                    .expect("every acknowledged request is known after the restart")
+                    .into_inner()
+                    .decision
+                    .unwrap();
+                if d.status() != chargegate::proto::DecisionStatus::Pending {
+                    break d;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(seen.insert(decision.cursor.clone()));
+        }
+    });
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_key_or_line() {
+    let dir = TestDir::new();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chargegate"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run chargegate");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--workers", "zero", "--metrics-listen", "off"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("workers"), "{err}");
+
+    let acl = dir.write_acl(&format!(
+        "station_id,driver_token\n{STATION_A},{TOKEN_GRANTED}\n*,short-SECRET\n"
+    ));
+    let data = dir.data_dir();
+    let (code, err) = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--acl-file",
+        acl.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(
+        !err.contains("SECRET") && !err.contains(TOKEN_GRANTED),
+        "{err}"
+    );
+}

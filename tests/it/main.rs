@@ -1,0 +1,8 @@
+//! Integration tests: each starts the real server on an ephemeral port and talks gRPC to it.
+
+mod support;
+
+mod decisions;
+mod intake;
+mod lifecycle;
+mod streams;

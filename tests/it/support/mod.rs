@@ -1,0 +1,248 @@
+//! Test support: a real chargegate server on an ephemeral port, and small gRPC helpers.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use chargegate::{
+    authorizer::Authorizer,
+    config::{Config, Secret},
+    proto::{
+        AuthorizeRequest, AuthorizeResponse, Decision, SubscribeDecisionsRequest,
+        charging_authorization_client::ChargingAuthorizationClient,
+        subscribe_decisions_response::Event,
+    },
+    server::{ServeError, Server},
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Streaming, transport::Channel};
+
+pub mod binary;
+
+/// How long a test waits for something that should happen at once before failing.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub const STATION_A: &str = "6f1c2d3e-4a5b-4c6d-8e7f-0123456789ab";
+pub const STATION_B: &str = "7a2b3c4d-5e6f-4a1b-9c2d-3e4f5a6b7c8d";
+/// Tokens are long and distinctive so a scan for them cannot match by accident.
+pub const TOKEN_GRANTED: &str = "TOKEN-granted-0001-f3a9c2";
+pub const TOKEN_WILDCARD: &str = "TOKEN-wildcard-0002-b81d4e";
+pub const TOKEN_EXPIRED: &str = "TOKEN-expired-0003-9e07aa";
+pub const TOKEN_BLOCKED: &str = "TOKEN-blocked-0004-c45f10";
+pub const TOKEN_UNKNOWN: &str = "TOKEN-nogrant-0005-77ab3d";
+
+/// The access list most tests use.
+pub fn standard_acl() -> String {
+    format!(
+        "# test grants\n\
+         station_id,driver_token,expires_at,blocked\n\
+         {STATION_A},{TOKEN_GRANTED},,\n\
+         *,{TOKEN_WILDCARD},2999-12-31T23:59:59Z,false\n\
+         {STATION_A},{TOKEN_EXPIRED},2001-01-01T00:00:00Z,\n\
+         *,{TOKEN_BLOCKED},,true\n\
+         {STATION_A},{TOKEN_BLOCKED},,false\n"
+    )
+}
+
+/// A fresh data dir with the standard access list, ready to configure further.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn acl_path(&self) -> PathBuf {
+        self.dir.path().join("acl.csv")
+    }
+
+    pub fn write_acl(&self, csv: &str) -> PathBuf {
+        let path = self.acl_path();
+        std::fs::write(&path, csv).expect("write acl");
+        path
+    }
+
+    /// The configuration tests start from: embedded store in this dir, the standard access list,
+    /// no metrics listener, a fixed token key.
+    pub fn config(&self) -> Config {
+        let mut config = Config::for_data_dir(self.data_dir());
+        config.metrics_listen = None;
+        config.token_hash_key = Some(Secret::new("test-token-hash-key"));
+        config.authorizer = chargegate::config::AuthorizerConfig::Acl {
+            file: Some(self.write_acl(&standard_acl())),
+        };
+        config.shutdown_grace = Duration::from_secs(5);
+        config
+    }
+}
+
+/// A chargegate server running in this process on 127.0.0.1:<ephemeral>.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> Self {
+        Self::start_with(config, None).await
+    }
+
+    pub async fn start_with(config: Config, authorizer: Option<Arc<dyn Authorizer>>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel();
+        let mut server = Server::new(config.clone());
+        if let Some(a) = authorizer {
+            server = server.with_authorizer(a);
+        }
+        let task = tokio::spawn(server.serve(listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            config,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> ChargingAuthorizationClient<Channel> {
+        ChargingAuthorizationClient::new(self.channel().await)
+    }
+
+    /// Begins a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Shuts down gracefully and waits for the server to return.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        self.begin_shutdown();
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("server stops within patience")
+            .expect("server task")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+pub fn request(station: &str, token: &str) -> AuthorizeRequest {
+    AuthorizeRequest {
+        station_id: station.into(),
+        driver_token: token.into(),
+        ..Default::default()
+    }
+}
+
+pub async fn authorize(
+    client: &mut ChargingAuthorizationClient<Channel>,
+    station: &str,
+    token: &str,
+) -> AuthorizeResponse {
+    client
+        .authorize(request(station, token))
+        .await
+        .expect("authorize")
+        .into_inner()
+}
+
+pub async fn subscribe(
+    client: &mut ChargingAuthorizationClient<Channel>,
+    stations: &[&str],
+    after_cursor: &str,
+) -> Streaming<chargegate::proto::SubscribeDecisionsResponse> {
+    client
+        .subscribe_decisions(SubscribeDecisionsRequest {
+            station_ids: stations.iter().map(|s| s.to_string()).collect(),
+            after_cursor: after_cursor.into(),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
+/// The next decision on a stream, skipping heartbeats; fails the test after [`PATIENCE`].
+pub async fn next_decision(
+    stream: &mut Streaming<chargegate::proto::SubscribeDecisionsResponse>,
+) -> Decision {
+    loop {
+        let item = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("a decision within patience")
+            .expect("stream ok")
+            .expect("stream open");
+        if let Some(Event::Decision(d)) = item.event {
+            return d;
+        }
+    }
+}
+
+/// The next `n` decisions.
+pub async fn next_decisions(
+    stream: &mut Streaming<chargegate::proto::SubscribeDecisionsResponse>,
+    n: usize,
+) -> Vec<Decision> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(next_decision(stream).await);
+    }
+    out
+}
+
+/// Every file under `dir` that contains `needle`, for token scans.
+pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read file");
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(path);
+                }
+            }
+        }
+    }
+    hits
+}
