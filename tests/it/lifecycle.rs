@@ -1,13 +1,11 @@
 //! Health, reflection, shutdown and what is left on disk and in logs.
 
-use std::time::Duration;
-
 use tokio_stream::StreamExt;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::support::{binary::ChildServer, *};
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_serving_then_not_serving_through_shutdown() {
@@ -138,78 +136,6 @@ async fn no_plain_token_is_left_in_the_data_dir_after_a_clean_shutdown() {
     }
     // The scan itself works: the access list (outside the data dir) does hold a token.
     assert!(!files_containing(&dir.path(), TOKEN_GRANTED.as_bytes()).is_empty());
-}
-
-#[test]
-fn sigterm_drains_and_exits_zero_and_nothing_acknowledged_is_lost() {
-    let dir = TestDir::new();
-    let acl = dir.write_acl(&standard_acl());
-    let mut child = ChildServer::start(&dir.data_dir(), &acl, &[]);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let url = child.url();
-    let acked: Vec<String> = runtime.block_on(async {
-        let mut client =
-            chargegate::proto::charging_authorization_client::ChargingAuthorizationClient::connect(
-                url,
-            )
-            .await
-            .unwrap();
-        let mut acked = Vec::new();
-        for i in 0..200 {
-            let token = if i % 2 == 0 {
-                TOKEN_GRANTED
-            } else {
-                TOKEN_UNKNOWN
-            };
-            acked.push(authorize(&mut client, STATION_A, token).await.request_id);
-        }
-        acked
-    });
-    child.signal("TERM");
-    assert_eq!(
-        child.wait(Duration::from_secs(20)),
-        Some(0),
-        "SIGTERM exits 0"
-    );
-    let log = child.drain_log().join("\n");
-    assert!(log.contains("shutdown complete"), "{log}");
-    for token in [TOKEN_GRANTED, TOKEN_UNKNOWN] {
-        assert!(
-            !log.contains(token),
-            "the driver token never reaches a log line"
-        );
-    }
-    drop(child);
-
-    // After a restart every acknowledged request is decided exactly once.
-    let child = ChildServer::start(&dir.data_dir(), &acl, &[]);
-    runtime.block_on(async {
-        let mut client =
-            chargegate::proto::charging_authorization_client::ChargingAuthorizationClient::connect(
-                child.url(),
-            )
-            .await
-            .unwrap();
-        let mut seen = std::collections::HashSet::new();
-        for id in &acked {
-            let decision = loop {
-                let d = client
-                    .get_decision(chargegate::proto::GetDecisionRequest {
-                        request_id: id.clone(),
-                    })
-                    .await
-                    .expect("every acknowledged request is known after the restart")
-                    .into_inner()
-                    .decision
-                    .unwrap();
-                if d.status() != chargegate::proto::DecisionStatus::Pending {
-                    break d;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
-            assert!(seen.insert(decision.cursor.clone()));
-        }
-    });
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod crash;
 mod decisions;
 mod intake;
 mod lifecycle;

@@ -1,0 +1,216 @@
+//! Exactly-once decisions across `kill -9`, and nothing lost across SIGTERM under load: the real
+//! binary as a child process, many concurrent clients, a signal at a random moment, a restart on
+//! the same data dir, then a replay of the decision log from a cursor taken before the load.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use chargegate::proto::{
+    DecisionStatus, GetDecisionRequest, charging_authorization_client::ChargingAuthorizationClient,
+    subscribe_decisions_response::Event,
+};
+use rand::Rng;
+use tonic::transport::Channel;
+
+use crate::support::{binary::ChildServer, *};
+
+const CLIENTS: usize = 16;
+
+/// Sends Authorize from `CLIENTS` tasks until `stop`; returns the request_ids acknowledged OK.
+async fn drive_load(url: String, round: usize, stop: Arc<AtomicBool>) -> Vec<String> {
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let counter = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let (url, acked, counter, stop) =
+            (url.clone(), acked.clone(), counter.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut client) = ChargingAuthorizationClient::connect(url).await else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let mut req = request(
+                    STATION_A,
+                    if n % 3 == 0 {
+                        TOKEN_UNKNOWN
+                    } else {
+                        TOKEN_GRANTED
+                    },
+                );
+                req.request_id = format!("crash-r{round}-c{c}-{n}");
+                match client.authorize(req).await {
+                    Ok(ack) => acked.lock().unwrap().push(ack.into_inner().request_id),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Arc::try_unwrap(acked).unwrap().into_inner().unwrap()
+}
+
+async fn connect(url: &str) -> ChargingAuthorizationClient<Channel> {
+    ChargingAuthorizationClient::connect(url.to_owned())
+        .await
+        .expect("connect")
+}
+
+/// Waits until `id` is decided and returns its cursor.
+async fn decided_cursor(client: &mut ChargingAuthorizationClient<Channel>, id: &str) -> String {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let d = client
+            .get_decision(GetDecisionRequest {
+                request_id: id.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{id} is known: {s}"))
+            .into_inner()
+            .decision
+            .unwrap();
+        if d.status() != DecisionStatus::Pending {
+            return d.cursor;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} was never decided"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every decision after `cursor`, read until the stream goes idle (its first heartbeat).
+async fn replay_all(
+    client: &mut ChargingAuthorizationClient<Channel>,
+    cursor: &str,
+) -> Vec<String> {
+    let mut stream = subscribe(client, &[], cursor).await;
+    let mut ids = Vec::new();
+    loop {
+        let item = tokio::time::timeout(PATIENCE, stream.message())
+            .await
+            .expect("replay")
+            .unwrap()
+            .unwrap();
+        match item.event {
+            Some(Event::Decision(d)) => ids.push(d.request_id),
+            Some(Event::Heartbeat(_)) => return ids,
+            None => {}
+        }
+    }
+}
+
+/// Asserts that every acknowledged request appears exactly once in the replayed log.
+fn assert_exactly_once(acked: &[String], replayed: &[String]) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for id in replayed {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "decided more than once: {twice:?}");
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|id| !counts.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged but never decided, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    assert_eq!(acked.iter().collect::<HashSet<_>>().len(), acked.len());
+}
+
+fn start(dir: &TestDir) -> ChildServer {
+    let acl = dir.write_acl(&standard_acl());
+    ChildServer::start(&dir.data_dir(), &acl, &["--heartbeat-interval-ms", "300"])
+}
+
+#[test]
+fn kill_9_at_random_moments_never_loses_or_repeats_a_decision() {
+    const ROUNDS: usize = 4;
+    let dir = TestDir::new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut child = start(&dir);
+    let before = runtime.block_on(async {
+        let mut client = connect(&child.url()).await;
+        let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+        decided_cursor(&mut client, &ack.request_id).await
+    });
+
+    let mut acked = Vec::new();
+    let mut rng = rand::rng();
+    for round in 0..ROUNDS {
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = runtime.spawn(drive_load(child.url(), round, stop.clone()));
+        std::thread::sleep(Duration::from_millis(rng.random_range(150..900)));
+        child.signal("KILL");
+        child.wait(PATIENCE);
+        stop.store(true, Ordering::Relaxed);
+        let round_acked = runtime.block_on(load).unwrap();
+        assert!(
+            !round_acked.is_empty(),
+            "round {round} acknowledged nothing before the kill"
+        );
+        acked.extend(round_acked);
+        drop(child);
+        child = start(&dir);
+    }
+
+    runtime.block_on(async {
+        let mut client = connect(&child.url()).await;
+        for id in &acked {
+            decided_cursor(&mut client, id).await;
+        }
+        let replayed = replay_all(&mut client, &before).await;
+        assert_exactly_once(&acked, &replayed);
+    });
+}
+
+#[test]
+fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
+    let dir = TestDir::new();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut child = start(&dir);
+    let before = runtime.block_on(async {
+        let mut client = connect(&child.url()).await;
+        let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+        decided_cursor(&mut client, &ack.request_id).await
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = runtime.spawn(drive_load(child.url(), 0, stop.clone()));
+    std::thread::sleep(Duration::from_millis(500));
+    child.signal("TERM");
+    assert_eq!(child.wait(PATIENCE), Some(0), "SIGTERM under load exits 0");
+    stop.store(true, Ordering::Relaxed);
+    let acked = runtime.block_on(load).unwrap();
+    assert!(!acked.is_empty());
+    let log = child.drain_log().join("\n");
+    assert!(log.contains("shutdown complete"), "{log}");
+    for token in [TOKEN_GRANTED, TOKEN_UNKNOWN] {
+        assert!(
+            !log.contains(token),
+            "the driver token never reaches a log line"
+        );
+    }
+    drop(child);
+
+    let child = start(&dir);
+    runtime.block_on(async {
+        let mut client = connect(&child.url()).await;
+        for id in &acked {
+            decided_cursor(&mut client, id).await;
+        }
+        let replayed = replay_all(&mut client, &before).await;
+        assert_exactly_once(&acked, &replayed);
+    });
+}
