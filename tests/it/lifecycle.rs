@@ -177,3 +177,63 @@ fn bad_configuration_exits_64_naming_the_key_or_line() {
         "{err}"
     );
 }
+
+/// While the store cannot commit (here: an outside connection holds SQLite's write lock, as a
+/// backup tool or an operator's shell might), Authorize answers UNAVAILABLE — never OK for a request
+/// that is not durable — and health is NOT_SERVING until the store answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_commit_is_unavailable_and_not_serving() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let mut client = server.client().await;
+    let mut health = HealthClient::new(server.channel().await);
+    authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+
+    let db = dir.data_dir().join("chargegate.db");
+    let blocker = rusqlite::Connection::open(&db).expect("open the store from outside");
+    blocker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+
+    let mut req = request(STATION_A, TOKEN_GRANTED);
+    req.request_id = "while-blocked".into();
+    let status = client.authorize(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(!status.message().contains(TOKEN_GRANTED));
+    let mut watch = health
+        .watch(HealthCheckRequest { service: "".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut saw = Vec::new();
+    while saw.last() != Some(&ServingStatus::NotServing) {
+        let next = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("health turns NOT_SERVING");
+        saw.push(next.unwrap().unwrap().status());
+    }
+
+    blocker
+        .execute_batch("ROLLBACK")
+        .expect("release the write lock");
+    while saw.last() != Some(&ServingStatus::Serving) {
+        let next = tokio::time::timeout(PATIENCE, watch.next())
+            .await
+            .expect("health turns SERVING again");
+        saw.push(next.unwrap().unwrap().status());
+    }
+    let missing = client
+        .get_decision(chargegate::proto::GetDecisionRequest {
+            request_id: "while-blocked".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.code(),
+        tonic::Code::NotFound,
+        "the refused request was not enqueued"
+    );
+    authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+    drop(blocker);
+    server.stop().await.expect("clean stop");
+}
