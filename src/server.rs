@@ -154,16 +154,8 @@ impl Server {
         };
         let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .expect("the descriptor set is compiled in");
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .expect("the descriptor set is compiled in");
+        let reflection_v1 = reflection().build_v1().expect("the descriptor sets are compiled in");
+        let reflection_v1alpha = reflection().build_v1alpha().expect("the descriptor sets are compiled in");
         let authorization = AuthorizationService {
             queue: queue.clone(),
             log: log.clone(),
@@ -232,4 +224,17 @@ impl Server {
         tracing::info!("shutdown complete");
         result
     }
+}
+
+/// Server reflection over the services this build serves, with the descriptors of everything
+/// they mention (timestamps, `google.rpc.BadRequest` error details, health).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(proto::AUTHORIZATION_SERVICE)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
 }
