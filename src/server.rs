@@ -26,6 +26,10 @@ use crate::{
 
 /// Time a claim may stay with a worker beyond the authorizer deadline before it is handed out again.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Unary calls (and stream openings) in flight per connection before the excess is shed.
+const CALLS_PER_CONNECTION: usize = 512;
+/// Concurrent HTTP/2 streams per connection.
+const STREAMS_PER_CONNECTION: u32 = 2048;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -154,8 +158,12 @@ impl Server {
         };
         let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
-        let reflection_v1 = reflection().build_v1().expect("the descriptor sets are compiled in");
-        let reflection_v1alpha = reflection().build_v1alpha().expect("the descriptor sets are compiled in");
+        let reflection_v1 = reflection()
+            .build_v1()
+            .expect("the descriptor sets are compiled in");
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .expect("the descriptor sets are compiled in");
         let authorization = AuthorizationService {
             queue: queue.clone(),
             log: log.clone(),
@@ -168,7 +176,13 @@ impl Server {
         let local = listener.local_addr().ok();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+        // Overload protection: a bounded number of calls in flight per connection, the excess
+        // refused at once (RESOURCE_EXHAUSTED) rather than queued without bound; a bounded number
+        // of concurrent HTTP/2 streams (decision streams included) per connection.
         let grpc = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
+            .load_shed(true)
+            .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)

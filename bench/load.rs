@@ -1,0 +1,222 @@
+//! Load generation: closed loop (C calls in flight over K connections) and open loop (a fixed
+//! rate, latency measured from each call's *intended* send time so queueing is not hidden by
+//! coordinated omission). Warm-up calls are sent but not counted.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chargegate::proto::{
+    AuthorizeRequest, charging_authorization_client::ChargingAuthorizationClient,
+};
+use hdrhistogram::Histogram;
+use tokio::sync::Semaphore;
+use tonic::{Code, transport::Channel};
+
+pub type Client = ChargingAuthorizationClient<Channel>;
+
+/// Builds the i-th request.
+pub type MakeRequest = Arc<dyn Fn(u64) -> AuthorizeRequest + Send + Sync>;
+
+/// `k` separate HTTP/2 connections to `url`.
+pub async fn connect(url: &str, k: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(k);
+    for _ in 0..k {
+        let endpoint = Channel::from_shared(url.to_owned())?.tcp_nodelay(true);
+        channels.push(endpoint.connect().await?);
+    }
+    Ok(channels)
+}
+
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds")
+}
+
+pub struct Closed {
+    pub rps: f64,
+    /// Microseconds.
+    pub hist: Histogram<u64>,
+    pub errors: u64,
+}
+
+pub async fn closed_loop(
+    channels: &[Channel],
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+    make: MakeRequest,
+) -> Closed {
+    let start = Instant::now();
+    let from = start + warmup;
+    let end = from + measure;
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for t in 0..concurrency {
+        let mut client = Client::new(channels[t % channels.len()].clone());
+        let (make, counter) = (make.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            let (mut done, mut errors) = (0u64, 0u64);
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let result = client.authorize(make(n)).await;
+                let finished = Instant::now();
+                if sent >= from && finished <= end {
+                    match result {
+                        Ok(_) => {
+                            done += 1;
+                            let _ = hist.record((finished - sent).as_micros().max(1) as u64);
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+            }
+            (done, hist, errors)
+        }));
+    }
+    let mut hist = histogram();
+    let (mut done, mut errors) = (0, 0);
+    for task in tasks {
+        let (d, h, e) = task.await.expect("load task");
+        done += d;
+        errors += e;
+        hist.add(h).expect("same bounds");
+    }
+    Closed {
+        rps: done as f64 / measure.as_secs_f64(),
+        hist,
+        errors,
+    }
+}
+
+/// Outcomes of an open-loop run (counted over the measurement window).
+#[derive(Default)]
+pub struct Outcomes {
+    pub ok: AtomicU64,
+    /// RESOURCE_EXHAUSTED or UNAVAILABLE from the server: load shed, as designed.
+    pub rejected: AtomicU64,
+    /// Transport failures: broken or refused connections, resets.
+    pub broken: AtomicU64,
+    pub other: AtomicU64,
+    /// Not sent because the client already had `max_in_flight` calls outstanding.
+    pub client_dropped: AtomicU64,
+}
+
+pub struct Open {
+    /// Microseconds from intended send to acknowledgement, successful calls in the window.
+    pub hist: Histogram<u64>,
+    pub outcomes: Arc<Outcomes>,
+}
+
+impl Open {
+    pub fn ok(&self) -> u64 {
+        self.outcomes.ok.load(Ordering::Relaxed)
+    }
+    pub fn rejected(&self) -> u64 {
+        self.outcomes.rejected.load(Ordering::Relaxed)
+    }
+    pub fn broken(&self) -> u64 {
+        self.outcomes.broken.load(Ordering::Relaxed)
+    }
+}
+
+/// The intended send time of call `i` in an open loop started at `start` with `rate` calls/s.
+pub fn intended(start: Instant, rate: f64, i: u64) -> Instant {
+    start + Duration::from_secs_f64(i as f64 / rate)
+}
+
+/// Sends `rate` calls per second for `warmup + measure`, from `start`.
+pub async fn open_loop(
+    channels: &[Channel],
+    rate: f64,
+    start: Instant,
+    warmup: Duration,
+    measure: Duration,
+    max_in_flight: usize,
+    make: MakeRequest,
+) -> Open {
+    let from = start + warmup;
+    let total = ((warmup + measure).as_secs_f64() * rate) as u64;
+    let hist = Arc::new(Mutex::new(histogram()));
+    let outcomes = Arc::new(Outcomes::default());
+    let permits = Arc::new(Semaphore::new(max_in_flight));
+    let clients: Vec<Client> = channels.iter().map(|c| Client::new(c.clone())).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut i = 0u64;
+    while i < total {
+        let due = intended(start, rate, i);
+        let now = Instant::now();
+        if due > now + Duration::from_micros(1500) {
+            tokio::time::sleep_until((due - Duration::from_millis(1)).into()).await;
+            continue;
+        }
+        if due > now {
+            // Closer than the timer's granularity: yield until due, letting other tasks run.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let measured = due >= from;
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if measured {
+                outcomes.client_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            i += 1;
+            continue;
+        };
+        let mut client = clients[(i as usize) % clients.len()].clone();
+        let request = make(i);
+        let (hist, outcomes) = (hist.clone(), outcomes.clone());
+        tasks.spawn(async move {
+            let result = client.authorize(request).await;
+            let latency = due.elapsed();
+            drop(permit);
+            if !measured {
+                return;
+            }
+            match result {
+                Ok(_) => {
+                    outcomes.ok.fetch_add(1, Ordering::Relaxed);
+                    let _ = hist
+                        .lock()
+                        .unwrap()
+                        .record(latency.as_micros().max(1) as u64);
+                }
+                Err(status) => classify(&status, &outcomes),
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+        i += 1;
+    }
+    while tasks.join_next().await.is_some() {}
+    let hist = Arc::try_unwrap(hist)
+        .ok()
+        .expect("all tasks joined")
+        .into_inner()
+        .unwrap();
+    Open { hist, outcomes }
+}
+
+fn classify(status: &tonic::Status, outcomes: &Outcomes) {
+    let message = status.message();
+    let transport =
+        message.contains("transport") || message.contains("connect") || message.contains("h2");
+    let counter = match status.code() {
+        Code::Unknown | Code::Internal | Code::Cancelled => &outcomes.broken,
+        Code::Unavailable if transport => &outcomes.broken,
+        Code::ResourceExhausted | Code::Unavailable => &outcomes.rejected,
+        _ => &outcomes.other,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}

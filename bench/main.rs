@@ -1,0 +1,124 @@
+//! `chargegate-bench`: holds chargegate against the bare-metal limits of this machine, side by
+//! side in one run. See the README's "Performance" section for what each scenario measures.
+
+mod echo;
+mod load;
+mod plot;
+mod procs;
+mod scenarios;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "chargegate-bench",
+    about = "Benchmark chargegate against a bare tonic server and raw SQLite"
+)]
+struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these scenarios (g1, g1b, g2 … g8); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    scenario: Vec<String>,
+    /// Where to write the JSON results; the PNG plot goes next to it.
+    #[arg(long, default_value = "bench/results.json")]
+    json: PathBuf,
+    /// Benchmark a running deployment instead of starting chargegate (memory figures are skipped).
+    #[arg(long)]
+    target: Option<String>,
+    /// The chargegate binary to start [default: the `chargegate` next to this binary].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// (internal) Serve the bare echo reference.
+    EchoServer,
+}
+
+const ALL: [&str; 9] = ["g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8"];
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(Mode::EchoServer) = args.mode {
+        return echo::serve();
+    }
+    let server_bin = args
+        .server_bin
+        .clone()
+        .unwrap_or_else(procs::default_server_bin);
+    if args.target.is_none() && !server_bin.exists() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release` or pass --server-bin",
+            server_bin.display()
+        );
+    }
+    let selected: Vec<String> = if args.scenario.is_empty() {
+        ALL.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenario.clone()
+    };
+    for s in &selected {
+        anyhow::ensure!(
+            ALL.contains(&s.as_str()),
+            "unknown scenario {s}; expected one of {}",
+            ALL.join(", ")
+        );
+    }
+    // The load generator on core 0, each server on core 1 (where there are two).
+    let server_core = (procs::cores() >= 2).then_some(1);
+    if server_core.is_some() {
+        procs::pin_self(0);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut bench =
+            scenarios::Bench::new(args.quick, server_bin, args.target.clone(), server_core)?;
+        let machine = procs::machine(bench.work.path());
+        println!("machine: {machine}");
+        for s in &selected {
+            let started = std::time::Instant::now();
+            let result = match s.as_str() {
+                "g1" => bench.g1("g1", 200).await,
+                "g1b" => bench.g1("g1b", 50).await,
+                "g2" => bench.g2().await,
+                "g3" => bench.g3().await,
+                "g4" => bench.g4().await,
+                "g5" => bench.g5().await,
+                "g6" => bench.g6().await,
+                "g7" => bench.g7().await,
+                "g8" => bench.g8().await,
+                _ => unreachable!("checked above"),
+            };
+            if let Err(e) = result {
+                anyhow::bail!("scenario {s} failed: {e:#}");
+            }
+            eprintln!("({s} took {:.0}s)", started.elapsed().as_secs_f64());
+        }
+        bench.results.insert("machine".into(), machine);
+        bench.results.insert("quick".into(), args.quick.into());
+        if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&args.json, serde_json::to_string_pretty(&bench.results)?)?;
+        println!("results: {}", args.json.display());
+        if !bench.plots.series.is_empty() {
+            let png = args.json.with_extension("png");
+            plot::latency_png(
+                &png,
+                "chargegate latency vs bare tonic echo",
+                &bench.plots.series,
+            )?;
+            println!("plot: {}", png.display());
+        }
+        Ok(())
+    })
+}

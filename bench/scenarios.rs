@@ -1,0 +1,816 @@
+//! The scenarios g1–g8 of the benchmark. Each measures chargegate and, where there is one, its
+//! bare-metal limit in the same run with the same client, and reports figures and ratios.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chargegate::proto::{
+    AuthorizeRequest, GetDecisionRequest, SubscribeDecisionsRequest,
+    subscribe_decisions_response::Event,
+};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+
+use crate::{
+    load::{self, Client, MakeRequest, ms},
+    procs::{self, ServerProcess},
+};
+
+pub const TOKEN: &str = "BENCH-TOKEN-0001-allowed";
+pub const TOKEN_KEY: &str = "bench-token-hash-key";
+const STATIONS: usize = 100;
+
+pub fn station(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{i:012}")
+}
+
+fn round_robin_request() -> MakeRequest {
+    Arc::new(|n| AuthorizeRequest {
+        station_id: station(n as usize % STATIONS),
+        driver_token: TOKEN.into(),
+        ..Default::default()
+    })
+}
+
+/// Latency distributions kept for the plot.
+#[derive(Default)]
+pub struct Distributions {
+    pub series: Vec<(String, Histogram<u64>)>,
+}
+
+pub struct Bench {
+    pub quick: bool,
+    pub server_bin: PathBuf,
+    pub target: Option<String>,
+    pub work: tempfile::TempDir,
+    pub server_core: Option<usize>,
+    pub results: serde_json::Map<String, Value>,
+    pub plots: Distributions,
+    echo_rps: Option<f64>,
+    knee_rps: Option<f64>,
+    next_dir: u32,
+}
+
+impl Bench {
+    pub fn new(
+        quick: bool,
+        server_bin: PathBuf,
+        target: Option<String>,
+        server_core: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            quick,
+            server_bin,
+            target,
+            work: tempfile::Builder::new()
+                .prefix("chargegate-bench")
+                .tempdir_in(std::env::temp_dir())?,
+            server_core,
+            results: Default::default(),
+            plots: Default::default(),
+            echo_rps: None,
+            knee_rps: None,
+            next_dir: 0,
+        })
+    }
+
+    fn warmup(&self) -> Duration {
+        if self.quick {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(2)
+        }
+    }
+
+    fn measure(&self, full: u64) -> Duration {
+        if self.quick {
+            Duration::from_secs(full.min(2))
+        } else {
+            Duration::from_secs(full)
+        }
+    }
+
+    fn fresh_dir(&mut self, name: &str) -> PathBuf {
+        self.next_dir += 1;
+        let dir = self.work.path().join(format!("{name}-{}", self.next_dir));
+        std::fs::create_dir_all(&dir).expect("bench dir");
+        dir
+    }
+
+    /// A fresh chargegate on its own core, or the `--target` deployment (then `None`).
+    fn chargegate(
+        &mut self,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<(String, Option<ServerProcess>)> {
+        if let Some(url) = &self.target {
+            return Ok((url.clone(), None));
+        }
+        let dir = self.fresh_dir(name);
+        self.chargegate_on(&dir, extra)
+            .map(|p| (p.url.clone(), Some(p)))
+    }
+
+    fn chargegate_on(
+        &self,
+        dir: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<ServerProcess> {
+        let acl = dir.join("acl.csv");
+        std::fs::write(&acl, format!("station_id,driver_token\n*,{TOKEN}\n"))?;
+        let mut command = Command::new(&self.server_bin);
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "off",
+                "--token-hash-key",
+                TOKEN_KEY,
+            ])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--acl-file")
+            .arg(&acl)
+            .args(extra);
+        ServerProcess::spawn(command, self.server_core)
+    }
+
+    fn echo(&self) -> anyhow::Result<ServerProcess> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command.arg("echo-server");
+        ServerProcess::spawn(command, self.server_core)
+    }
+
+    fn record(&mut self, key: &str, value: Value) {
+        println!("{key}: {value}");
+        self.results.insert(key.to_owned(), value);
+    }
+
+    /// g1 / g1b: closed loop at concurrency `c`, echo against chargegate.
+    pub async fn g1(&mut self, key: &str, c: usize) -> anyhow::Result<()> {
+        let k = 8.min(c);
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let echo = self.echo()?;
+        let channels = load::connect(&echo.url, k).await?;
+        let e = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
+        drop(channels);
+        echo.stop();
+        let (url, server) = self.chargegate(key, &[])?;
+        let channels = load::connect(&url, k).await?;
+        let a = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
+        drop(channels);
+        if let Some(s) = server {
+            s.stop();
+        }
+        if c == 200 {
+            self.echo_rps = Some(e.rps);
+            self.knee_rps = Some(a.rps);
+        }
+        self.record(
+            key,
+            json!({
+                "concurrency": c, "connections": k,
+                "echo_rps": e.rps.round(), "authorize_rps": a.rps.round(), "ratio": round3(a.rps / e.rps),
+                "echo_p50_ms": ms(e.hist.value_at_quantile(0.5)), "authorize_p50_ms": ms(a.hist.value_at_quantile(0.5)),
+                "authorize_p99_ms": ms(a.hist.value_at_quantile(0.99)), "errors": e.errors + a.errors,
+            }),
+        );
+        Ok(())
+    }
+
+    /// g2: one call at a time; chargegate's extra latency in units of one fsync.
+    pub async fn g2(&mut self) -> anyhow::Result<()> {
+        let (warmup, measure) = (self.warmup(), self.measure(5));
+        let probe_dir = self.fresh_dir("fsync");
+        let fsync = procs::fsync_p50_us(&probe_dir, if self.quick { 50 } else { 300 })?;
+        let echo = self.echo()?;
+        let channels = load::connect(&echo.url, 1).await?;
+        let e = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
+        echo.stop();
+        let (url, server) = self.chargegate("g2", &[])?;
+        let channels = load::connect(&url, 1).await?;
+        let a = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
+        if let Some(s) = server {
+            s.stop();
+        }
+        let (echo_us, auth_us) = (
+            e.hist.value_at_quantile(0.5) as f64,
+            a.hist.value_at_quantile(0.5) as f64,
+        );
+        self.record(
+            "g2",
+            json!({
+                "echo_p50_us": echo_us, "authorize_p50_us": auth_us, "fsync_p50_us": fsync,
+                "overhead_fsyncs": round3((auth_us - echo_us) / fsync),
+            }),
+        );
+        Ok(())
+    }
+
+    async fn echo_rps(&mut self) -> anyhow::Result<f64> {
+        if let Some(rps) = self.echo_rps {
+            return Ok(rps);
+        }
+        let echo = self.echo()?;
+        let channels = load::connect(&echo.url, 8).await?;
+        let e = load::closed_loop(
+            &channels,
+            200,
+            self.warmup(),
+            self.measure(5),
+            round_robin_request(),
+        )
+        .await;
+        echo.stop();
+        self.echo_rps = Some(e.rps);
+        Ok(e.rps)
+    }
+
+    async fn knee_rps(&mut self) -> anyhow::Result<f64> {
+        if let Some(rps) = self.knee_rps {
+            return Ok(rps);
+        }
+        let (url, server) = self.chargegate("knee", &[])?;
+        let channels = load::connect(&url, 8).await?;
+        let a = load::closed_loop(
+            &channels,
+            200,
+            self.warmup(),
+            self.measure(5),
+            round_robin_request(),
+        )
+        .await;
+        if let Some(s) = server {
+            s.stop();
+        }
+        self.knee_rps = Some(a.rps);
+        Ok(a.rps)
+    }
+
+    /// g3: open loop at 1/8 of echo's maximum; tail latency of the acknowledgement.
+    pub async fn g3(&mut self) -> anyhow::Result<()> {
+        let rate = (self.echo_rps().await? / 8.0).round();
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let echo = self.echo()?;
+        let channels = load::connect(&echo.url, 8).await?;
+        let e = load::open_loop(
+            &channels,
+            rate,
+            Instant::now(),
+            warmup,
+            measure,
+            20_000,
+            round_robin_request(),
+        )
+        .await;
+        echo.stop();
+        let (url, server) = self.chargegate("g3", &[])?;
+        let channels = load::connect(&url, 8).await?;
+        let a = load::open_loop(
+            &channels,
+            rate,
+            Instant::now(),
+            warmup,
+            measure,
+            20_000,
+            round_robin_request(),
+        )
+        .await;
+        if let Some(s) = server {
+            s.stop();
+        }
+        let (e99, a99) = (
+            ms(e.hist.value_at_quantile(0.99)),
+            ms(a.hist.value_at_quantile(0.99)),
+        );
+        self.record(
+            "g3",
+            json!({
+                "rate": rate, "echo_p99_ms": e99, "authorize_p99_ms": a99,
+                "authorize_p999_ms": ms(a.hist.value_at_quantile(0.999)), "gap_ms": round3(a99 - e99),
+                "echo_ok": e.ok(), "authorize_ok": a.ok(), "authorize_rejected": a.rejected(),
+            }),
+        );
+        self.plots.series.push(("echo ack (g3)".into(), e.hist));
+        self.plots
+            .series
+            .push(("chargegate ack (g3)".into(), a.hist));
+        Ok(())
+    }
+
+    /// g4: open loop at 5,000/s with a subscriber on every station; intended send → decision received.
+    pub async fn g4(&mut self) -> anyhow::Result<()> {
+        let rate = 5000.0;
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let (url, server) = self.chargegate("g4", &[])?;
+        let sub_channels = load::connect(&url, 4).await?;
+        let start = Instant::now() + Duration::from_millis(500);
+        let from = start + warmup;
+        let e2e = Arc::new(Mutex::new(load::histogram()));
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for s in 0..STATIONS {
+            let mut client = Client::new(sub_channels[s % sub_channels.len()].clone());
+            let mut stream = client
+                .subscribe_decisions(SubscribeDecisionsRequest {
+                    station_ids: vec![station(s)],
+                    after_cursor: String::new(),
+                })
+                .await?
+                .into_inner();
+            let (e2e, received, stop) = (e2e.clone(), received.clone(), stop.clone());
+            readers.push(tokio::spawn(async move {
+                while let Some(Ok(item)) = stream.next().await {
+                    if let Some(Event::Decision(d)) = item.event {
+                        let now = Instant::now();
+                        let i: u64 = d.request_id.trim_start_matches("g4-").parse().unwrap_or(0);
+                        let due = load::intended(start, rate, i);
+                        if due >= from {
+                            received.fetch_add(1, Ordering::Relaxed);
+                            let _ = e2e
+                                .lock()
+                                .unwrap()
+                                .record((now - due).as_micros().max(1) as u64);
+                        }
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            }));
+        }
+        let channels = load::connect(&url, 8).await?;
+        let make: MakeRequest = Arc::new(|n| AuthorizeRequest {
+            station_id: station(n as usize % STATIONS),
+            driver_token: TOKEN.into(),
+            request_id: format!("g4-{n}"),
+            ..Default::default()
+        });
+        let ack = load::open_loop(&channels, rate, start, warmup, measure, 20_000, make).await;
+        // Let the last decisions arrive.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while received.load(Ordering::Relaxed) < ack.ok() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.abort();
+        }
+        if let Some(s) = server {
+            s.stop();
+        }
+        let e2e = Arc::try_unwrap(e2e)
+            .ok()
+            .map(|m| m.into_inner().unwrap())
+            .unwrap_or_else(load::histogram);
+        let (e99, a99) = (
+            ms(e2e.value_at_quantile(0.99)),
+            ms(ack.hist.value_at_quantile(0.99)),
+        );
+        self.record(
+            "g4",
+            json!({
+                "rate": rate, "e2e_p50_ms": ms(e2e.value_at_quantile(0.5)), "e2e_p99_ms": e99,
+                "ack_p50_ms": ms(ack.hist.value_at_quantile(0.5)), "ack_p99_ms": a99, "ratio": round3(e99 / a99),
+                "acknowledged": ack.ok(), "decisions_received": received.load(Ordering::Relaxed),
+            }),
+        );
+        self.plots
+            .series
+            .push(("chargegate ack (g4)".into(), ack.hist));
+        self.plots
+            .series
+            .push(("chargegate end-to-end (g4)".into(), e2e));
+        Ok(())
+    }
+
+    /// g5: memory per idle subscriber stream, against a bare tonic stream.
+    pub async fn g5(&mut self) -> anyhow::Result<()> {
+        if self.target.is_some() {
+            self.record(
+                "g5",
+                json!({"skipped": "needs a local server to read its memory"}),
+            );
+            return Ok(());
+        }
+        let streams = if self.quick { 1000 } else { 10_000 };
+        let echo = self.echo()?;
+        let echo_bytes = idle_streams_cost(&echo, streams).await?;
+        echo.stop();
+        let (_, server) = self.chargegate("g5", &[])?;
+        let server = server.expect("local");
+        let cg_bytes = idle_streams_cost(&server, streams).await?;
+        server.stop();
+        self.record(
+            "g5",
+            json!({
+                "streams": streams, "bytes_per_stream": cg_bytes.round(), "bare_bytes_per_stream": echo_bytes.round(),
+                "ratio": round3(cg_bytes / echo_bytes),
+            }),
+        );
+        Ok(())
+    }
+
+    /// g6: 1,000 subscribers, 100 of which stop reading, while decisions flow at 5,000/s.
+    pub async fn g6(&mut self) -> anyhow::Result<()> {
+        let (subscribers, stalled) = if self.quick { (200, 20) } else { (1000, 100) };
+        let measure = self.measure(60);
+        let baseline = self
+            .flow_with_subscribers("g6-baseline", subscribers, 0, measure)
+            .await?;
+        let stalled_run = self
+            .flow_with_subscribers("g6-stalled", subscribers, stalled, measure)
+            .await?;
+        self.record(
+            "g6",
+            json!({
+                "subscribers": subscribers, "stalled": stalled, "rate": 5000, "seconds": measure.as_secs(),
+                "rss_growth_mb": stalled_run.rss_growth_mb, "baseline_rss_growth_mb": baseline.rss_growth_mb,
+                "p99_ms": stalled_run.readers_p99_ms, "baseline_p99_ms": baseline.readers_p99_ms,
+                "p99_ratio": round3(stalled_run.readers_p99_ms / baseline.readers_p99_ms),
+                "lost": stalled_run.lost + baseline.lost,
+                "decisions": stalled_run.decisions,
+            }),
+        );
+        Ok(())
+    }
+
+    async fn flow_with_subscribers(
+        &mut self,
+        name: &str,
+        subscribers: usize,
+        stalled: usize,
+        measure: Duration,
+    ) -> anyhow::Result<FlowResult> {
+        let rate = 5000.0;
+        let warmup = self.warmup();
+        let (url, server) = self.chargegate(name, &[])?;
+        let sub_channels = load::connect(&url, 16).await?;
+        let start = Instant::now() + Duration::from_millis(1000);
+        let from = start + warmup;
+        let e2e = Arc::new(Mutex::new(load::histogram()));
+        let counts: Arc<Vec<AtomicU64>> =
+            Arc::new((0..subscribers).map(|_| AtomicU64::new(0)).collect());
+        let mut readers = Vec::new();
+        let mut parked = Vec::new();
+        for s in 0..subscribers {
+            let mut client = Client::new(sub_channels[s % sub_channels.len()].clone());
+            let stream = client
+                .subscribe_decisions(SubscribeDecisionsRequest {
+                    station_ids: vec![station(s)],
+                    after_cursor: String::new(),
+                })
+                .await?
+                .into_inner();
+            if s < stalled {
+                parked.push((s, stream));
+                continue;
+            }
+            let (e2e, counts) = (e2e.clone(), counts.clone());
+            let mut stream = stream;
+            readers.push(tokio::spawn(async move {
+                while let Some(Ok(item)) = stream.next().await {
+                    if let Some(Event::Decision(d)) = item.event {
+                        let now = Instant::now();
+                        let i: u64 = d
+                            .request_id
+                            .rsplit('-')
+                            .next()
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0);
+                        counts[s].fetch_add(1, Ordering::Relaxed);
+                        let due = load::intended(start, rate, i);
+                        if due >= from {
+                            let _ = e2e
+                                .lock()
+                                .unwrap()
+                                .record((now - due).as_micros().max(1) as u64);
+                        }
+                    }
+                }
+            }));
+        }
+        let pid = server.as_ref().map(|s| s.pid);
+        let rss_before = pid.map_or(0, procs::rss_bytes);
+        let sampling = Arc::new(AtomicBool::new(true));
+        let peak = Arc::new(AtomicU64::new(rss_before));
+        let sampler = {
+            let (sampling, peak) = (sampling.clone(), peak.clone());
+            std::thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    if let Some(pid) = pid {
+                        peak.fetch_max(procs::rss_bytes(pid), Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let channels = load::connect(&url, 8).await?;
+        let tag = name.to_owned();
+        let make: MakeRequest = Arc::new(move |n| AuthorizeRequest {
+            station_id: station(n as usize % subscribers),
+            driver_token: TOKEN.into(),
+            request_id: format!("{tag}-{n}"),
+            ..Default::default()
+        });
+        let ack = load::open_loop(&channels, rate, start, warmup, measure, 20_000, make).await;
+        let sent = ((warmup + measure).as_secs_f64() * rate) as u64;
+        // Every request was acknowledged (the loop counts failures in the window only; check all).
+        let expected = |s: usize| {
+            (0..sent)
+                .filter(|n| (*n as usize) % subscribers == s)
+                .count() as u64
+        };
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.join();
+        let rss_growth_mb =
+            peak.load(Ordering::Relaxed).saturating_sub(rss_before) as f64 / 1_048_576.0;
+        // Wait for the readers, then read the stalled streams to the end.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut lost = 0u64;
+        for s in stalled..subscribers {
+            while counts[s].load(Ordering::Relaxed) < expected(s) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lost += expected(s).saturating_sub(counts[s].load(Ordering::Relaxed));
+        }
+        for (s, mut stream) in parked {
+            let mut got = 0u64;
+            while got < expected(s) {
+                match tokio::time::timeout_at(deadline.into(), stream.next()).await {
+                    Ok(Some(Ok(item))) => {
+                        if let Some(Event::Decision(_)) = item.event {
+                            got += 1;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            lost += expected(s).saturating_sub(got);
+        }
+        for r in readers {
+            r.abort();
+        }
+        if let Some(s) = server {
+            s.stop();
+        }
+        let failed = (ack.outcomes.rejected.load(Ordering::Relaxed)
+            + ack.outcomes.broken.load(Ordering::Relaxed)
+            + ack.outcomes.other.load(Ordering::Relaxed)) as f64;
+        if failed > 0.0 {
+            println!("{name}: {failed} calls failed; 'lost' counts their decisions too");
+        }
+        let e2e = Arc::try_unwrap(e2e)
+            .ok()
+            .map(|m| m.into_inner().unwrap())
+            .unwrap_or_else(load::histogram);
+        Ok(FlowResult {
+            rss_growth_mb: round3(rss_growth_mb),
+            readers_p99_ms: ms(e2e.value_at_quantile(0.99)),
+            lost,
+            decisions: sent,
+        })
+    }
+
+    /// g7: drain a backlog with no ingest, against the same SQLite work done directly.
+    pub async fn g7(&mut self) -> anyhow::Result<()> {
+        if self.target.is_some() {
+            self.record("g7", json!({"skipped": "needs a local data dir"}));
+            return Ok(());
+        }
+        let backlog: u64 = if self.quick { 20_000 } else { 1_000_000 };
+        let dir = self.fresh_dir("g7");
+        let data = dir.join("data");
+        let seeded = Instant::now();
+        seed_backlog(&data, backlog).await?;
+        println!(
+            "g7: seeded {backlog} queued requests in {:.1}s",
+            seeded.elapsed().as_secs_f64()
+        );
+        let raw_dir = self.fresh_dir("g7-raw");
+        std::fs::copy(data.join("chargegate.db"), raw_dir.join("raw.db"))?;
+
+        let started = Instant::now();
+        let server = self.chargegate_on(&dir, &[])?;
+        let mut client = Client::new(load::connect(&server.url, 1).await?.remove(0));
+        let last = format!("backlog-{}", backlog - 1);
+        loop {
+            let d = client
+                .get_decision(GetDecisionRequest {
+                    request_id: last.clone(),
+                })
+                .await?
+                .into_inner();
+            if d.decision
+                .is_some_and(|d| d.status != chargegate::proto::DecisionStatus::Pending as i32)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let drain_secs = started.elapsed().as_secs_f64();
+        server.stop();
+        let raw_per_s =
+            tokio::task::spawn_blocking(move || raw_drain(&raw_dir.join("raw.db"), 64)).await??;
+        let drain_per_s = backlog as f64 / drain_secs;
+        self.record(
+            "g7",
+            json!({
+                "backlog": backlog, "drain_per_s": drain_per_s.round(), "raw_sqlite_per_s": raw_per_s.round(),
+                "ratio": round3(drain_per_s / raw_per_s),
+            }),
+        );
+        Ok(())
+    }
+
+    /// g8: open loop at twice the knee; goodput, shedding, memory, connections.
+    pub async fn g8(&mut self) -> anyhow::Result<()> {
+        let knee = self.knee_rps().await?;
+        let rate = (2.0 * knee).round();
+        let measure = if self.quick {
+            Duration::from_secs(3)
+        } else {
+            Duration::from_secs(30)
+        };
+        let (url, server) = self.chargegate("g8", &[])?;
+        let pid = server.as_ref().map(|s| s.pid);
+        let sampling = Arc::new(AtomicBool::new(true));
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let (sampling, peak) = (sampling.clone(), peak.clone());
+            std::thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    if let Some(pid) = pid {
+                        peak.fetch_max(procs::rss_bytes(pid), Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        let channels = load::connect(&url, 8).await?;
+        let r = load::open_loop(
+            &channels,
+            rate,
+            Instant::now(),
+            self.warmup(),
+            measure,
+            50_000,
+            round_robin_request(),
+        )
+        .await;
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.join();
+        if let Some(s) = server {
+            s.stop();
+        }
+        let goodput = r.ok() as f64 / measure.as_secs_f64();
+        self.record(
+            "g8",
+            json!({
+                "knee_rps": knee.round(), "offered_rps": rate, "goodput_rps": goodput.round(),
+                "goodput_ratio": round3(goodput / knee), "rejected": r.rejected(),
+                "client_dropped": r.outcomes.client_dropped.load(Ordering::Relaxed),
+                "ok_p99_ms": ms(r.hist.value_at_quantile(0.99)),
+                "peak_rss_mb": round3(peak.load(Ordering::Relaxed) as f64 / 1_048_576.0),
+                "broken_connections": r.broken(),
+            }),
+        );
+        Ok(())
+    }
+}
+
+struct FlowResult {
+    rss_growth_mb: f64,
+    readers_p99_ms: f64,
+    lost: u64,
+    decisions: u64,
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Opens `n` idle decision streams (100 per connection) and returns the server's RSS growth per stream.
+async fn idle_streams_cost(server: &ServerProcess, n: usize) -> anyhow::Result<f64> {
+    let channels = load::connect(&server.url, n.div_ceil(100)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss_bytes();
+    let mut streams = Vec::with_capacity(n);
+    let mut stations: HashMap<usize, String> = HashMap::new();
+    for i in 0..n {
+        let mut client = Client::new(channels[i / 100].clone());
+        let station = stations
+            .entry(i % 1000)
+            .or_insert_with(|| station(i % 1000))
+            .clone();
+        let stream = client
+            .subscribe_decisions(SubscribeDecisionsRequest {
+                station_ids: vec![station],
+                after_cursor: String::new(),
+            })
+            .await?
+            .into_inner();
+        streams.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let after = server.rss_bytes();
+    drop(streams);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+/// Writes `n` queued requests into a fresh store through the library, as Authorize would.
+async fn seed_backlog(data: &std::path::Path, n: u64) -> anyhow::Result<()> {
+    use chargegate::{
+        decision::Micros,
+        fanout::Hub,
+        intake::NewRequest,
+        queue::{Queue, sqlite::SqliteQueue},
+        store::sqlite::Database,
+        token::{DriverToken, Fingerprinter},
+    };
+    std::fs::create_dir_all(data)?;
+    let db = Database::open(&data.join("chargegate.db"), u64::MAX, Arc::new(Hub::new()))?;
+    let queue = Arc::new(SqliteQueue::new(db.clone(), Duration::from_secs(60)));
+    let fingerprint =
+        Fingerprinter::new(TOKEN_KEY.as_bytes())?.fingerprint(&DriverToken::new(TOKEN));
+    let mut in_flight = tokio::task::JoinSet::new();
+    for i in 0..n {
+        if in_flight.len() >= 4096 {
+            in_flight.join_next().await.expect("task")??;
+        }
+        let queue = queue.clone();
+        let request = NewRequest {
+            request_id: format!("backlog-{i}"),
+            station_id: station(i as usize % STATIONS),
+            token: DriverToken::new(TOKEN),
+            fingerprint: fingerprint.clone(),
+            callback_url: None,
+            accepted_at: Micros::now(),
+        };
+        in_flight.spawn(async move {
+            queue
+                .enqueue(request)
+                .await
+                .map(|_| ())
+                .map_err(anyhow::Error::from)
+        });
+    }
+    while let Some(r) = in_flight.join_next().await {
+        r??;
+    }
+    db.close().await;
+    Ok(())
+}
+
+/// The work of draining, done directly with SQLite: per batch, read queued rows, record their
+/// decisions, delete the rows, commit (WAL, synchronous=FULL, secure_delete). Returns rows/s.
+fn raw_drain(path: &std::path::Path, batch: usize) -> anyhow::Result<f64> {
+    let mut conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA secure_delete=ON;",
+    )?;
+    let started = Instant::now();
+    let mut drained = 0u64;
+    loop {
+        let tx = conn.transaction()?;
+        let rows: Vec<(i64, String, String, String, i64)> = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT q.seq, r.request_id, r.station_id, r.token_fp, r.accepted_at_us
+                 FROM queue q JOIN requests r ON r.seq = q.seq ORDER BY q.seq LIMIT ?1",
+            )?;
+            stmt.query_map([batch as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        if rows.is_empty() {
+            break;
+        }
+        for (seq, request_id, station_id, fp, accepted) in &rows {
+            tx.prepare_cached(
+                "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
+                                        accepted_at_us, decided_at_us, processing_ms)
+                 VALUES (?1, ?2, ?3, 'allowed', 'granted', 'acl', ?4, ?4, 0)
+                 ON CONFLICT (request_id) DO NOTHING RETURNING seq",
+            )?
+            .query_row(rusqlite::params![request_id, station_id, fp, accepted], |_| Ok(()))?;
+            tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?
+                .execute([seq])?;
+        }
+        tx.commit()?;
+        drained += rows.len() as u64;
+    }
+    Ok(drained as f64 / started.elapsed().as_secs_f64())
+}
