@@ -149,26 +149,28 @@ pub async fn open_loop(
     let outcomes = Arc::new(Outcomes::default());
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let clients: Vec<Client> = channels.iter().map(|c| Client::new(c.clone())).collect();
+    // A pacer thread sleeps precisely (nanosleep, not the runtime's 1 ms timer) and releases each
+    // call at its intended time; the runtime never busy-waits, so its I/O is polled promptly.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let pacer = std::thread::spawn(move || {
+        for i in 0..total {
+            let due = intended(start, rate, i);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.send((i, due)).is_err() {
+                break;
+            }
+        }
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    let mut i = 0u64;
-    while i < total {
-        let due = intended(start, rate, i);
-        let now = Instant::now();
-        if due > now + Duration::from_micros(1500) {
-            tokio::time::sleep_until((due - Duration::from_millis(1)).into()).await;
-            continue;
-        }
-        if due > now {
-            // Closer than the timer's granularity: yield until due, letting other tasks run.
-            tokio::task::yield_now().await;
-            continue;
-        }
+    while let Some((i, due)) = rx.recv().await {
         let measured = due >= from;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             if measured {
                 outcomes.client_dropped.fetch_add(1, Ordering::Relaxed);
             }
-            i += 1;
             continue;
         };
         let mut client = clients[(i as usize) % clients.len()].clone();
@@ -193,8 +195,8 @@ pub async fn open_loop(
             }
         });
         while tasks.try_join_next().is_some() {}
-        i += 1;
     }
+    let _ = pacer.join();
     while tasks.join_next().await.is_some() {}
     let hist = Arc::try_unwrap(hist)
         .ok()

@@ -71,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             ALL.join(", ")
         );
     }
+    let machine = procs::machine(&std::env::temp_dir());
     // The load generator on core 0, each server on core 1 (where there are two).
     let server_core = (procs::cores() >= 2).then_some(1);
     if server_core.is_some() {
@@ -82,7 +83,6 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let mut bench =
             scenarios::Bench::new(args.quick, server_bin, args.target.clone(), server_core)?;
-        let machine = procs::machine(bench.work.path());
         println!("machine: {machine}");
         for s in &selected {
             let started = std::time::Instant::now();

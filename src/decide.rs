@@ -85,7 +85,7 @@ impl Pipeline {
     }
 }
 
-#[tracing::instrument(skip_all, fields(request_id = %claim.request.request_id, station_id = %claim.request.station_id))]
+#[tracing::instrument(level = "debug", skip_all, fields(request_id = %claim.request.request_id, station_id = %claim.request.station_id))]
 async fn decide_and_record(
     queue: Arc<dyn Queue>,
     authorizer: Arc<dyn Authorizer>,

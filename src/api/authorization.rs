@@ -43,7 +43,7 @@ pub struct AuthorizationService {
 
 #[tonic::async_trait]
 impl ChargingAuthorization for AuthorizationService {
-    #[tracing::instrument(skip_all, fields(request_id, station_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(request_id, station_id))]
     async fn authorize(
         &self,
         request: Request<AuthorizeRequest>,

@@ -40,6 +40,19 @@ pub struct QueuedRequest {
     pub accepted_at: Micros,
 }
 
+impl From<&NewRequest> for QueuedRequest {
+    fn from(r: &NewRequest) -> Self {
+        Self {
+            request_id: r.request_id.clone(),
+            station_id: r.station_id.clone(),
+            token: r.token.clone(),
+            fingerprint: r.fingerprint.clone(),
+            callback_url: r.callback_url.clone(),
+            accepted_at: r.accepted_at,
+        }
+    }
+}
+
 /// A request handed to one worker. Consume it with `settle` or `release`.
 #[derive(Debug)]
 pub struct Claim {

@@ -1,7 +1,9 @@
 //! The embedded queue: the `queue` table of the SQLite file (see [`crate::store::sqlite`]).
 //!
 //! One process owns the file (it is locked), so claims need no row updates: the queue keeps a scan
-//! position in memory and hands out entries in `seq` order, each with a lease. A released claim, or
+//! position in memory and hands out entries in `seq` order, each with a lease. Entries the writer
+//! has just committed are handed over in memory (a bounded list); the table is read only for what
+//! that list does not hold (a backlog at start-up, a burst larger than the list). A released claim, or
 //! one whose lease ran out, is handed out again; settling is idempotent by request_id, so a second
 //! hand-out never yields a second decision. At start-up the scan position is zero: whatever the
 //! previous process claimed but did not settle is pending again.
@@ -102,7 +104,7 @@ impl Queue for SqliteQueue {
     async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError> {
         self.reclaim_expired().await?;
         let mut claims = Vec::with_capacity(max);
-        let scanned_through = {
+        {
             let mut state = self.state.lock().expect("claim state lock");
             while claims.len() < max {
                 let Some((position, request)) = state.redeliver.pop_front() else {
@@ -110,14 +112,53 @@ impl Queue for SqliteQueue {
                 };
                 claims.push(Claim { request, position });
             }
-            state.scanned_through
-        };
-        if claims.len() < max && *self.enqueue_head.borrow() > scanned_through {
+        }
+        while claims.len() < max {
+            // Entries the writer handed over in memory, as long as they continue the scan without a
+            // gap; otherwise (a backlog at start-up, or more than the hand-over holds) read the table.
+            let (scanned_through, gap_before) = {
+                let mut state = self.state.lock().expect("claim state lock");
+                let taken = self.db.with_hot(|hot| {
+                    let mut gap_before = None;
+                    while claims.len() < max {
+                        match hot.front() {
+                            Some((p, _)) if *p <= state.scanned_through => {
+                                hot.pop_front();
+                            }
+                            Some((p, _)) if *p == state.scanned_through + 1 => {
+                                let (position, request) = hot.pop_front().expect("front exists");
+                                state.scanned_through = position;
+                                claims.push(Claim { request, position });
+                            }
+                            Some((p, _)) => {
+                                gap_before = Some(*p);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    gap_before
+                });
+                (state.scanned_through, taken)
+            };
+            if claims.len() >= max {
+                break;
+            }
+            if gap_before.is_none() && *self.enqueue_head.borrow() <= scanned_through {
+                break;
+            }
             let fresh = self
                 .db
                 .queued_after(scanned_through, max - claims.len())
                 .await?;
             let mut state = self.state.lock().expect("claim state lock");
+            if fresh.is_empty() {
+                match gap_before {
+                    // Nothing pending in the gap: continue with the hand-over.
+                    Some(next) => state.scanned_through = state.scanned_through.max(next - 1),
+                    None => break,
+                }
+            }
             for (position, request) in fresh {
                 state.scanned_through = state.scanned_through.max(position);
                 claims.push(Claim { request, position });
@@ -139,6 +180,9 @@ impl Queue for SqliteQueue {
             }
             state.scanned_through
         };
+        if self.db.with_hot(|hot| !hot.is_empty()) {
+            return;
+        }
         let mut head = self.enqueue_head.clone();
         let lease_check = tokio::time::sleep(self.lease);
         tokio::select! {

@@ -18,6 +18,7 @@
 //! - `decisions`: the decision log; `seq` is the position in cursors, `request_id` is unique.
 
 use std::{
+    collections::VecDeque,
     fs::File,
     path::{Path, PathBuf},
     sync::{
@@ -45,6 +46,8 @@ use crate::{
 const MAX_BATCH: usize = 2048;
 /// Writes waiting for the writer thread before callers wait for room (backpressure).
 const WRITE_QUEUE: usize = 16 * 1024;
+/// Committed queue entries kept in memory for the dispatcher.
+const HOT_MAX: usize = 8192;
 /// Read connections kept open.
 const READERS: usize = 4;
 const SCHEMA_VERSION: i64 = 1;
@@ -101,7 +104,8 @@ enum WriteOp {
 
 /// What one write did inside a transaction that has not committed yet.
 enum Applied {
-    Enqueue(EnqueueOutcome),
+    /// The outcome, and the queue position when the request was added.
+    Enqueue(EnqueueOutcome, Option<u64>),
     Settle(Settled),
     Ping,
     Close,
@@ -135,6 +139,9 @@ struct Shared {
     decision_head: AtomicU64,
     /// `seq` of the newest committed queue entry; the queue's dispatcher waits on it.
     enqueue_head: watch::Sender<u64>,
+    /// Entries just committed, handed to the queue's dispatcher without reading them back. Bounded
+    /// by [`HOT_MAX`]: what does not fit is read from the table instead (see `queue::sqlite`).
+    hot: Mutex<VecDeque<(u64, QueuedRequest)>>,
 }
 
 impl Database {
@@ -178,6 +185,7 @@ impl Database {
             pending: AtomicU64::new(pending),
             decision_head: AtomicU64::new(head),
             enqueue_head: watch::Sender::new(enqueue_head),
+            hot: Mutex::new(VecDeque::new()),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
@@ -223,6 +231,14 @@ impl Database {
 
     pub(crate) fn enqueue_head(&self) -> watch::Receiver<u64> {
         self.inner.shared.enqueue_head.subscribe()
+    }
+
+    /// Runs `f` on the in-memory list of freshly committed queue entries, in `seq` order.
+    pub(crate) fn with_hot<T>(
+        &self,
+        f: impl FnOnce(&mut VecDeque<(u64, QueuedRequest)>) -> T,
+    ) -> T {
+        f(&mut self.inner.shared.hot.lock().expect("hot entries lock"))
     }
 
     pub(crate) async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
@@ -452,7 +468,8 @@ fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection>
         "PRAGMA synchronous = FULL;
          PRAGMA secure_delete = ON;
          PRAGMA foreign_keys = OFF;
-         PRAGMA cache_size = -16384;",
+         PRAGMA cache_size = -16384;
+         PRAGMA wal_autocheckpoint = 4000;",
     )?;
     Ok(conn)
 }
@@ -514,6 +531,19 @@ impl Writer {
             }
             match self.commit(&batch) {
                 Ok((applied, published, enqueue_head)) => {
+                    if enqueue_head.is_some() {
+                        let mut hot = self.shared.hot.lock().expect("hot entries lock");
+                        for (op, result) in batch.iter().zip(&applied) {
+                            if let (WriteOp::Enqueue(r, _), Applied::Enqueue(_, Some(seq))) =
+                                (op, result)
+                            {
+                                if hot.len() >= HOT_MAX {
+                                    break;
+                                }
+                                hot.push_back((*seq, QueuedRequest::from(r)));
+                            }
+                        }
+                    }
                     if let Some(last) = published.last() {
                         self.shared
                             .decision_head
@@ -525,7 +555,7 @@ impl Writer {
                     }
                     for (op, result) in batch.drain(..).zip(applied) {
                         match (op, result) {
-                            (WriteOp::Enqueue(_, reply), Applied::Enqueue(o)) => {
+                            (WriteOp::Enqueue(_, reply), Applied::Enqueue(o, _)) => {
                                 drop(reply.send(Ok(o)))
                             }
                             (WriteOp::Settle(_, _, reply), Applied::Settle(s)) => {
@@ -581,7 +611,7 @@ impl Writer {
                         pending += 1;
                         enqueue_head = Some(seq);
                     }
-                    Applied::Enqueue(outcome)
+                    Applied::Enqueue(outcome, seq)
                 }
                 WriteOp::Settle(position, decision, _) => {
                     let (settled, completed) = settle(&tx, *position, decision, self.log_id)?;
@@ -614,6 +644,31 @@ fn enqueue(
     pending: u64,
     queue_max: u64,
 ) -> rusqlite::Result<(EnqueueOutcome, Option<u64>)> {
+    if pending < queue_max {
+        // The common case, a new request_id, costs one insert; a seen one falls through to the lookup.
+        let seq: Option<i64> = tx
+            .prepare_cached(
+                "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (request_id) DO NOTHING
+                 RETURNING seq",
+            )?
+            .query_row(
+                params![r.request_id, r.station_id, r.fingerprint.as_str(), r.callback_url, r.accepted_at.0],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(seq) = seq {
+            tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
+                .execute(params![seq, r.token.expose()])?;
+            return Ok((
+                EnqueueOutcome::Accepted {
+                    accepted_at: r.accepted_at,
+                },
+                Some(seq as u64),
+            ));
+        }
+    }
     let seen: Option<(String, String, i64)> = tx
         .prepare_cached(
             "SELECT station_id, token_fp, accepted_at_us FROM requests WHERE request_id = ?1",
@@ -622,40 +677,18 @@ fn enqueue(
             Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
         .optional()?;
-    if let Some((station_id, fingerprint, accepted_at)) = seen {
-        let same = station_id == r.station_id && fingerprint == r.fingerprint.as_str();
-        let outcome = if same {
+    let outcome = match seen {
+        Some((station_id, fingerprint, accepted_at))
+            if station_id == r.station_id && fingerprint == r.fingerprint.as_str() =>
+        {
             EnqueueOutcome::Duplicate {
                 accepted_at: Micros(accepted_at),
             }
-        } else {
-            EnqueueOutcome::Conflict
-        };
-        return Ok((outcome, None));
-    }
-    if pending >= queue_max {
-        return Ok((EnqueueOutcome::Full, None));
-    }
-    tx.prepare_cached(
-        "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        r.request_id,
-        r.station_id,
-        r.fingerprint.as_str(),
-        r.callback_url,
-        r.accepted_at.0
-    ])?;
-    let seq = tx.last_insert_rowid();
-    tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
-        .execute(params![seq, r.token.expose()])?;
-    Ok((
-        EnqueueOutcome::Accepted {
-            accepted_at: r.accepted_at,
-        },
-        Some(seq as u64),
-    ))
+        }
+        Some(_) => EnqueueOutcome::Conflict,
+        None => EnqueueOutcome::Full,
+    };
+    Ok((outcome, None))
 }
 
 /// Records the decision unless one exists for the request_id, and deletes the queue entry.
