@@ -199,8 +199,7 @@ pub async fn open_loop(
     let _ = pacer.join();
     while tasks.join_next().await.is_some() {}
     let hist = Arc::try_unwrap(hist)
-        .ok()
-        .expect("all tasks joined")
+        .unwrap_or_else(|_| panic!("all tasks joined"))
         .into_inner()
         .unwrap();
     Open { hist, outcomes }
