@@ -16,3 +16,13 @@ lint:
 # What CI runs, start to end.
 ci:
     bash .ci/run
+
+# The full benchmark (about ten minutes); writes bench/results/latest.json and .png.
+bench:
+    cargo build --release
+    target/release/chargegate-bench --json bench/results/latest.json
+
+# Every scenario for a few seconds: proves the benchmark works, measures nothing worth quoting.
+bench-quick:
+    cargo build --release
+    target/release/chargegate-bench --quick --json target/bench-quick/results.json

@@ -442,6 +442,7 @@ impl Bench {
                 "p99_ratio": round3(stalled_run.readers_p99_ms / baseline.readers_p99_ms),
                 "lost": stalled_run.lost + baseline.lost,
                 "decisions": stalled_run.decisions,
+                "rss_timeline": stalled_run.timeline,
             }),
         );
         Ok(())
@@ -506,12 +507,24 @@ impl Bench {
         let rss_before = pid.map_or(0, procs::rss_bytes);
         let sampling = Arc::new(AtomicBool::new(true));
         let peak = Arc::new(AtomicU64::new(rss_before));
+        // RSS against decisions sent so far, to show whether memory grows with the flow.
+        let timeline = Arc::new(Mutex::new(Vec::new()));
         let sampler = {
-            let (sampling, peak) = (sampling.clone(), peak.clone());
+            let (sampling, peak, timeline) = (sampling.clone(), peak.clone(), timeline.clone());
+            let every = (measure + warmup) / 6;
             std::thread::spawn(move || {
+                let mut next_mark = start + every;
                 while sampling.load(Ordering::Relaxed) {
                     if let Some(pid) = pid {
-                        peak.fetch_max(procs::rss_bytes(pid), Ordering::Relaxed);
+                        let rss = procs::rss_bytes(pid);
+                        peak.fetch_max(rss, Ordering::Relaxed);
+                        let now = Instant::now();
+                        if now >= next_mark {
+                            let sent =
+                                (now.saturating_duration_since(start).as_secs_f64() * rate) as u64;
+                            timeline.lock().unwrap().push(json!({"decisions": sent, "rss_mb": round3(rss as f64 / 1_048_576.0)}));
+                            next_mark += every;
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -576,7 +589,9 @@ impl Bench {
             .ok()
             .map(|m| m.into_inner().unwrap())
             .unwrap_or_else(load::histogram);
+        let timeline = std::mem::take(&mut *timeline.lock().unwrap());
         Ok(FlowResult {
+            timeline,
             rss_growth_mb: round3(rss_growth_mb),
             readers_p99_ms: ms(e2e.value_at_quantile(0.99)),
             lost,
@@ -692,6 +707,7 @@ impl Bench {
 }
 
 struct FlowResult {
+    timeline: Vec<Value>,
     rss_growth_mb: f64,
     readers_p99_ms: f64,
     lost: u64,

@@ -11,11 +11,12 @@
 //!   either in the log read or in the new buffer; positions it has already sent are skipped. Hence
 //!   no gap and no duplicate, and the pipeline and other subscribers never wait for a slow one.
 //! - Memory per subscriber is bounded by its buffer plus one catch-up page, however far behind it is.
+//!   A stream has no task of its own: it is polled as its client reads.
 //! - Heartbeats carry the newest position that is safe to resume from: the hub's head when the
 //!   subscriber's buffer is empty and it is not lagging, else the last position it sent.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -23,6 +24,7 @@ use std::{
     time::Duration,
 };
 
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -38,8 +40,6 @@ use crate::{
 pub const BUFFER: usize = 256;
 /// Decisions read from the log at a time while catching up.
 const CATCH_UP_PAGE: usize = 256;
-/// How long a closing status may wait for room in a slow client's buffer.
-const END_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The live registry of subscribers. Shared by the store (publisher) and the stream tasks.
 pub struct Hub {
@@ -215,166 +215,141 @@ pub struct StreamContext {
 
 pub type StreamItem = Result<proto::SubscribeDecisionsResponse, Status>;
 
-/// Why a stream stopped before its client went away.
-enum Stop {
-    ClientGone,
-    Shutdown,
-    Store,
-}
-
-/// Feeds one subscriber until its client goes away or the server shuts down. Returns the number
-/// of messages sent.
-pub async fn run_stream(
+/// A subscriber's stream. It is produced on demand as the client reads — HTTP/2 flow control is
+/// the backpressure — so an open subscription costs no task and no buffer beyond its hub slot.
+/// It ends with UNAVAILABLE at shutdown or when the log cannot be read; dropping it unregisters.
+pub fn decision_stream(
     ctx: StreamContext,
     filter: StationFilter,
     start: Start,
-    out: mpsc::Sender<StreamItem>,
-) -> u64 {
-    let mut stream = DecisionStream {
-        ctx,
-        filter,
-        out,
-        last: 0,
-        sent: 0,
-    };
-    metrics::gauge!("chargegate_subscribers").increment(1.0);
-    let stop = stream.run(start).await;
-    metrics::gauge!("chargegate_subscribers").decrement(1.0);
-    match stop {
-        Stop::ClientGone => tracing::debug!(sent = stream.sent, "subscriber went away"),
-        Stop::Shutdown => {
-            stream
-                .end(Status::unavailable(
-                    "the server is shutting down; resume from your last cursor",
-                ))
-                .await;
-        }
-        Stop::Store => {
-            stream
-                .end(Status::unavailable(
-                    "the decision log is unavailable; resume from your last cursor",
-                ))
-                .await;
-        }
-    }
-    stream.sent
+) -> impl Stream<Item = StreamItem> + Send + 'static {
+    let stream = DecisionStream::new(ctx, filter, start);
+    futures::stream::unfold(stream, |mut stream| async move {
+        stream.next().await.map(|item| (item, stream))
+    })
 }
 
 struct DecisionStream {
     ctx: StreamContext,
     filter: StationFilter,
-    out: mpsc::Sender<StreamItem>,
+    subscription: Subscription,
+    /// Decisions read from the log and not yet sent (one catch-up page at most).
+    backlog: VecDeque<RecordedDecision>,
+    /// True while the log may hold decisions after `last` that the live path will not deliver.
+    catching_up: bool,
     /// The newest position this subscriber has been sent (or, via heartbeats, is safe at).
     last: u64,
     sent: u64,
+    heartbeat: tokio::time::Interval,
+    done: bool,
 }
 
 impl DecisionStream {
-    async fn run(&mut self, start: Start) -> Stop {
-        let (mut subscription, head) = self.ctx.hub.subscribe(&self.filter);
-        match start {
-            Start::Live => self.last = head,
-            Start::After(position) => {
-                self.last = position;
-                if let Err(stop) = self.catch_up().await {
-                    return stop;
-                }
-            }
-        }
+    fn new(ctx: StreamContext, filter: StationFilter, start: Start) -> Self {
+        let (subscription, head) = ctx.hub.subscribe(&filter);
+        let (last, catching_up) = match start {
+            Start::Live => (head, false),
+            Start::After(position) => (position, true),
+        };
         let mut heartbeat = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.ctx.heartbeat_interval,
-            self.ctx.heartbeat_interval,
+            tokio::time::Instant::now() + ctx.heartbeat_interval,
+            ctx.heartbeat_interval,
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        metrics::gauge!("chargegate_subscribers").increment(1.0);
+        Self {
+            ctx,
+            filter,
+            subscription,
+            backlog: VecDeque::new(),
+            catching_up,
+            last,
+            sent: 0,
+            heartbeat,
+            done: false,
+        }
+    }
+
+    async fn next(&mut self) -> Option<StreamItem> {
+        if self.done {
+            return None;
+        }
         loop {
+            if self.ctx.shutdown.is_cancelled() {
+                return self.finish("the server is shutting down; resume from your last cursor");
+            }
+            if let Some(decision) = self.backlog.pop_front() {
+                if decision.cursor.position > self.last {
+                    return Some(self.decision(&decision));
+                }
+                continue;
+            }
+            if self.catching_up {
+                match self
+                    .ctx
+                    .log
+                    .read_after(self.last, &self.filter, CATCH_UP_PAGE)
+                    .await
+                {
+                    Ok(page) => {
+                        self.catching_up = page.len() == CATCH_UP_PAGE;
+                        self.backlog.extend(page);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the decision log for a subscriber failed");
+                        return self.finish(
+                            "the decision log is unavailable; resume from your last cursor",
+                        );
+                    }
+                }
+            }
             tokio::select! {
                 biased;
-                _ = self.ctx.shutdown.cancelled() => return Stop::Shutdown,
-                _ = self.out.closed() => return Stop::ClientGone,
-                received = subscription.rx.recv() => match received {
-                    Some(decision) => {
-                        if decision.cursor.position > self.last {
-                            if let Err(stop) = self.send_decision(&decision).await {
-                                return stop;
-                            }
-                            heartbeat.reset();
-                        }
-                    }
+                _ = self.ctx.shutdown.cancelled() => {}
+                received = self.subscription.rx.recv() => match received {
+                    Some(decision) if decision.cursor.position > self.last => return Some(self.decision(&decision)),
+                    Some(_) => {}
                     None => {
                         // The hub dropped us for lagging: register again, then catch up from the log.
                         tracing::debug!(last = self.last, "subscriber lagged; catching up from the decision log");
-                        subscription = self.ctx.hub.subscribe(&self.filter).0;
-                        if let Err(stop) = self.catch_up().await {
-                            return stop;
-                        }
-                        heartbeat.reset();
+                        self.subscription = self.ctx.hub.subscribe(&self.filter).0;
+                        self.catching_up = true;
                     }
                 },
-                _ = heartbeat.tick() => {
+                _ = self.heartbeat.tick() => {
                     let head = self.ctx.hub.head();
-                    if !subscription.rx.is_closed() && subscription.rx.is_empty() {
+                    if !self.subscription.rx.is_closed() && self.subscription.rx.is_empty() {
                         self.last = self.last.max(head);
                     }
                     let beat = proto::Heartbeat {
                         cursor: Cursor::new(self.ctx.log.log_id(), self.last).encode(),
                         at: Some(Micros::now().to_proto()),
                     };
-                    if let Err(stop) = self.send(Event::Heartbeat(beat)).await {
-                        return stop;
-                    }
+                    return Some(Ok(proto::SubscribeDecisionsResponse { event: Some(Event::Heartbeat(beat)) }));
                 }
             }
         }
     }
 
-    /// Ends the stream with `status`, waiting a little for room in a slow client's buffer.
-    async fn end(&self, status: Status) {
-        let _ = tokio::time::timeout(END_TIMEOUT, self.out.send(Err(status))).await;
-    }
-
-    /// Sends every logged decision after `self.last` for this subscriber's stations.
-    async fn catch_up(&mut self) -> Result<(), Stop> {
-        loop {
-            let page = match self
-                .ctx
-                .log
-                .read_after(self.last, &self.filter, CATCH_UP_PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the decision log for a subscriber failed");
-                    return Err(Stop::Store);
-                }
-            };
-            let complete = page.len() < CATCH_UP_PAGE;
-            for decision in &page {
-                self.send_decision(decision).await?;
-            }
-            if complete {
-                return Ok(());
-            }
-        }
-    }
-
-    async fn send_decision(&mut self, decision: &RecordedDecision) -> Result<(), Stop> {
-        self.send(Event::Decision(decision.to_proto())).await?;
+    fn decision(&mut self, decision: &RecordedDecision) -> StreamItem {
         self.last = decision.cursor.position;
-        Ok(())
+        self.sent += 1;
+        self.heartbeat.reset();
+        Ok(proto::SubscribeDecisionsResponse {
+            event: Some(Event::Decision(decision.to_proto())),
+        })
     }
 
-    async fn send(&mut self, event: Event) -> Result<(), Stop> {
-        let item = Ok(proto::SubscribeDecisionsResponse { event: Some(event) });
-        tokio::select! {
-            biased;
-            _ = self.ctx.shutdown.cancelled() => Err(Stop::Shutdown),
-            sent = self.out.send(item) => match sent {
-                Ok(()) => {
-                    self.sent += 1;
-                    Ok(())
-                }
-                Err(_) => Err(Stop::ClientGone),
-            },
-        }
+    fn finish(&mut self, message: &str) -> Option<StreamItem> {
+        self.done = true;
+        Some(Err(Status::unavailable(message)))
+    }
+}
+
+impl Drop for DecisionStream {
+    fn drop(&mut self) {
+        metrics::gauge!("chargegate_subscribers").decrement(1.0);
+        tracing::debug!(sent = self.sent, "decision stream closed");
     }
 }

@@ -27,9 +27,11 @@ use crate::{
 /// Time a claim may stay with a worker beyond the authorizer deadline before it is handed out again.
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
 /// Unary calls (and stream openings) in flight per connection before the excess is shed.
-const CALLS_PER_CONNECTION: usize = 512;
-/// Concurrent HTTP/2 streams per connection.
-const STREAMS_PER_CONNECTION: u32 = 2048;
+const CALLS_PER_CONNECTION: usize = 256;
+/// Concurrent HTTP/2 streams per connection (decision streams included). Past it a client queues
+/// calls on its side, so overload costs the server nothing (HTTP/2 backpressure) instead of CPU
+/// spent refusing calls; a gateway with more stations names them in one subscription.
+const STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -176,9 +178,8 @@ impl Server {
         let local = listener.local_addr().ok();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
-        // Overload protection: a bounded number of calls in flight per connection, the excess
-        // refused at once (RESOURCE_EXHAUSTED) rather than queued without bound; a bounded number
-        // of concurrent HTTP/2 streams (decision streams included) per connection.
+        // Overload protection: a bounded number of concurrent HTTP/2 streams per connection, and of
+        // calls in flight, the excess refused at once (RESOURCE_EXHAUSTED), never queued without bound.
         let grpc = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
             .load_shed(true)

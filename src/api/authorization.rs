@@ -2,8 +2,7 @@
 
 use std::{collections::BTreeSet, pin::Pin, sync::Arc, time::Duration};
 
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -28,8 +27,6 @@ pub const MESSAGE_SUBSCRIBERS: &str =
 
 /// Most stations one subscription may name.
 pub const MAX_SUBSCRIBED_STATIONS: usize = 10_000;
-/// Items buffered between a stream task and the HTTP/2 stream.
-const STREAM_BUFFER: usize = 16;
 
 pub struct AuthorizationService {
     pub queue: Arc<dyn Queue>,
@@ -103,15 +100,15 @@ impl ChargingAuthorization for AuthorizationService {
         let request = request.into_inner();
         let filter = parse_station_filter(&request.station_ids).map_err(invalid_argument)?;
         let start = self.parse_start(&request.after_cursor).await?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = StreamContext {
             hub: self.hub.clone(),
             log: self.log.clone(),
             heartbeat_interval: self.heartbeat_interval,
             shutdown: self.streams_shutdown.clone(),
         };
-        tokio::spawn(fanout::run_stream(ctx, filter, start, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(fanout::decision_stream(
+            ctx, filter, start,
+        ))))
     }
 
     async fn get_decision(
