@@ -371,10 +371,7 @@ impl Bench {
         if let Some(s) = server {
             s.stop();
         }
-        let e2e = Arc::try_unwrap(e2e)
-            .ok()
-            .map(|m| m.into_inner().unwrap())
-            .unwrap_or_else(load::histogram);
+        let e2e = std::mem::replace(&mut *e2e.lock().unwrap(), load::histogram());
         let (e99, a99) = (
             ms(e2e.value_at_quantile(0.99)),
             ms(ack.hist.value_at_quantile(0.99)),
@@ -585,10 +582,7 @@ impl Bench {
         if failed > 0.0 {
             println!("{name}: {failed} calls failed; 'lost' counts their decisions too");
         }
-        let e2e = Arc::try_unwrap(e2e)
-            .ok()
-            .map(|m| m.into_inner().unwrap())
-            .unwrap_or_else(load::histogram);
+        let e2e = std::mem::replace(&mut *e2e.lock().unwrap(), load::histogram());
         let timeline = std::mem::take(&mut *timeline.lock().unwrap());
         Ok(FlowResult {
             timeline,
