@@ -55,6 +55,9 @@ const HOT_MAX: usize = 8192;
 const READERS: usize = 4;
 const SCHEMA_VERSION: i64 = 1;
 const WRITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
+/// Page cache per connection, in KiB (as a negative `cache_size`).
+const WRITE_CACHE_KIB: i64 = -4096;
+const READ_CACHE_KIB: i64 = -1024;
 const READ_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 const SCHEMA: &str = "
@@ -470,8 +473,18 @@ fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection>
         "PRAGMA synchronous = FULL;
          PRAGMA secure_delete = ON;
          PRAGMA foreign_keys = OFF;
-         PRAGMA cache_size = -16384;
          PRAGMA wal_autocheckpoint = 4000;",
+    )?;
+    // Page caches bound the memory the store may hold: the writer's covers the hot tail of every
+    // table; readers mostly stream through the log once.
+    conn.pragma_update(
+        None,
+        "cache_size",
+        if read_only {
+            READ_CACHE_KIB
+        } else {
+            WRITE_CACHE_KIB
+        },
     )?;
     Ok(conn)
 }
