@@ -237,3 +237,179 @@ async fn a_store_that_cannot_commit_is_unavailable_and_not_serving() {
     drop(blocker);
     server.stop().await.expect("clean stop");
 }
+
+/// The client subcommands against a running server: `authorize --wait` prints the decision,
+/// `watch` prints decisions as they come, `get` prints one request's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_authorizes_watches_and_gets() {
+    use std::io::BufRead;
+    let dir = TestDir::new();
+    let mut config = dir.config();
+    config.heartbeat_interval = std::time::Duration::from_millis(100);
+    let server = TestServer::start(config).await;
+    let url = server.url();
+    let bin = env!("CARGO_BIN_EXE_chargegate");
+
+    let mut watch = std::process::Command::new(bin)
+        .args([
+            "watch",
+            "--heartbeats",
+            "--server",
+            &url,
+            "--station",
+            STATION_A,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let watch_out = watch.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(watch_out)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // The first heartbeat shows the watcher is subscribed.
+    let first: serde_json::Value =
+        serde_json::from_str(&lines_rx.recv_timeout(PATIENCE).expect("a heartbeat")).unwrap();
+    assert!(first.get("heartbeat").is_some(), "{first}");
+
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "authorize",
+            "--server",
+            &url,
+            "--station",
+            STATION_A,
+            "--wait",
+        ])
+        .env("CHARGEGATE_DRIVER_TOKEN", TOKEN_GRANTED)
+        .output()
+        .await
+        .expect("authorize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["status"], "accepted");
+    assert_eq!(lines[1]["status"], "allowed");
+    assert_eq!(lines[1]["reason"], "granted");
+    assert!(
+        !stdout.contains(TOKEN_GRANTED),
+        "the CLI never prints the token"
+    );
+    let request_id = lines[0]["request_id"].as_str().unwrap().to_owned();
+
+    let watched: serde_json::Value = loop {
+        let line: serde_json::Value = serde_json::from_str(
+            &lines_rx
+                .recv_timeout(PATIENCE)
+                .expect("watch prints the decision"),
+        )
+        .unwrap();
+        if line.get("heartbeat").is_none() {
+            break line;
+        }
+    };
+    assert_eq!(watched["request_id"], request_id.as_str());
+    let _ = watch.kill();
+    let _ = watch.wait();
+
+    let out = tokio::process::Command::new(bin)
+        .args(["get", "--server", &url, &request_id])
+        .output()
+        .await
+        .unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["status"], "allowed");
+
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "authorize",
+            "--server",
+            &url,
+            "--station",
+            "not-a-uuid",
+            "--token",
+            "x",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
+    server.stop().await.expect("clean stop");
+}
+
+/// SIGHUP reloads the access list even when the file looks unchanged to the poller (same size,
+/// inode and modification time).
+#[test]
+fn sighup_reloads_the_access_list() {
+    let dir = TestDir::new();
+    // Two lists of the same length: the second grants TOKEN_UNKNOWN instead of TOKEN_GRANTED.
+    let first = format!("station_id,driver_token\n{STATION_A},{TOKEN_GRANTED}\n");
+    let second = format!("station_id,driver_token\n{STATION_A},{TOKEN_UNKNOWN}\n");
+    assert_eq!(first.len(), second.len());
+    let acl = dir.write_acl(&first);
+    let child = crate::support::binary::ChildServer::start(&dir.data_dir(), &acl, &[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let decide = |token: &'static str| {
+        let url = child.url();
+        runtime.block_on(async move {
+            let mut client =
+                chargegate::proto::charging_authorization_client::ChargingAuthorizationClient::connect(url).await.unwrap();
+            let ack = authorize(&mut client, STATION_A, token).await;
+            loop {
+                let d = client
+                    .get_decision(chargegate::proto::GetDecisionRequest { request_id: ack.request_id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .decision
+                    .unwrap();
+                if d.status() != chargegate::proto::DecisionStatus::Pending {
+                    return d.reason;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    assert_eq!(decide(TOKEN_UNKNOWN), "no_grant");
+
+    // Rewrite in place (same inode and size) and put the modification time back.
+    let modified = std::fs::metadata(&acl).unwrap().modified().unwrap();
+    std::fs::write(&acl, &second).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&acl)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    // A negative check, so it has to let time pass: the poller (every second) has run at least
+    // twice and still sees no change.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(
+        decide(TOKEN_UNKNOWN),
+        "no_grant",
+        "the poller cannot see this change"
+    );
+
+    child.signal("HUP");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while decide(TOKEN_UNKNOWN) != "granted" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload the access list"
+        );
+    }
+    assert_eq!(decide(TOKEN_GRANTED), "no_grant");
+}
