@@ -19,7 +19,7 @@ use crate::{
     health::Health,
     proto::{self, charging_authorization_server::ChargingAuthorizationServer},
     queue::{Queue, sqlite::SqliteQueue},
-    store::{DecisionLog, StoreError, sqlite::Database},
+    store::{self, DecisionLog, StoreError, sqlite::Database},
     telemetry,
     token::{Fingerprinter, KeyError},
 };
@@ -135,6 +135,12 @@ impl Server {
         let health = Health::new(reporter);
         health.set(true).await;
         let health_monitor = health.clone().monitor(log.clone(), background.clone());
+        let retention = Duration::from_secs(u64::from(config.audit_retention_days) * 86_400);
+        let retention_task = tokio::spawn(store::run_retention(
+            log.clone(),
+            retention,
+            background.clone(),
+        ));
 
         let metrics_task = match config.metrics_listen {
             Some(addr) => {
@@ -232,6 +238,7 @@ impl Server {
         }
         background.cancel();
         let _ = health_monitor.await;
+        let _ = retention_task.await;
         if let Some(task) = metrics_task {
             let _ = task.await;
         }

@@ -85,4 +85,49 @@ pub trait DecisionLog: Send + Sync + 'static {
 
     /// Succeeds while the store accepts writes.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Deletes up to `max` of the oldest decisions decided before `cutoff`, with their request
+    /// keys, raising [`LogBounds::floor`]. Returns how many were deleted.
+    async fn purge_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError>;
+}
+
+/// Rows purged per write, so retention never holds the writer for long.
+const PURGE_BATCH: usize = 1000;
+/// How often retention runs (and once at start-up).
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Purges decisions older than `retention`, in small batches, at start-up and every hour, until
+/// `shutdown`.
+pub async fn run_retention(
+    log: Arc<dyn DecisionLog>,
+    retention: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = Micros(Micros::now().0.saturating_sub(retention.as_micros() as i64));
+        let mut total = 0;
+        loop {
+            match log.purge_before(cutoff, PURGE_BATCH).await {
+                Ok(n) => {
+                    total += n;
+                    if (n as usize) < PURGE_BATCH || shutdown.is_cancelled() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging old decisions failed; retrying at the next run");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(purged = total, "purged decisions past audit_retention_days");
+        }
+    }
 }

@@ -93,6 +93,8 @@ CREATE TABLE IF NOT EXISTS decisions (
 
 /// A write for the writer thread, with the channel its result goes back on.
 enum WriteOp {
+    /// Delete up to `.1` of the oldest decisions decided before `.0`, with their request keys.
+    Purge(Micros, usize, oneshot::Sender<Result<u64, StoreError>>),
     Enqueue(
         NewRequest,
         oneshot::Sender<Result<EnqueueOutcome, StoreError>>,
@@ -109,6 +111,7 @@ enum WriteOp {
 
 /// What one write did inside a transaction that has not committed yet.
 enum Applied {
+    Purge(u64),
     /// The outcome, and the queue position when the request was added.
     Enqueue(EnqueueOutcome, Option<u64>),
     Settle(Settled),
@@ -142,6 +145,8 @@ struct Shared {
     pending: AtomicU64,
     /// Position of the newest recorded decision.
     decision_head: AtomicU64,
+    /// Decisions at or before this position were purged (retention).
+    floor: AtomicU64,
     /// `seq` of the newest committed queue entry; the queue's dispatcher waits on it.
     enqueue_head: watch::Sender<u64>,
     /// Entries just committed, handed to the queue's dispatcher without reading them back. Bounded
@@ -184,11 +189,22 @@ impl Database {
                 r.get::<_, i64>(0)
             })
             .map_err(StoreError::backend)? as u64;
+        let floor: u64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'purged_through'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(StoreError::backend)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         hub.set_head(head);
 
         let shared = Arc::new(Shared {
             pending: AtomicU64::new(pending),
             decision_head: AtomicU64::new(head),
+            floor: AtomicU64::new(floor),
             enqueue_head: watch::Sender::new(enqueue_head),
             hot: Mutex::new(VecDeque::new()),
         });
@@ -381,7 +397,7 @@ impl DecisionLog for Database {
 
     async fn bounds(&self) -> Result<LogBounds, StoreError> {
         Ok(LogBounds {
-            floor: 0,
+            floor: self.inner.shared.floor.load(Ordering::Acquire),
             head: self.inner.shared.decision_head.load(Ordering::Acquire),
         })
     }
@@ -412,6 +428,11 @@ impl DecisionLog for Database {
             .optional()
         })
         .await
+    }
+
+    async fn purge_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Purge(cutoff, max, tx), rx).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -582,6 +603,9 @@ impl Writer {
                                 drop(reply.send(Ok(s)))
                             }
                             (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
+                            (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => {
+                                drop(reply.send(Ok(n)))
+                            }
                             (WriteOp::Close(reply), Applied::Close) => closing = Some(reply),
                             _ => unreachable!("results follow the batch order"),
                         }
@@ -595,6 +619,7 @@ impl Writer {
                             WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Settle(_, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Ping(reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::Purge(_, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Close(reply) => closing = Some(reply),
                         }
                     }
@@ -623,6 +648,7 @@ impl Writer {
         let mut applied = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
         let mut enqueue_head = None;
+        let mut purged_through = None;
         for op in batch {
             applied.push(match op {
                 WriteOp::Enqueue(request, _) => {
@@ -649,11 +675,21 @@ impl Writer {
                         .execute([])?;
                     Applied::Ping
                 }
+                WriteOp::Purge(cutoff, max, _) => {
+                    let (purged, through) = purge(&tx, *cutoff, *max)?;
+                    if let Some(through) = through {
+                        purged_through = Some(through);
+                    }
+                    Applied::Purge(purged)
+                }
                 WriteOp::Close(_) => Applied::Close,
             });
         }
         tx.commit()?;
         self.shared.pending.store(pending, Ordering::Relaxed);
+        if let Some(through) = purged_through {
+            self.shared.floor.fetch_max(through, Ordering::AcqRel);
+        }
         Ok((applied, published, enqueue_head))
     }
 }
@@ -766,4 +802,32 @@ fn settle(
         .prepare_cached("DELETE FROM queue WHERE seq = ?1")?
         .execute([position as i64])?;
     Ok((settled, deleted == 1))
+}
+
+/// Deletes the oldest decisions decided before `cutoff` (a prefix of the log, so what remains is
+/// contiguous), at most `max`, with their request keys. Returns how many, and the new floor.
+fn purge(tx: &Transaction<'_>, cutoff: Micros, max: usize) -> rusqlite::Result<(u64, Option<u64>)> {
+    let through: Option<i64> = tx
+        .prepare_cached(
+            "SELECT max(seq) FROM (
+                 SELECT seq, decided_at_us FROM decisions ORDER BY seq LIMIT ?1
+             ) WHERE seq < coalesce(
+                 (SELECT min(seq) FROM (SELECT seq, decided_at_us FROM decisions ORDER BY seq LIMIT ?1)
+                  WHERE decided_at_us >= ?2),
+                 9223372036854775807)",
+        )?
+        .query_row(params![max as i64, cutoff.0], |r| r.get(0))?;
+    let Some(through) = through else {
+        return Ok((0, None));
+    };
+    tx.prepare_cached(
+        "DELETE FROM requests WHERE request_id IN (SELECT request_id FROM decisions WHERE seq <= ?1)",
+    )?
+    .execute([through])?;
+    let purged = tx
+        .prepare_cached("DELETE FROM decisions WHERE seq <= ?1")?
+        .execute([through])?;
+    tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('purged_through', ?1)")?
+        .execute([through.to_string()])?;
+    Ok((purged as u64, Some(through as u64)))
 }

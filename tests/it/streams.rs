@@ -264,3 +264,106 @@ fn catchups() -> u64 {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// Retention purges old decisions (and their request keys); a cursor from before what the log
+/// still holds is OUT_OF_RANGE, a cursor at the new start still resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_retention_is_out_of_range() {
+    use chargegate::{
+        cursor::Cursor,
+        decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
+        fanout::Hub,
+        intake::NewRequest,
+        queue::{Queue, sqlite::SqliteQueue},
+        store::sqlite::Database,
+        token::{DriverToken, Fingerprinter},
+    };
+    let dir = TestDir::new();
+    // Decisions made three days ago, written as a server then would have written them.
+    let three_days_ago = Micros(Micros::now().0 - 3 * 86_400_000_000);
+    let cursors = {
+        std::fs::create_dir_all(dir.data_dir()).unwrap();
+        let db = Database::open(
+            &dir.data_dir().join("chargegate.db"),
+            1000,
+            std::sync::Arc::new(Hub::new()),
+        )
+        .unwrap();
+        let queue = SqliteQueue::new(db.clone(), Duration::from_secs(60));
+        let fingerprinter = Fingerprinter::new(b"test-token-hash-key").unwrap();
+        let mut cursors = Vec::new();
+        for i in 0..3 {
+            let token = DriverToken::new(TOKEN_GRANTED);
+            let request = NewRequest {
+                request_id: format!("old-{i}"),
+                station_id: STATION_A.into(),
+                fingerprint: fingerprinter.fingerprint(&token),
+                token,
+                callback_url: None,
+                accepted_at: three_days_ago,
+            };
+            queue.enqueue(request.clone()).await.unwrap();
+            let claim = queue.claim(1).await.unwrap().pop().unwrap();
+            let decision = NewDecision {
+                request_id: request.request_id,
+                station_id: request.station_id,
+                fingerprint: request.fingerprint,
+                verdict: Verdict::new(Reason::Granted, DecidedBy::Acl),
+                accepted_at: three_days_ago,
+                decided_at: three_days_ago,
+            };
+            cursors.push(queue.settle(claim, decision).await.unwrap().decision.cursor);
+        }
+        db.close().await;
+        cursors
+    };
+    let mut config = dir.config();
+    config.audit_retention_days = 1;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let lookup = client
+            .get_decision(chargegate::proto::GetDecisionRequest {
+                request_id: "old-2".into(),
+            })
+            .await;
+        if lookup.as_ref().is_err_and(|s| s.code() == Code::NotFound) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old decisions were never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (name, cursor) in [
+        ("start of the log", Cursor::new(cursors[0].log_id, 0)),
+        ("a purged decision", cursors[0]),
+    ] {
+        let status = client
+            .subscribe_decisions(chargegate::proto::SubscribeDecisionsRequest {
+                station_ids: vec![],
+                after_cursor: cursor.encode(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{name}");
+    }
+    // The newest purged position is where the retained log starts: resuming there misses nothing.
+    let mut resumed = subscribe(&mut client, &[], &cursors[2].encode()).await;
+    let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+    assert_eq!(next_decision(&mut resumed).await.request_id, ack.request_id);
+    // The purged request keys are forgotten with their decisions.
+    let mut again = request(STATION_A, TOKEN_WILDCARD);
+    again.request_id = "old-1".into();
+    assert!(
+        !client
+            .authorize(again)
+            .await
+            .unwrap()
+            .into_inner()
+            .duplicate
+    );
+    server.stop().await.expect("clean stop");
+}
