@@ -421,12 +421,6 @@ impl Config {
                 ));
             }
         }
-        if matches!(self.authorizer, AuthorizerConfig::Http { .. }) {
-            return Err(ConfigError::invalid(
-                "authorizer",
-                "the http authorizer is not available in this build yet",
-            ));
-        }
         if self.tls.is_some() {
             return Err(ConfigError::invalid(
                 "tls_cert",

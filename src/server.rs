@@ -12,7 +12,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::{
     api::authorization::AuthorizationService,
-    authorizer::{Authorizer, acl::AccessList},
+    authorizer::{Authorizer, acl::AccessList, http::HttpAuthorizer},
     config::{AuthorizerConfig, Config, ConfigError},
     decide::Pipeline,
     fanout::Hub,
@@ -48,6 +48,8 @@ pub enum ServeError {
     DataDir(String, #[source] std::io::Error),
     #[error("cannot bind the metrics listener on {0}")]
     MetricsBind(SocketAddr, #[source] std::io::Error),
+    #[error("cannot build the authorizer's HTTP client")]
+    HttpClient(#[source] reqwest::Error),
     #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -115,7 +117,22 @@ impl Server {
                 );
                 Arc::new(AccessList::empty())
             }
-            (None, AuthorizerConfig::Http { .. }) => unreachable!("refused by check_supported"),
+            (None, AuthorizerConfig::Http { url }) => {
+                tracing::info!(
+                    host = url.host_str().unwrap_or(""),
+                    "deciding with the remote authorizer"
+                );
+                Arc::new(
+                    HttpAuthorizer::new(
+                        url.clone(),
+                        config.authorize_timeout,
+                        &config.breaker,
+                        config.authorizer_cache_ttl,
+                        config.workers,
+                    )
+                    .map_err(ServeError::HttpClient)?,
+                )
+            }
         };
 
         let hub = Arc::new(Hub::new());

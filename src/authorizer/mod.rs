@@ -1,10 +1,14 @@
 //! The authorizer port: given a station and a driver token, allowed or not, and why.
 //!
-//! Implementations: [`acl::AccessList`] (the embedded access list). A remote HTTP authorizer and
-//! others are new files implementing [`Authorizer`]. The deadline (`authorize_timeout_ms`) and the
+//! Implementations: [`acl::AccessList`] (the embedded access list) and [`http::HttpAuthorizer`]
+//! (a remote authorizer, with its [`breaker`] and [`cache`]). Another (gRPC, OCPI) is a new file
+//! implementing [`Authorizer`]. The deadline (`authorize_timeout_ms`) and the
 //! token format check are applied by the pipeline around every implementation, not inside them.
 
 pub mod acl;
+pub mod breaker;
+pub mod cache;
+pub mod http;
 
 use async_trait::async_trait;
 

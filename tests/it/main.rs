@@ -6,4 +6,5 @@ mod crash;
 mod decisions;
 mod intake;
 mod lifecycle;
+mod remote;
 mod streams;

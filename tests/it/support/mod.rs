@@ -18,6 +18,7 @@ use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Streaming, transport::Channel};
 
 pub mod binary;
+pub mod fake_authorizer;
 
 /// How long a test waits for something that should happen at once before failing.
 pub const PATIENCE: Duration = Duration::from_secs(20);
