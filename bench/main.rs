@@ -1,6 +1,7 @@
 //! `chargegate-bench`: holds chargegate against the bare-metal limits of this machine, side by
 //! side in one run. See the README's "Performance" section for what each scenario measures.
 
+mod authorizer;
 mod echo;
 mod load;
 mod plot;
@@ -40,14 +41,23 @@ struct Args {
 enum Mode {
     /// (internal) Serve the bare echo reference.
     EchoServer,
+    /// (internal) Serve a fast remote authorizer with an optional slow tail.
+    AuthorizerServer {
+        #[arg(long, default_value_t = 0)]
+        slow_percent: u64,
+        #[arg(long, default_value_t = 50)]
+        slow_ms: u64,
+    },
 }
 
-const ALL: [&str; 9] = ["g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8"];
+const ALL: [&str; 10] = ["g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "a1"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Mode::EchoServer) = args.mode {
-        return echo::serve();
+    match args.mode {
+        Some(Mode::EchoServer) => return echo::serve(),
+        Some(Mode::AuthorizerServer { slow_percent, slow_ms }) => return authorizer::serve(slow_percent, slow_ms),
+        None => {}
     }
     let server_bin = args
         .server_bin
@@ -96,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                 "g6" => bench.g6().await,
                 "g7" => bench.g7().await,
                 "g8" => bench.g8().await,
+                "a1" => bench.a1().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

@@ -644,6 +644,119 @@ impl Bench {
         Ok(())
     }
 
+    /// a1: the remote authorizer against a fast local one (and with a 5 % slow tail), compared with
+    /// the access list: decisions per second (closed loop) and accept → decision p99 (open loop).
+    pub async fn a1(&mut self) -> anyhow::Result<()> {
+        if self.target.is_some() {
+            self.record("a1", json!({"skipped": "starts its own servers"}));
+            return Ok(());
+        }
+        let acl = self.authorizer_run("a1-acl", None).await?;
+        let fast = self.authorizer_run("a1-http", Some(0)).await?;
+        let tail = self.authorizer_run("a1-http-tail", Some(5)).await?;
+        self.record(
+            "a1",
+            json!({
+                "acl_decisions_per_s": acl.decisions_per_s.round(), "http_decisions_per_s": fast.decisions_per_s.round(),
+                "http_ratio": round3(fast.decisions_per_s / acl.decisions_per_s),
+                "acl_p50_ms": acl.p50_ms, "acl_p99_ms": acl.p99_ms,
+                "http_p50_ms": fast.p50_ms, "http_p99_ms": fast.p99_ms,
+                "http_slow_tail_p50_ms": tail.p50_ms, "http_slow_tail_p99_ms": tail.p99_ms,
+                "slow_tail": "5 % of calls answered after 50 ms", "open_loop_rate": 2000,
+            }),
+        );
+        Ok(())
+    }
+
+    async fn authorizer_run(&mut self, name: &str, slow_percent: Option<u64>) -> anyhow::Result<AuthorizerRun> {
+        let authorizer = match slow_percent {
+            Some(percent) => {
+                let mut command = Command::new(std::env::current_exe()?);
+                command.args(["authorizer-server", "--slow-percent", &percent.to_string(), "--slow-ms", "50"]);
+                // The authorizer shares the load generator's core: the server keeps its own.
+                Some(ServerProcess::spawn(command, self.server_core.map(|_| 0))?)
+            }
+            None => None,
+        };
+        let extra: Vec<String> = match &authorizer {
+            Some(a) => vec![
+                "--authorizer".into(),
+                "http".into(),
+                "--authorizer-url".into(),
+                format!("{}/authorize", a.url),
+            ],
+            None => vec![],
+        };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+
+        // Throughput: closed loop, decisions counted on a subscription over the window.
+        let (url, server) = self.chargegate(name, &extra)?;
+        let decided = Arc::new(AtomicU64::new(0));
+        let counting = Arc::new(AtomicBool::new(false));
+        let mut sub = Client::new(load::connect(&url, 1).await?.remove(0));
+        let mut stream = sub.subscribe_decisions(SubscribeDecisionsRequest::default()).await?.into_inner();
+        let reader = {
+            let (decided, counting) = (decided.clone(), counting.clone());
+            tokio::spawn(async move {
+                while let Some(Ok(item)) = stream.next().await {
+                    if matches!(item.event, Some(Event::Decision(_))) && counting.load(Ordering::Relaxed) {
+                        decided.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let channels = load::connect(&url, 8).await?;
+        let flag = counting.clone();
+        let window = tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            flag.store(true, Ordering::Relaxed);
+            tokio::time::sleep(measure).await;
+            flag.store(false, Ordering::Relaxed);
+        });
+        load::closed_loop(&channels, 200, warmup, measure, round_robin_request()).await;
+        let _ = window.await;
+        reader.abort();
+        if let Some(s) = server {
+            s.stop();
+        }
+        let decisions_per_s = decided.load(Ordering::Relaxed) as f64 / measure.as_secs_f64();
+
+        // Latency: open loop at a rate every configuration sustains; accept → decision as recorded.
+        let (url, server) = self.chargegate(&format!("{name}-latency"), &extra)?;
+        let mut sub = Client::new(load::connect(&url, 1).await?.remove(0));
+        let mut stream = sub.subscribe_decisions(SubscribeDecisionsRequest::default()).await?.into_inner();
+        let latencies = Arc::new(Mutex::new(load::histogram()));
+        let reader = {
+            let latencies = latencies.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(item)) = stream.next().await {
+                    if let Some(Event::Decision(d)) = item.event {
+                        let accepted = d.accepted_at.unwrap_or_default();
+                        let decided = d.decided_at.unwrap_or_default();
+                        let us = (decided.seconds - accepted.seconds) * 1_000_000 + i64::from(decided.nanos - accepted.nanos) / 1000;
+                        let _ = latencies.lock().unwrap().record(us.max(1) as u64);
+                    }
+                }
+            })
+        };
+        let channels = load::connect(&url, 8).await?;
+        let r = load::open_loop(&channels, 2000.0, Instant::now(), warmup, measure, 20_000, round_robin_request()).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while latencies.lock().unwrap().len() < r.ok() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        reader.abort();
+        if let Some(s) = server {
+            s.stop();
+        }
+        if let Some(a) = authorizer {
+            a.stop();
+        }
+        let hist = std::mem::replace(&mut *latencies.lock().unwrap(), load::histogram());
+        Ok(AuthorizerRun { decisions_per_s, p50_ms: ms(hist.value_at_quantile(0.5)), p99_ms: ms(hist.value_at_quantile(0.99)) })
+    }
+
     /// g8: open loop at twice the knee; goodput, shedding, memory, connections.
     pub async fn g8(&mut self) -> anyhow::Result<()> {
         let knee = self.knee_rps().await?;
@@ -698,6 +811,13 @@ impl Bench {
         );
         Ok(())
     }
+}
+
+/// Decision throughput and accept → decision latency for one authorizer configuration.
+struct AuthorizerRun {
+    decisions_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 struct FlowResult {

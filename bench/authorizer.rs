@@ -1,0 +1,41 @@
+//! A fast local remote authorizer for the `a1` scenario (`chargegate-bench authorizer-server`):
+//! answers `{"allowed": "ALLOWED"}` at once, except for a fraction of calls that it answers late.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use axum::{Router, extract::State, routing::post};
+
+struct Tail {
+    every: u64,
+    delay: std::time::Duration,
+    calls: AtomicU64,
+}
+
+/// Serves on an ephemeral port and prints `listen=<addr>`. With `slow_percent` > 0, one call in
+/// `100 / slow_percent` waits `slow_ms` before answering.
+pub fn serve(slow_percent: u64, slow_ms: u64) -> anyhow::Result<()> {
+    let tail = Arc::new(Tail {
+        every: if slow_percent == 0 { 0 } else { (100 / slow_percent).max(1) },
+        delay: std::time::Duration::from_millis(slow_ms),
+        calls: AtomicU64::new(0),
+    });
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let app = Router::new().route("/authorize", post(answer)).with_state(tail);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("listen={}", listener.local_addr()?);
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+async fn answer(State(tail): State<Arc<Tail>>) -> &'static str {
+    let n = tail.calls.fetch_add(1, Ordering::Relaxed);
+    if tail.every > 0 && n % tail.every == 0 {
+        tokio::time::sleep(tail.delay).await;
+    }
+    r#"{"allowed": "ALLOWED"}"#
+}
