@@ -18,13 +18,15 @@ struct Tail {
 /// `100 / slow_percent` waits `slow_ms` before answering.
 pub fn serve(slow_percent: u64, slow_ms: u64) -> anyhow::Result<()> {
     let tail = Arc::new(Tail {
-        every: if slow_percent == 0 { 0 } else { (100 / slow_percent).max(1) },
+        every: 100u64.checked_div(slow_percent).map_or(0, |n| n.max(1)),
         delay: std::time::Duration::from_millis(slow_ms),
         calls: AtomicU64::new(0),
     });
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let app = Router::new().route("/authorize", post(answer)).with_state(tail);
+        let app = Router::new()
+            .route("/authorize", post(answer))
+            .with_state(tail);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listen={}", listener.local_addr()?);
         axum::serve(listener, app).await?;

@@ -56,7 +56,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.mode {
         Some(Mode::EchoServer) => return echo::serve(),
-        Some(Mode::AuthorizerServer { slow_percent, slow_ms }) => return authorizer::serve(slow_percent, slow_ms),
+        Some(Mode::AuthorizerServer {
+            slow_percent,
+            slow_ms,
+        }) => return authorizer::serve(slow_percent, slow_ms),
         None => {}
     }
     let server_bin = args

@@ -668,11 +668,21 @@ impl Bench {
         Ok(())
     }
 
-    async fn authorizer_run(&mut self, name: &str, slow_percent: Option<u64>) -> anyhow::Result<AuthorizerRun> {
+    async fn authorizer_run(
+        &mut self,
+        name: &str,
+        slow_percent: Option<u64>,
+    ) -> anyhow::Result<AuthorizerRun> {
         let authorizer = match slow_percent {
             Some(percent) => {
                 let mut command = Command::new(std::env::current_exe()?);
-                command.args(["authorizer-server", "--slow-percent", &percent.to_string(), "--slow-ms", "50"]);
+                command.args([
+                    "authorizer-server",
+                    "--slow-percent",
+                    &percent.to_string(),
+                    "--slow-ms",
+                    "50",
+                ]);
                 // The authorizer shares the load generator's core: the server keeps its own.
                 Some(ServerProcess::spawn(command, self.server_core.map(|_| 0))?)
             }
@@ -695,12 +705,17 @@ impl Bench {
         let decided = Arc::new(AtomicU64::new(0));
         let counting = Arc::new(AtomicBool::new(false));
         let mut sub = Client::new(load::connect(&url, 1).await?.remove(0));
-        let mut stream = sub.subscribe_decisions(SubscribeDecisionsRequest::default()).await?.into_inner();
+        let mut stream = sub
+            .subscribe_decisions(SubscribeDecisionsRequest::default())
+            .await?
+            .into_inner();
         let reader = {
             let (decided, counting) = (decided.clone(), counting.clone());
             tokio::spawn(async move {
                 while let Some(Ok(item)) = stream.next().await {
-                    if matches!(item.event, Some(Event::Decision(_))) && counting.load(Ordering::Relaxed) {
+                    if matches!(item.event, Some(Event::Decision(_)))
+                        && counting.load(Ordering::Relaxed)
+                    {
                         decided.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -725,7 +740,10 @@ impl Bench {
         // Latency: open loop at a rate every configuration sustains; accept → decision as recorded.
         let (url, server) = self.chargegate(&format!("{name}-latency"), &extra)?;
         let mut sub = Client::new(load::connect(&url, 1).await?.remove(0));
-        let mut stream = sub.subscribe_decisions(SubscribeDecisionsRequest::default()).await?.into_inner();
+        let mut stream = sub
+            .subscribe_decisions(SubscribeDecisionsRequest::default())
+            .await?
+            .into_inner();
         let latencies = Arc::new(Mutex::new(load::histogram()));
         let reader = {
             let latencies = latencies.clone();
@@ -734,14 +752,24 @@ impl Bench {
                     if let Some(Event::Decision(d)) = item.event {
                         let accepted = d.accepted_at.unwrap_or_default();
                         let decided = d.decided_at.unwrap_or_default();
-                        let us = (decided.seconds - accepted.seconds) * 1_000_000 + i64::from(decided.nanos - accepted.nanos) / 1000;
+                        let us = (decided.seconds - accepted.seconds) * 1_000_000
+                            + i64::from(decided.nanos - accepted.nanos) / 1000;
                         let _ = latencies.lock().unwrap().record(us.max(1) as u64);
                     }
                 }
             })
         };
         let channels = load::connect(&url, 8).await?;
-        let r = load::open_loop(&channels, 2000.0, Instant::now(), warmup, measure, 20_000, round_robin_request()).await;
+        let r = load::open_loop(
+            &channels,
+            2000.0,
+            Instant::now(),
+            warmup,
+            measure,
+            20_000,
+            round_robin_request(),
+        )
+        .await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while latencies.lock().unwrap().len() < r.ok() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -754,7 +782,11 @@ impl Bench {
             a.stop();
         }
         let hist = std::mem::replace(&mut *latencies.lock().unwrap(), load::histogram());
-        Ok(AuthorizerRun { decisions_per_s, p50_ms: ms(hist.value_at_quantile(0.5)), p99_ms: ms(hist.value_at_quantile(0.99)) })
+        Ok(AuthorizerRun {
+            decisions_per_s,
+            p50_ms: ms(hist.value_at_quantile(0.5)),
+            p99_ms: ms(hist.value_at_quantile(0.99)),
+        })
     }
 
     /// g8: open loop at twice the knee; goodput, shedding, memory, connections.
