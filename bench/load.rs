@@ -108,6 +108,8 @@ pub struct Outcomes {
     pub other: AtomicU64,
     /// Not sent because the client already had `max_in_flight` calls outstanding.
     pub client_dropped: AtomicU64,
+    /// Acknowledged only after the measurement window ended: not goodput.
+    pub late: AtomicU64,
 }
 
 pub struct Open {
@@ -144,6 +146,7 @@ pub async fn open_loop(
     make: MakeRequest,
 ) -> Open {
     let from = start + warmup;
+    let end = from + measure;
     let total = ((warmup + measure).as_secs_f64() * rate) as u64;
     let hist = Arc::new(Mutex::new(histogram()));
     let outcomes = Arc::new(Outcomes::default());
@@ -185,7 +188,12 @@ pub async fn open_loop(
             }
             match result {
                 Ok(_) => {
-                    outcomes.ok.fetch_add(1, Ordering::Relaxed);
+                    let counter = if Instant::now() <= end {
+                        &outcomes.ok
+                    } else {
+                        &outcomes.late
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     let _ = hist
                         .lock()
                         .unwrap()

@@ -502,31 +502,7 @@ impl Bench {
         }
         let pid = server.as_ref().map(|s| s.pid);
         let rss_before = pid.map_or(0, procs::rss_bytes);
-        let sampling = Arc::new(AtomicBool::new(true));
-        let peak = Arc::new(AtomicU64::new(rss_before));
-        // RSS against decisions sent so far, to show whether memory grows with the flow.
-        let timeline = Arc::new(Mutex::new(Vec::new()));
-        let sampler = {
-            let (sampling, peak, timeline) = (sampling.clone(), peak.clone(), timeline.clone());
-            let every = (measure + warmup) / 6;
-            std::thread::spawn(move || {
-                let mut next_mark = start + every;
-                while sampling.load(Ordering::Relaxed) {
-                    if let Some(pid) = pid {
-                        let rss = procs::rss_bytes(pid);
-                        peak.fetch_max(rss, Ordering::Relaxed);
-                        let now = Instant::now();
-                        if now >= next_mark {
-                            let sent =
-                                (now.saturating_duration_since(start).as_secs_f64() * rate) as u64;
-                            timeline.lock().unwrap().push(json!({"decisions": sent, "rss_mb": round3(rss as f64 / 1_048_576.0)}));
-                            next_mark += every;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
+        let sampler = RssSampler::start(pid, start, (measure + warmup) / 6, rate);
         let channels = load::connect(&url, 8).await?;
         let tag = name.to_owned();
         let make: MakeRequest = Arc::new(move |n| AuthorizeRequest {
@@ -543,10 +519,8 @@ impl Bench {
                 .filter(|n| (*n as usize) % subscribers == s)
                 .count() as u64
         };
-        sampling.store(false, Ordering::Relaxed);
-        let _ = sampler.join();
-        let rss_growth_mb =
-            peak.load(Ordering::Relaxed).saturating_sub(rss_before) as f64 / 1_048_576.0;
+        let (peak, timeline) = sampler.finish();
+        let rss_growth_mb = peak.saturating_sub(rss_before) as f64 / 1_048_576.0;
         // Wait for the readers, then read the stalled streams to the end.
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut lost = 0u64;
@@ -583,7 +557,6 @@ impl Bench {
             println!("{name}: {failed} calls failed; 'lost' counts their decisions too");
         }
         let e2e = std::mem::replace(&mut *e2e.lock().unwrap(), load::histogram());
-        let timeline = std::mem::take(&mut *timeline.lock().unwrap());
         Ok(FlowResult {
             timeline,
             rss_growth_mb: round3(rss_growth_mb),
@@ -800,19 +773,7 @@ impl Bench {
         };
         let (url, server) = self.chargegate("g8", &[])?;
         let pid = server.as_ref().map(|s| s.pid);
-        let sampling = Arc::new(AtomicBool::new(true));
-        let peak = Arc::new(AtomicU64::new(0));
-        let sampler = {
-            let (sampling, peak) = (sampling.clone(), peak.clone());
-            std::thread::spawn(move || {
-                while sampling.load(Ordering::Relaxed) {
-                    if let Some(pid) = pid {
-                        peak.fetch_max(procs::rss_bytes(pid), Ordering::Relaxed);
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-        };
+        let sampler = RssSampler::start(pid, Instant::now(), measure, rate);
         let channels = load::connect(&url, 8).await?;
         let r = load::open_loop(
             &channels,
@@ -824,8 +785,7 @@ impl Bench {
             round_robin_request(),
         )
         .await;
-        sampling.store(false, Ordering::Relaxed);
-        let _ = sampler.join();
+        let (peak, _) = sampler.finish();
         if let Some(s) = server {
             s.stop();
         }
@@ -836,8 +796,9 @@ impl Bench {
                 "knee_rps": knee.round(), "offered_rps": rate, "goodput_rps": goodput.round(),
                 "goodput_ratio": round3(goodput / knee), "rejected": r.rejected(),
                 "client_dropped": r.outcomes.client_dropped.load(Ordering::Relaxed),
+                "acknowledged_after_the_window": r.outcomes.late.load(Ordering::Relaxed),
                 "ok_p99_ms": ms(r.hist.value_at_quantile(0.99)),
-                "peak_rss_mb": round3(peak.load(Ordering::Relaxed) as f64 / 1_048_576.0),
+                "peak_rss_mb": round3(peak as f64 / 1_048_576.0),
                 "broken_connections": r.broken(),
             }),
         );
@@ -850,6 +811,61 @@ struct AuthorizerRun {
     decisions_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+}
+
+/// Samples a process's RSS every 100 ms on a thread of its own: the peak, and a point every
+/// `every` (with the decisions sent so far at `rate` since `start`).
+struct RssSampler {
+    running: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    timeline: Arc<Mutex<Vec<Value>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start(pid: Option<u32>, start: Instant, every: Duration, rate: f64) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let peak = Arc::new(AtomicU64::new(pid.map_or(0, procs::rss_bytes)));
+        let timeline = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (running, peak, timeline) = (running.clone(), peak.clone(), timeline.clone());
+            std::thread::spawn(move || {
+                let mut next_mark = start + every;
+                while running.load(Ordering::Relaxed) {
+                    if let Some(pid) = pid {
+                        let rss = procs::rss_bytes(pid);
+                        peak.fetch_max(rss, Ordering::Relaxed);
+                        let now = Instant::now();
+                        if now >= next_mark {
+                            let sent =
+                                (now.saturating_duration_since(start).as_secs_f64() * rate) as u64;
+                            let mb = round3(rss as f64 / 1_048_576.0);
+                            timeline
+                                .lock()
+                                .unwrap()
+                                .push(json!({"decisions": sent, "rss_mb": mb}));
+                            next_mark += every;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Self {
+            running,
+            peak,
+            timeline,
+            thread,
+        }
+    }
+
+    /// Stops sampling; returns the peak RSS in bytes and the timeline.
+    fn finish(self) -> (u64, Vec<Value>) {
+        self.running.store(false, Ordering::Relaxed);
+        let _ = self.thread.join();
+        let timeline = std::mem::take(&mut *self.timeline.lock().unwrap());
+        (self.peak.load(Ordering::Relaxed), timeline)
+    }
 }
 
 struct FlowResult {

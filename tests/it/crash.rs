@@ -130,6 +130,28 @@ fn assert_exactly_once(acked: &[String], replayed: &[String]) {
     assert_eq!(acked.iter().collect::<HashSet<_>>().len(), acked.len());
 }
 
+/// Starts the binary and records one decision; returns the server and that decision's cursor,
+/// from which the log is replayed at the end.
+fn start_with_cursor(dir: &TestDir, runtime: &tokio::runtime::Runtime) -> (ChildServer, String) {
+    let child = start(dir);
+    let cursor = runtime.block_on(async {
+        let mut client = connect(&child.url()).await;
+        let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+        decided_cursor(&mut client, &ack.request_id).await
+    });
+    (child, cursor)
+}
+
+/// Waits for every acknowledged request's decision, then replays the log from `before`.
+async fn verify_exactly_once(url: &str, acked: &[String], before: &str) {
+    let mut client = connect(url).await;
+    for id in acked {
+        decided_cursor(&mut client, id).await;
+    }
+    let replayed = replay_all(&mut client, before).await;
+    assert_exactly_once(acked, &replayed);
+}
+
 fn start(dir: &TestDir) -> ChildServer {
     let acl = dir.write_acl(&standard_acl());
     ChildServer::start(&dir.data_dir(), &acl, &["--heartbeat-interval-ms", "300"])
@@ -140,12 +162,7 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_decision() {
     const ROUNDS: usize = 4;
     let dir = TestDir::new();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut child = start(&dir);
-    let before = runtime.block_on(async {
-        let mut client = connect(&child.url()).await;
-        let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
-        decided_cursor(&mut client, &ack.request_id).await
-    });
+    let (mut child, before) = start_with_cursor(&dir, &runtime);
 
     let mut acked = Vec::new();
     let mut rng = rand::rng();
@@ -166,26 +183,14 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_decision() {
         child = start(&dir);
     }
 
-    runtime.block_on(async {
-        let mut client = connect(&child.url()).await;
-        for id in &acked {
-            decided_cursor(&mut client, id).await;
-        }
-        let replayed = replay_all(&mut client, &before).await;
-        assert_exactly_once(&acked, &replayed);
-    });
+    runtime.block_on(verify_exactly_once(&child.url(), &acked, &before));
 }
 
 #[test]
 fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
     let dir = TestDir::new();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut child = start(&dir);
-    let before = runtime.block_on(async {
-        let mut client = connect(&child.url()).await;
-        let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
-        decided_cursor(&mut client, &ack.request_id).await
-    });
+    let (mut child, before) = start_with_cursor(&dir, &runtime);
     let stop = Arc::new(AtomicBool::new(false));
     let load = runtime.spawn(drive_load(child.url(), 0, stop.clone()));
     std::thread::sleep(Duration::from_millis(500));
@@ -205,12 +210,5 @@ fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
     drop(child);
 
     let child = start(&dir);
-    runtime.block_on(async {
-        let mut client = connect(&child.url()).await;
-        for id in &acked {
-            decided_cursor(&mut client, id).await;
-        }
-        let replayed = replay_all(&mut client, &before).await;
-        assert_exactly_once(&acked, &replayed);
-    });
+    runtime.block_on(verify_exactly_once(&child.url(), &acked, &before));
 }

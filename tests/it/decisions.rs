@@ -272,10 +272,5 @@ async fn the_access_list_reloads_when_the_file_changes() {
 
 /// Failed access-list reloads so far in this process.
 fn acl_reload_errors() -> u64 {
-    chargegate::telemetry::prometheus()
-        .render()
-        .lines()
-        .find(|l| l.starts_with("chargegate_acl_reloads_total{outcome=\"error\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+    metric("chargegate_acl_reloads_total{outcome=\"error\"}") as u64
 }

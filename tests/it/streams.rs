@@ -257,12 +257,7 @@ async fn a_stalled_subscriber_loses_nothing_and_slows_no_one() {
 
 /// Times a lagging subscriber caught up from the log, so far in this process.
 fn catchups() -> u64 {
-    chargegate::telemetry::prometheus()
-        .render()
-        .lines()
-        .find(|l| l.starts_with("chargegate_subscriber_catchups_total"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+    metric("chargegate_subscriber_catchups_total") as u64
 }
 
 /// Retention purges old decisions (and their request keys); a cursor from before what the log

@@ -247,3 +247,14 @@ pub fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     hits
 }
+
+/// The value of a metric (the first line of this process's Prometheus output that starts with
+/// `prefix`); 0 when it has not been recorded yet.
+pub fn metric(prefix: &str) -> f64 {
+    chargegate::telemetry::prometheus()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
