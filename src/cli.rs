@@ -38,6 +38,48 @@ pub enum Command {
     Watch(WatchArgs),
     /// Print the state of one request.
     Get(GetArgs),
+    /// Manage the grants kept in the store (when no acl_file is set).
+    Grants(GrantsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GrantsArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    #[command(subcommand)]
+    pub command: GrantsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantsCommand {
+    /// Create or replace a grant.
+    Put {
+        /// Station UUID, or * for every station.
+        #[arg(long)]
+        station: String,
+        /// Driver token (prefer CHARGEGATE_DRIVER_TOKEN).
+        #[arg(long, env = "CHARGEGATE_DRIVER_TOKEN", hide_env_values = true)]
+        token: String,
+        /// RFC 3339 expiry.
+        #[arg(long)]
+        expires_at: Option<String>,
+        #[arg(long)]
+        blocked: bool,
+    },
+    /// Delete a grant.
+    Delete {
+        #[arg(long)]
+        station: String,
+        #[arg(long, env = "CHARGEGATE_DRIVER_TOKEN", hide_env_values = true)]
+        token: String,
+    },
+    /// List grants (tokens appear only as fingerprints).
+    List {
+        #[arg(long)]
+        station: Option<String>,
+    },
+    /// Put every grant of an access-list CSV (station_id,driver_token[,expires_at][,blocked]).
+    Import { file: PathBuf },
 }
 
 macro_rules! serve_args {
@@ -170,6 +212,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Serve(_) => unreachable!("serve is run by main"),
         Command::Authorize(args) => authorize(args).await,
         Command::Watch(args) => watch(args).await,
+        Command::Grants(args) => grants(args).await,
         Command::Get(args) => {
             let mut client = connect(&args.server).await?;
             let decision = client
@@ -272,4 +315,100 @@ fn decision_json(d: &proto::Decision) -> serde_json::Value {
         "processing_time_ms": d.processing_time_ms,
         "cursor": d.cursor,
     })
+}
+
+fn rfc3339(raw: &str) -> anyhow::Result<prost_types::Timestamp> {
+    let t = time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("{raw:?} is not an RFC 3339 timestamp"))?;
+    Ok(prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    })
+}
+
+fn grant_json(g: &proto::Grant) -> serde_json::Value {
+    serde_json::json!({
+        "station_id": g.station_id,
+        "driver_token_fingerprint": g.driver_token_fingerprint,
+        "expires_at": g.expires_at.as_ref().map(|t| t.seconds),
+        "blocked": g.blocked,
+    })
+}
+
+async fn grants(args: GrantsArgs) -> anyhow::Result<()> {
+    use proto::{
+        DeleteGrantRequest, ListGrantsRequest, PutGrantRequest, grants_client::GrantsClient,
+    };
+    let mut client = GrantsClient::connect(args.server.server.clone())
+        .await
+        .with_context(|| format!("cannot connect to {}", args.server.server))?;
+    match args.command {
+        GrantsCommand::Put {
+            station,
+            token,
+            expires_at,
+            blocked,
+        } => {
+            let expires_at = expires_at.as_deref().map(rfc3339).transpose()?;
+            let grant = client
+                .put_grant(PutGrantRequest {
+                    station_id: station,
+                    driver_token: token,
+                    expires_at,
+                    blocked,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .grant
+                .unwrap_or_default();
+            println!("{}", grant_json(&grant));
+        }
+        GrantsCommand::Delete { station, token } => {
+            let deleted = client
+                .delete_grant(DeleteGrantRequest {
+                    station_id: station,
+                    driver_token: token,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .deleted;
+            println!("{}", serde_json::json!({ "deleted": deleted }));
+        }
+        GrantsCommand::List { station } => {
+            let grants = client
+                .list_grants(ListGrantsRequest {
+                    station_id: station.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .grants;
+            for g in &grants {
+                println!("{}", grant_json(g));
+            }
+        }
+        GrantsCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let rows = crate::authorizer::acl::parse_rows(&text).map_err(|(line, message)| {
+                anyhow::anyhow!("{}: line {line}: {message}", file.display())
+            })?;
+            let count = rows.len();
+            for row in rows {
+                client
+                    .put_grant(PutGrantRequest {
+                        station_id: row.station_id,
+                        driver_token: row.token.expose().to_owned(),
+                        expires_at: row.expires_at.map(crate::decision::Micros::to_proto),
+                        blocked: row.blocked,
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("line {}: {}", row.line, s.message()))?;
+            }
+            println!("{}", serde_json::json!({ "imported": count }));
+        }
+    }
+    Ok(())
 }

@@ -11,15 +11,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::{
-    api::authorization::AuthorizationService,
+    api::{authorization::AuthorizationService, grants::GrantsService},
     authorizer::{Authorizer, acl::AccessList, http::HttpAuthorizer},
     config::{AuthorizerConfig, Config, ConfigError},
     decide::Pipeline,
     fanout::Hub,
     health::Health,
-    proto::{self, charging_authorization_server::ChargingAuthorizationServer},
+    proto::{
+        self, charging_authorization_server::ChargingAuthorizationServer,
+        grants_server::GrantsServer,
+    },
     queue::{Queue, sqlite::SqliteQueue},
-    store::{self, DecisionLog, StoreError, sqlite::Database},
+    store::{self, DecisionLog, GrantStore, StoreError, sqlite::Database},
     telemetry,
     token::{Fingerprinter, KeyError},
 };
@@ -102,21 +105,48 @@ impl Server {
         let background = CancellationToken::new();
         let streams = CancellationToken::new();
 
-        let authorizer: Arc<dyn Authorizer> = match (self.authorizer, &config.authorizer) {
-            (Some(custom), _) => custom,
-            (None, AuthorizerConfig::Acl { file: Some(path) }) => {
+        let hub = Arc::new(Hub::new());
+        let db_path = config
+            .sqlite_path()
+            .expect("refused by check_supported")
+            .to_owned();
+        let db = Database::open(&db_path, config.queue_max, hub.clone())?;
+
+        // The access list in force, and whether the Grants service may write to the store.
+        let (access_list, grant_store, read_only_reason): (
+            Arc<AccessList>,
+            Option<Arc<dyn GrantStore>>,
+            _,
+        ) = match &config.authorizer {
+            AuthorizerConfig::Acl { file: Some(path) } => {
                 let list = Arc::new(AccessList::from_file(path, &fingerprinter)?);
                 tracing::info!(path = %path.display(), grants = list.len(), "access list loaded");
                 list.clone()
                     .watch(path.clone(), fingerprinter.clone(), background.clone());
-                list
+                (
+                    list,
+                    None,
+                    "acl_file is the source of truth for grants; edit the file instead",
+                )
             }
-            (None, AuthorizerConfig::Acl { file: None }) => {
-                tracing::warn!(
-                    "no acl_file is set: every well-formed token is decided NOT_ALLOWED/no_grant"
-                );
-                Arc::new(AccessList::empty())
+            AuthorizerConfig::Acl { file: None } => {
+                let list = Arc::new(AccessList::from_stored(db.list_grants().await?));
+                if list.is_empty() {
+                    tracing::warn!(
+                        "no grants yet: every well-formed token is NOT_ALLOWED/no_grant until one is put"
+                    );
+                }
+                (list, Some(Arc::new(db.clone()) as Arc<dyn GrantStore>), "")
             }
+            AuthorizerConfig::Http { .. } => (
+                Arc::new(AccessList::empty()),
+                None,
+                "grants are not used with authorizer = \"http\"",
+            ),
+        };
+        let authorizer: Arc<dyn Authorizer> = match (self.authorizer, &config.authorizer) {
+            (Some(custom), _) => custom,
+            (None, AuthorizerConfig::Acl { .. }) => access_list.clone(),
             (None, AuthorizerConfig::Http { url }) => {
                 tracing::info!(
                     host = url.host_str().unwrap_or(""),
@@ -134,13 +164,6 @@ impl Server {
                 )
             }
         };
-
-        let hub = Arc::new(Hub::new());
-        let db_path = config
-            .sqlite_path()
-            .expect("refused by check_supported")
-            .to_owned();
-        let db = Database::open(&db_path, config.queue_max, hub.clone())?;
         let log: Arc<dyn DecisionLog> = Arc::new(db.clone());
         let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::new(
             db.clone(),
@@ -193,9 +216,16 @@ impl Server {
             queue: queue.clone(),
             log: log.clone(),
             hub,
-            fingerprinter,
+            fingerprinter: fingerprinter.clone(),
             heartbeat_interval: config.heartbeat_interval,
             streams_shutdown: streams.clone(),
+        };
+
+        let grants = GrantsService {
+            store: grant_store,
+            list: access_list,
+            fingerprinter: fingerprinter.clone(),
+            read_only_reason,
         };
 
         let local = listener.local_addr().ok();
@@ -213,6 +243,7 @@ impl Server {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(ChargingAuthorizationServer::new(authorization))
+            .add_service(GrantsServer::new(grants))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = accepting_stopped.await;
             });
@@ -273,6 +304,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(proto::AUTHORIZATION_SERVICE)
+        .with_service_name("chargegate.v1.Grants")
         .with_service_name("grpc.health.v1.Health")
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")

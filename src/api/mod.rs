@@ -2,6 +2,7 @@
 //! `tonic::Status`.
 
 pub mod authorization;
+pub mod grants;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};

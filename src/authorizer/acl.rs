@@ -73,6 +73,50 @@ impl AccessList {
         Ok(Self::new(load_file(path, fingerprinter)?))
     }
 
+    /// An access list of the grants kept in the store.
+    pub fn from_stored(grants: Vec<crate::store::StoredGrant>) -> Self {
+        Self::new(
+            grants
+                .into_iter()
+                .map(|g| {
+                    (
+                        (g.station_id, g.fingerprint),
+                        Grant {
+                            expires_at: g.expires_at,
+                            blocked: g.blocked,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Adds or replaces one grant (copy-on-write: grants change rarely, decisions read often).
+    pub fn upsert(&self, station_id: &str, fingerprint: &Fingerprint, grant: Grant) {
+        let mut table = self.table.write().expect("access list lock");
+        let mut next = GrantTable::clone(&table);
+        next.insert((station_id.to_owned(), fingerprint.clone()), grant);
+        *table = Arc::new(next);
+    }
+
+    pub fn remove(&self, station_id: &str, fingerprint: &Fingerprint) {
+        let mut table = self.table.write().expect("access list lock");
+        let mut next = GrantTable::clone(&table);
+        next.remove(&(station_id.to_owned(), fingerprint.clone()));
+        *table = Arc::new(next);
+    }
+
+    /// Every grant, sorted by station then fingerprint.
+    pub fn grants(&self) -> Vec<(String, Fingerprint, Grant)> {
+        let table = self.table.read().expect("access list lock").clone();
+        let mut all: Vec<_> = table
+            .iter()
+            .map(|((s, f), g)| (s.clone(), f.clone(), g.clone()))
+            .collect();
+        all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        all
+    }
+
     pub fn replace(&self, table: GrantTable) {
         *self.table.write().expect("access list lock") = Arc::new(table);
     }
@@ -192,8 +236,55 @@ fn load_file(path: &Path, fingerprinter: &Fingerprinter) -> Result<GrantTable, A
     })
 }
 
-/// Parses the CSV of CONTRACT §5. Errors are (line, message).
+/// One row of an access-list file, with its plain token (for `grants import`).
+#[derive(Debug)]
+pub struct AclRow {
+    pub line: u64,
+    pub station_id: String,
+    pub token: DriverToken,
+    pub expires_at: Option<Micros>,
+    pub blocked: bool,
+}
+
+/// Parses the CSV of CONTRACT §5 into rows, checking each. Errors are (line, message).
+pub fn parse_rows(text: &str) -> Result<Vec<AclRow>, (u64, String)> {
+    let mut rows = Vec::new();
+    parse_each(text, |row| {
+        rows.push(row);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// Parses the CSV of CONTRACT §5 into a grant table. Errors are (line, message).
 pub fn parse(text: &str, fingerprinter: &Fingerprinter) -> Result<GrantTable, (u64, String)> {
+    let mut table = GrantTable::new();
+    let mut first_line: HashMap<(String, Fingerprint), u64> = HashMap::new();
+    parse_each(text, |row| {
+        let key = (row.station_id, fingerprinter.fingerprint(&row.token));
+        if let Some(first) = first_line.get(&key) {
+            return Err((
+                row.line,
+                format!("a grant for this station and token already stands on line {first}"),
+            ));
+        }
+        first_line.insert(key.clone(), row.line);
+        table.insert(
+            key,
+            Grant {
+                expires_at: row.expires_at,
+                blocked: row.blocked,
+            },
+        );
+        Ok(())
+    })?;
+    Ok(table)
+}
+
+fn parse_each(
+    text: &str,
+    mut each: impl FnMut(AclRow) -> Result<(), (u64, String)>,
+) -> Result<(), (u64, String)> {
     // Comment lines become empty lines (which the reader skips), so byte offsets stay true.
     let text: String = text
         .split_inclusive('\n')
@@ -244,8 +335,6 @@ pub fn parse(text: &str, fingerprinter: &Fingerprinter) -> Result<GrantTable, (u
         ));
     };
     let (expires_col, blocked_col) = (column("expires_at"), column("blocked"));
-    let mut table = GrantTable::new();
-    let mut first_line: HashMap<(String, Fingerprint), u64> = HashMap::new();
     for record in reader.records() {
         let record = record.map_err(|e| (csv_line(&e), describe_csv_error(&e)))?;
         let line = record.position().map_or(0, |p| line_at(p.byte()));
@@ -288,26 +377,15 @@ pub fn parse(text: &str, fingerprinter: &Fingerprinter) -> Result<GrantTable, (u
                 ));
             }
         };
-        let key = (
-            station,
-            fingerprinter.fingerprint(&DriverToken::new(raw_token)),
-        );
-        if let Some(first) = first_line.get(&key) {
-            return Err((
-                line,
-                format!("a grant for this station and token already stands on line {first}"),
-            ));
-        }
-        first_line.insert(key.clone(), line);
-        table.insert(
-            key,
-            Grant {
-                expires_at,
-                blocked,
-            },
-        );
+        each(AclRow {
+            line,
+            station_id: station,
+            token: DriverToken::new(raw_token),
+            expires_at,
+            blocked,
+        })?;
     }
-    Ok(table)
+    Ok(())
 }
 
 /// A CSV error without the record's content (which may hold a token).

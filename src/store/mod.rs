@@ -91,6 +91,30 @@ pub trait DecisionLog: Send + Sync + 'static {
     async fn purge_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError>;
 }
 
+/// One grant of the access list as the store keeps it: never the token, only its fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredGrant {
+    /// A canonical station id, or `*` for every station.
+    pub station_id: String,
+    pub fingerprint: Fingerprint,
+    pub expires_at: Option<Micros>,
+    pub blocked: bool,
+}
+
+/// The grants of the embedded authorizer when no `acl_file` is set (the `Grants` service).
+#[async_trait]
+pub trait GrantStore: Send + Sync + 'static {
+    /// Creates or replaces the grant for its station and token.
+    async fn put_grant(&self, grant: StoredGrant) -> Result<(), StoreError>;
+    /// True when a grant was deleted.
+    async fn delete_grant(
+        &self,
+        station_id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<bool, StoreError>;
+    async fn list_grants(&self) -> Result<Vec<StoredGrant>, StoreError>;
+}
+
 /// Rows purged per write, so retention never holds the writer for long.
 const PURGE_BATCH: usize = 1000;
 /// How often retention runs (and once at start-up).

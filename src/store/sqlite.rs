@@ -35,7 +35,9 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{DecisionLog, LogBounds, RequestState, StationFilter, StoreError};
+use super::{
+    DecisionLog, GrantStore, LogBounds, RequestState, StationFilter, StoreError, StoredGrant,
+};
 use crate::{
     cursor::Cursor,
     decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
@@ -89,7 +91,17 @@ CREATE TABLE IF NOT EXISTS decisions (
     decided_at_us  INTEGER NOT NULL,
     processing_ms  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS grants (
+    station_id    TEXT NOT NULL,
+    token_fp      TEXT NOT NULL,
+    expires_at_us INTEGER,
+    blocked       INTEGER NOT NULL,
+    PRIMARY KEY (station_id, token_fp)
+) WITHOUT ROWID;
 ";
+
+/// A write run inside a batch; it keeps its own result (the caller reads it after the commit).
+type WriteFn = Box<dyn Fn(&Transaction<'_>) -> rusqlite::Result<()> + Send>;
 
 /// A write for the writer thread, with the channel its result goes back on.
 enum WriteOp {
@@ -105,6 +117,8 @@ enum WriteOp {
         oneshot::Sender<Result<Settled, StoreError>>,
     ),
     Ping(oneshot::Sender<Result<(), StoreError>>),
+    /// Any other write (grants, later audit records): runs in the batch's transaction.
+    Run(WriteFn, oneshot::Sender<Result<(), StoreError>>),
     /// Finish what is queued, checkpoint the WAL into the main file and stop.
     Close(oneshot::Sender<()>),
 }
@@ -116,6 +130,7 @@ enum Applied {
     Enqueue(EnqueueOutcome, Option<u64>),
     Settle(Settled),
     Ping,
+    Run,
     Close,
 }
 
@@ -290,6 +305,24 @@ impl Database {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Runs `f` inside the writer's next transaction and returns its result once committed.
+    pub(crate) async fn write_with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let slot = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        let run: WriteFn = Box::new(move |tx| {
+            *out.lock().expect("result slot") = Some(f(tx)?);
+            Ok(())
+        });
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Run(run, tx), rx).await?;
+        let result = slot.lock().expect("result slot").take();
+        result.ok_or(StoreError::Closed)
+    }
+
     /// Runs `f` on a pooled read connection on the blocking pool.
     pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -438,6 +471,54 @@ impl DecisionLog for Database {
     async fn ping(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.write(WriteOp::Ping(tx), rx).await
+    }
+}
+
+#[async_trait]
+impl GrantStore for Database {
+    async fn put_grant(&self, grant: StoredGrant) -> Result<(), StoreError> {
+        self.write_with(move |tx| {
+            tx.prepare_cached(
+                "INSERT INTO grants (station_id, token_fp, expires_at_us, blocked) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (station_id, token_fp) DO UPDATE SET expires_at_us = ?3, blocked = ?4",
+            )?
+            .execute(params![grant.station_id, grant.fingerprint.as_str(), grant.expires_at.map(|m| m.0), grant.blocked])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_grant(
+        &self,
+        station_id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<bool, StoreError> {
+        let (station_id, fingerprint) = (station_id.to_owned(), fingerprint.clone());
+        self.write_with(move |tx| {
+            let n = tx
+                .prepare_cached("DELETE FROM grants WHERE station_id = ?1 AND token_fp = ?2")?
+                .execute(params![station_id, fingerprint.as_str()])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn list_grants(&self) -> Result<Vec<StoredGrant>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT station_id, token_fp, expires_at_us, blocked FROM grants ORDER BY station_id, token_fp",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StoredGrant {
+                    station_id: r.get(0)?,
+                    fingerprint: Fingerprint::from_stored(r.get(1)?),
+                    expires_at: r.get::<_, Option<i64>>(2)?.map(Micros),
+                    blocked: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
     }
 }
 
@@ -603,6 +684,7 @@ impl Writer {
                                 drop(reply.send(Ok(s)))
                             }
                             (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
+                            (WriteOp::Run(_, reply), Applied::Run) => drop(reply.send(Ok(()))),
                             (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => {
                                 drop(reply.send(Ok(n)))
                             }
@@ -619,6 +701,7 @@ impl Writer {
                             WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Settle(_, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Ping(reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::Run(_, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Purge(_, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Close(reply) => closing = Some(reply),
                         }
@@ -681,6 +764,10 @@ impl Writer {
                         purged_through = Some(through);
                     }
                     Applied::Purge(purged)
+                }
+                WriteOp::Run(f, _) => {
+                    f(&tx)?;
+                    Applied::Run
                 }
                 WriteOp::Close(_) => Applied::Close,
             });

@@ -4,6 +4,7 @@ mod support;
 
 mod crash;
 mod decisions;
+mod grants;
 mod intake;
 mod lifecycle;
 mod remote;
