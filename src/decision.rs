@@ -1,7 +1,7 @@
 //! Decisions as values: the statuses and reasons of CONTRACT §2, who made them, and the record the
 //! decision log keeps. A NOT_ALLOWED or UNKNOWN decision is a value here, never an error.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::{cursor::Cursor, proto, token::Fingerprint};
 
@@ -194,13 +194,6 @@ impl Micros {
     /// Whole milliseconds from `self` to `later`, zero when `later` is earlier.
     pub fn millis_until(self, later: Micros) -> u32 {
         (later.0.saturating_sub(self.0).max(0) / 1000).min(i64::from(u32::MAX)) as u32
-    }
-
-    pub fn saturating_add(self, d: Duration) -> Self {
-        Self(
-            self.0
-                .saturating_add(d.as_micros().min(i64::MAX as u128) as i64),
-        )
     }
 }
 

@@ -35,15 +35,6 @@ pub enum StationFilter {
     Only(Vec<String>),
 }
 
-impl StationFilter {
-    pub fn matches(&self, station_id: &str) -> bool {
-        match self {
-            StationFilter::All => true,
-            StationFilter::Only(ids) => ids.iter().any(|id| id == station_id),
-        }
-    }
-}
-
 /// The positions a decision log can be read between.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogBounds {

@@ -257,10 +257,6 @@ impl Database {
         self.inner.readers.lock().expect("reader pool lock").clear();
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     pub(crate) fn pending(&self) -> u64 {
         self.inner.shared.pending.load(Ordering::Relaxed)
     }
