@@ -108,7 +108,6 @@ async fn decide_and_record(
     loop {
         match queue.settle(claim, decision.clone()).await {
             Ok(settled) => {
-                metrics::gauge!("chargegate_queue_depth").set(queue.depth() as f64);
                 if settled.first {
                     let d = &settled.decision.decision;
                     metrics::counter!("chargegate_decisions_total", "status" => d.verdict.status().as_str())

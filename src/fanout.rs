@@ -111,11 +111,16 @@ impl Hub {
     }
 
     /// Offers decisions (in log order) to their subscribers. Never blocks on a subscriber.
-    pub fn publish(&self, decisions: &[RecordedDecision]) {
+    pub fn publish(&self, decisions: Vec<RecordedDecision>) {
         let mut registry = self.registry.lock().expect("hub lock");
         let mut last = None;
         for decision in decisions {
-            let decision = Arc::new(decision.clone());
+            last = Some(decision.cursor.position);
+            let station_listened = registry.by_station.contains_key(decision.station_id());
+            if !station_listened && registry.all.is_empty() {
+                continue;
+            }
+            let decision = Arc::new(decision);
             if let Some(slots) = registry.by_station.get_mut(decision.station_id()) {
                 slots.retain(|slot| slot.offer(&decision));
                 if slots.is_empty() {
@@ -123,7 +128,6 @@ impl Hub {
                 }
             }
             registry.all.retain(|slot| slot.offer(&decision));
-            last = Some(decision.cursor.position);
         }
         if let Some(last) = last {
             self.head.fetch_max(last, Ordering::AcqRel);

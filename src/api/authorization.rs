@@ -45,50 +45,14 @@ impl ChargingAuthorization for AuthorizationService {
         &self,
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
-        let new = intake::validate(request.into_inner(), &self.fingerprinter).map_err(|v| {
-            metrics::counter!("chargegate_requests_total", "outcome" => "invalid_argument")
-                .increment(1);
-            invalid_argument(v)
-        })?;
-        let span = tracing::Span::current();
-        span.record("request_id", new.request_id.as_str());
-        span.record("station_id", new.station_id.as_str());
-        let request_id = new.request_id.clone();
-        let message = if new.callback_url.is_some() {
-            MESSAGE_CALLBACK
-        } else {
-            MESSAGE_SUBSCRIBERS
+        let result = self.accept(request.into_inner()).await;
+        let outcome = match &result {
+            Ok(ack) if ack.duplicate => "duplicate",
+            Ok(_) => "accepted",
+            Err((outcome, _)) => outcome,
         };
-        let outcome = self.queue.enqueue(new).await.map_err(|e| {
-            metrics::counter!("chargegate_requests_total", "outcome" => "unavailable").increment(1);
-            store_unavailable(&e)
-        })?;
-        let (accepted_at, duplicate) = match outcome {
-            EnqueueOutcome::Accepted { accepted_at } => (accepted_at, false),
-            EnqueueOutcome::Duplicate { accepted_at } => (accepted_at, true),
-            EnqueueOutcome::Conflict => {
-                metrics::counter!("chargegate_requests_total", "outcome" => "conflict")
-                    .increment(1);
-                return Err(Status::already_exists(
-                    "request_id was already used for another station or driver token",
-                ));
-            }
-            EnqueueOutcome::Full => {
-                metrics::counter!("chargegate_requests_total", "outcome" => "queue_full")
-                    .increment(1);
-                return Err(Status::resource_exhausted("the queue is full; retry later"));
-            }
-        };
-        let outcome = if duplicate { "duplicate" } else { "accepted" };
         metrics::counter!("chargegate_requests_total", "outcome" => outcome).increment(1);
-        metrics::gauge!("chargegate_queue_depth").set(self.queue.depth() as f64);
-        Ok(Response::new(AuthorizeResponse {
-            request_id,
-            status: AcceptStatus::Accepted as i32,
-            message: message.to_owned(),
-            duplicate,
-            accepted_at: Some(accepted_at.to_proto()),
-        }))
+        result.map(Response::new).map_err(|(_, status)| status)
     }
 
     type SubscribeDecisionsStream = Pin<Box<dyn Stream<Item = StreamItem> + Send + 'static>>;
@@ -157,6 +121,54 @@ impl ChargingAuthorization for AuthorizationService {
 }
 
 impl AuthorizationService {
+    /// Validates and enqueues one request. An error carries the `outcome` label it is counted as.
+    async fn accept(
+        &self,
+        request: AuthorizeRequest,
+    ) -> Result<AuthorizeResponse, (&'static str, Status)> {
+        let new = intake::validate(request, &self.fingerprinter)
+            .map_err(|v| ("invalid_argument", invalid_argument(v)))?;
+        let span = tracing::Span::current();
+        span.record("request_id", new.request_id.as_str());
+        span.record("station_id", new.station_id.as_str());
+        let request_id = new.request_id.clone();
+        let message = if new.callback_url.is_some() {
+            MESSAGE_CALLBACK
+        } else {
+            MESSAGE_SUBSCRIBERS
+        };
+        let outcome = self
+            .queue
+            .enqueue(new)
+            .await
+            .map_err(|e| ("unavailable", store_unavailable(&e)))?;
+        let (accepted_at, duplicate) = match outcome {
+            EnqueueOutcome::Accepted { accepted_at } => (accepted_at, false),
+            EnqueueOutcome::Duplicate { accepted_at } => (accepted_at, true),
+            EnqueueOutcome::Conflict => {
+                return Err((
+                    "conflict",
+                    Status::already_exists(
+                        "request_id was already used for another station or driver token",
+                    ),
+                ));
+            }
+            EnqueueOutcome::Full => {
+                return Err((
+                    "queue_full",
+                    Status::resource_exhausted("the queue is full; retry later"),
+                ));
+            }
+        };
+        Ok(AuthorizeResponse {
+            request_id,
+            status: AcceptStatus::Accepted as i32,
+            message: message.to_owned(),
+            duplicate,
+            accepted_at: Some(accepted_at.to_proto()),
+        })
+    }
+
     /// Where a subscription starts; checks the cursor against the log's bounds.
     async fn parse_start(&self, after_cursor: &str) -> Result<Start, Status> {
         if after_cursor.is_empty() {

@@ -8,15 +8,14 @@ use tonic::{Request, Response, Status};
 
 use super::{invalid_argument, store_unavailable};
 use crate::{
-    authorizer::acl::{ANY_STATION, AccessList, Grant as AclGrant},
+    authorizer::acl::{AccessList, Grant as AclGrant, parse_grant_station, parse_grant_token},
     decision::Micros,
-    intake::{self, FieldViolation},
     proto::{
         DeleteGrantRequest, DeleteGrantResponse, Grant, ListGrantsRequest, ListGrantsResponse,
         PutGrantRequest, PutGrantResponse, grants_server,
     },
     store::{GrantStore, StoredGrant},
-    token::{self, DriverToken, Fingerprinter},
+    token::{DriverToken, Fingerprinter},
 };
 
 pub struct GrantsService {
@@ -29,30 +28,9 @@ pub struct GrantsService {
     pub read_only_reason: &'static str,
 }
 
-fn station_or_any(raw: &str) -> Result<String, FieldViolation> {
-    if raw == ANY_STATION {
-        return Ok(ANY_STATION.to_owned());
-    }
-    intake::parse_station_id(raw)
-        .map_err(|v| FieldViolation::new("station_id", format!("{} or *", v.description)))
-}
-
-fn token(raw: &str) -> Result<DriverToken, FieldViolation> {
-    if raw.is_empty() {
-        return Err(FieldViolation::new("driver_token", "is required"));
-    }
-    if !token::is_well_formed(raw) {
-        return Err(FieldViolation::new(
-            "driver_token",
-            "does not match ^[A-Za-z0-9._~-]{20,80}$",
-        ));
-    }
-    Ok(DriverToken::new(raw))
-}
-
 /// Both fields, reporting each bad one.
 fn station_and_token(station: &str, raw_token: &str) -> Result<(String, DriverToken), Status> {
-    match (station_or_any(station), token(raw_token)) {
+    match (parse_grant_station(station), parse_grant_token(raw_token)) {
         (Ok(s), Ok(t)) => Ok((s, t)),
         (s, t) => Err(invalid_argument(
             s.err().into_iter().chain(t.err()).collect(),
@@ -124,7 +102,7 @@ impl grants_server::Grants for GrantsService {
     ) -> Result<Response<ListGrantsResponse>, Status> {
         let filter = match request.into_inner().station_id.as_str() {
             "" => None,
-            raw => Some(station_or_any(raw).map_err(|v| invalid_argument(vec![v]))?),
+            raw => Some(parse_grant_station(raw).map_err(|v| invalid_argument(vec![v]))?),
         };
         let grants = self
             .list

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AuthorizationRequest, Authorizer};
 use crate::{
     decision::{DecidedBy, Micros, Reason, Verdict},
-    intake,
+    intake::{self, FieldViolation},
     token::{self, DriverToken, Fingerprint, Fingerprinter},
 };
 
@@ -236,6 +236,31 @@ fn load_file(path: &Path, fingerprinter: &Fingerprinter) -> Result<GrantTable, A
     })
 }
 
+/// A grant's station, as the file and the `Grants` service take it: a station UUID (returned in
+/// canonical form) or `*`.
+pub fn parse_grant_station(raw: &str) -> Result<String, FieldViolation> {
+    if raw == ANY_STATION {
+        return Ok(ANY_STATION.to_owned());
+    }
+    intake::parse_station_id(raw)
+        .map_err(|v| FieldViolation::new("station_id", format!("{} or *", v.description)))
+}
+
+/// A grant's token: present and well-formed (a grant for a malformed token could never apply).
+/// The violation never quotes it.
+pub fn parse_grant_token(raw: &str) -> Result<DriverToken, FieldViolation> {
+    if raw.is_empty() {
+        return Err(FieldViolation::new("driver_token", "is required"));
+    }
+    if !token::is_well_formed(raw) {
+        return Err(FieldViolation::new(
+            "driver_token",
+            "does not match ^[A-Za-z0-9._~-]{20,80}$",
+        ));
+    }
+    Ok(DriverToken::new(raw))
+}
+
 /// One row of an access-list file, with its plain token (for `grants import`).
 #[derive(Debug)]
 pub struct AclRow {
@@ -339,21 +364,10 @@ fn parse_each(
         let record = record.map_err(|e| (csv_line(&e), describe_csv_error(&e)))?;
         let line = record.position().map_or(0, |p| line_at(p.byte()));
         let field = |col: Option<usize>| col.and_then(|c| record.get(c)).unwrap_or("");
-        let station = match field(Some(station_col)) {
-            ANY_STATION => ANY_STATION.to_owned(),
-            raw => intake::parse_station_id(raw)
-                .map_err(|v| (line, format!("station_id {}", v.description)))?,
-        };
-        let raw_token = field(Some(token_col));
-        if raw_token.is_empty() {
-            return Err((line, "driver_token is empty".into()));
-        }
-        if !token::is_well_formed(raw_token) {
-            return Err((
-                line,
-                "driver_token does not match ^[A-Za-z0-9._~-]{20,80}$".into(),
-            ));
-        }
+        let station = parse_grant_station(field(Some(station_col)))
+            .map_err(|v| (line, format!("{} {}", v.field, v.description)))?;
+        let token = parse_grant_token(field(Some(token_col)))
+            .map_err(|v| (line, format!("{} {}", v.field, v.description)))?;
         let expires_at = match field(expires_col) {
             "" => None,
             raw => Some(
@@ -380,7 +394,7 @@ fn parse_each(
         each(AclRow {
             line,
             station_id: station,
-            token: DriverToken::new(raw_token),
+            token,
             expires_at,
             blocked,
         })?;

@@ -40,14 +40,14 @@ pub struct QueuedRequest {
     pub accepted_at: Micros,
 }
 
-impl From<&NewRequest> for QueuedRequest {
-    fn from(r: &NewRequest) -> Self {
+impl From<NewRequest> for QueuedRequest {
+    fn from(r: NewRequest) -> Self {
         Self {
-            request_id: r.request_id.clone(),
-            station_id: r.station_id.clone(),
-            token: r.token.clone(),
-            fingerprint: r.fingerprint.clone(),
-            callback_url: r.callback_url.clone(),
+            request_id: r.request_id,
+            station_id: r.station_id,
+            token: r.token,
+            fingerprint: r.fingerprint,
+            callback_url: r.callback_url,
             accepted_at: r.accepted_at,
         }
     }

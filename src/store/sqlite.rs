@@ -649,45 +649,43 @@ impl Writer {
             metrics::histogram!("chargegate_store_commit_writes").record(batch.len() as f64);
             match committed {
                 Ok((applied, published, enqueue_head)) => {
-                    if enqueue_head.is_some() {
-                        let mut hot = self.shared.hot.lock().expect("hot entries lock");
-                        for (op, result) in batch.iter().zip(&applied) {
-                            if let (WriteOp::Enqueue(r, _), Applied::Enqueue(_, Some(seq))) =
-                                (op, result)
-                            {
-                                if hot.len() >= HOT_MAX {
-                                    break;
-                                }
-                                hot.push_back((*seq, QueuedRequest::from(r)));
-                            }
-                        }
-                    }
                     if let Some(last) = published.last() {
                         self.shared
                             .decision_head
                             .store(last.cursor.position, Ordering::Release);
-                        self.hub.publish(&published);
+                        self.hub.publish(published);
+                    }
+                    {
+                        let mut hot = self.shared.hot.lock().expect("hot entries lock");
+                        for (op, result) in batch.drain(..).zip(applied) {
+                            match (op, result) {
+                                (WriteOp::Enqueue(request, reply), Applied::Enqueue(o, seq)) => {
+                                    drop(reply.send(Ok(o)));
+                                    // The request itself moves on to the dispatcher, unread.
+                                    if let Some(seq) = seq
+                                        && hot.len() < HOT_MAX
+                                    {
+                                        hot.push_back((seq, QueuedRequest::from(request)));
+                                    }
+                                }
+                                (WriteOp::Settle(_, _, reply), Applied::Settle(s)) => {
+                                    drop(reply.send(Ok(s)))
+                                }
+                                (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
+                                (WriteOp::Run(_, reply), Applied::Run) => drop(reply.send(Ok(()))),
+                                (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => {
+                                    drop(reply.send(Ok(n)))
+                                }
+                                (WriteOp::Close(reply), Applied::Close) => closing = Some(reply),
+                                _ => unreachable!("results follow the batch order"),
+                            }
+                        }
                     }
                     if let Some(head) = enqueue_head {
                         self.shared.enqueue_head.send_replace(head);
                     }
-                    for (op, result) in batch.drain(..).zip(applied) {
-                        match (op, result) {
-                            (WriteOp::Enqueue(_, reply), Applied::Enqueue(o, _)) => {
-                                drop(reply.send(Ok(o)))
-                            }
-                            (WriteOp::Settle(_, _, reply), Applied::Settle(s)) => {
-                                drop(reply.send(Ok(s)))
-                            }
-                            (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
-                            (WriteOp::Run(_, reply), Applied::Run) => drop(reply.send(Ok(()))),
-                            (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => {
-                                drop(reply.send(Ok(n)))
-                            }
-                            (WriteOp::Close(reply), Applied::Close) => closing = Some(reply),
-                            _ => unreachable!("results follow the batch order"),
-                        }
-                    }
+                    metrics::gauge!("chargegate_queue_depth")
+                        .set(self.shared.pending.load(Ordering::Relaxed) as f64);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, writes = batch.len(), "SQLite commit failed; the batch was rolled back");
