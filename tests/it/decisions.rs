@@ -253,20 +253,15 @@ async fn the_access_list_reloads_when_the_file_changes() {
     let mut updated = standard_acl();
     updated.push_str(&format!("{STATION_B},{TOKEN_UNKNOWN},,\n"));
     dir.write_acl(&updated);
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        authorize(&mut client, STATION_B, TOKEN_UNKNOWN).await;
-        let reason = next_decision(&mut stream).await.reason;
-        if reason == "granted" {
-            break;
-        }
-        assert_eq!(reason, "no_grant");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the new access list was never loaded"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    decide_until(
+        &mut client,
+        &mut stream,
+        (STATION_B, TOKEN_UNKNOWN),
+        "granted",
+        "no_grant",
+        "the new access list was never loaded",
+    )
+    .await;
     server.stop().await.expect("clean stop");
 }
 

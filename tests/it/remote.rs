@@ -25,7 +25,7 @@ async fn server_for(
     (dir, server)
 }
 
-/// Authorizes and waits for the decision on `stream`.
+/// Authorizes at station A and waits for the decision on `stream`.
 async fn decide(
     client: &mut chargegate::proto::charging_authorization_client::ChargingAuthorizationClient<
         tonic::transport::Channel,
@@ -33,10 +33,7 @@ async fn decide(
     stream: &mut tonic::Streaming<chargegate::proto::SubscribeDecisionsResponse>,
     token: &str,
 ) -> chargegate::proto::Decision {
-    let ack = authorize(client, STATION_A, token).await;
-    let d = next_decision(stream).await;
-    assert_eq!(d.request_id, ack.request_id);
-    d
+    decide_at(client, stream, STATION_A, token).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,19 +195,15 @@ async fn the_breaker_opens_refuses_without_calling_and_recovers() {
     assert_eq!(fake.calls(), 3, "no call while the circuit is open");
 
     fake.set(Behaviour::Answer(200, ALLOWED.into()));
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let reason = decide(&mut client, &mut stream, TOKEN_GRANTED).await.reason;
-        if reason == "granted" {
-            break;
-        }
-        assert_eq!(reason, "circuit_open");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the breaker never let a probe through"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    decide_until(
+        &mut client,
+        &mut stream,
+        (STATION_A, TOKEN_GRANTED),
+        "granted",
+        "circuit_open",
+        "the breaker never let a probe through",
+    )
+    .await;
     assert!(
         opened.elapsed() >= Duration::from_millis(400),
         "the probe waited for the cooldown"
@@ -256,19 +249,15 @@ async fn the_cache_answers_until_its_ttl_then_asks_again() {
     );
     assert_eq!(fake.calls(), 2);
     // After the TTL, the authorizer is asked again.
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let reason = decide(&mut client, &mut stream, TOKEN_GRANTED).await.reason;
-        if reason == "granted" {
-            break;
-        }
-        assert_eq!(reason, "cached");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cache never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    decide_until(
+        &mut client,
+        &mut stream,
+        (STATION_A, TOKEN_GRANTED),
+        "granted",
+        "cached",
+        "the cache never expired",
+    )
+    .await;
     assert!(cached_at.elapsed() >= Duration::from_millis(500));
     server.stop().await.expect("clean stop");
 }

@@ -258,3 +258,38 @@ pub fn metric(prefix: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Authorizes `token` at `station` and returns its decision from `stream` (which must watch it).
+pub async fn decide_at(
+    client: &mut ChargingAuthorizationClient<Channel>,
+    stream: &mut Streaming<chargegate::proto::SubscribeDecisionsResponse>,
+    station: &str,
+    token: &str,
+) -> Decision {
+    let ack = authorize(client, station, token).await;
+    let d = next_decision(stream).await;
+    assert_eq!(d.request_id, ack.request_id);
+    d
+}
+
+/// Decides `token` at `station` again and again until the reason is `target`; every reason
+/// before it must be `meanwhile`. Fails with `never` after [`PATIENCE`].
+pub async fn decide_until(
+    client: &mut ChargingAuthorizationClient<Channel>,
+    stream: &mut Streaming<chargegate::proto::SubscribeDecisionsResponse>,
+    (station, token): (&str, &str),
+    target: &str,
+    meanwhile: &str,
+    never: &str,
+) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let reason = decide_at(client, stream, station, token).await.reason;
+        if reason == target {
+            return;
+        }
+        assert_eq!(reason, meanwhile);
+        assert!(std::time::Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
