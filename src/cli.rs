@@ -133,6 +133,8 @@ serve_args! {
     webhook_backoff_max_ms, "CHARGEGATE_WEBHOOK_BACKOFF_MAX_MS", "Longest webhook retry delay [default: 600000]";
     webhook_max_age_ms, "CHARGEGATE_WEBHOOK_MAX_AGE_MS", "Give up on a webhook older than this [default: 3600000]";
     webhook_allow_private, "CHARGEGATE_WEBHOOK_ALLOW_PRIVATE", "Allow private webhook destinations [default: false]";
+    webhook_concurrency, "CHARGEGATE_WEBHOOK_CONCURRENCY", "Webhook attempts in flight at once [default: 256]";
+    webhook_host_concurrency, "CHARGEGATE_WEBHOOK_HOST_CONCURRENCY", "Webhook attempts in flight to one host:port [default: 16]";
     heartbeat_interval_ms, "CHARGEGATE_HEARTBEAT_INTERVAL_MS", "Heartbeat on idle decision streams [default: 15000]";
     audit_retention_days, "CHARGEGATE_AUDIT_RETENTION_DAYS", "Retention of decisions and call records [default: 730]";
     token_hash_key, "CHARGEGATE_TOKEN_HASH_KEY", "Key of token fingerprints [default: generated into the data dir]";

@@ -38,6 +38,8 @@ pub const KEYS: &[&str] = &[
     "webhook_backoff_max_ms",
     "webhook_max_age_ms",
     "webhook_allow_private",
+    "webhook_concurrency",
+    "webhook_host_concurrency",
     "heartbeat_interval_ms",
     "audit_retention_days",
     "token_hash_key",
@@ -114,6 +116,10 @@ pub struct WebhookConfig {
     pub backoff_max: Duration,
     pub max_age: Duration,
     pub allow_private: bool,
+    /// Attempts in flight at once (an extension of CONTRACT §7).
+    pub concurrency: usize,
+    /// Attempts in flight at once to one `host:port` (an extension of CONTRACT §7).
+    pub host_concurrency: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +202,8 @@ impl Config {
                 backoff_max: Duration::from_millis(600_000),
                 max_age: Duration::from_millis(3_600_000),
                 allow_private: false,
+                concurrency: 256,
+                host_concurrency: 16,
             },
             heartbeat_interval: Duration::from_millis(15_000),
             audit_retention_days: 730,
@@ -307,11 +315,8 @@ impl Config {
             c.authorizer_cache_ttl = (!d.is_zero()).then_some(d);
         }
         if let Some(v) = get("webhook_secret").filter(|v| !v.is_empty()) {
-            if !v.starts_with("whsec_") {
-                return Err(ConfigError::invalid(
-                    "webhook_secret",
-                    "must start with whsec_",
-                ));
+            if let Err(e) = crate::webhook::signer::Signer::parse(&v) {
+                return Err(ConfigError::invalid("webhook_secret", e.to_string()));
             }
             c.webhook.secret = Some(Secret::new(v));
         }
@@ -332,6 +337,19 @@ impl Config {
         }
         if let Some(v) = get("webhook_allow_private") {
             c.webhook.allow_private = parse_bool("webhook_allow_private", &v)?;
+        }
+        if let Some(v) = get("webhook_concurrency") {
+            c.webhook.concurrency = parse_num("webhook_concurrency", &v, 1, 100_000)? as usize;
+        }
+        if let Some(v) = get("webhook_host_concurrency") {
+            c.webhook.host_concurrency =
+                parse_num("webhook_host_concurrency", &v, 1, 100_000)? as usize;
+        }
+        if c.webhook.backoff_max < c.webhook.backoff_base {
+            return Err(ConfigError::invalid(
+                "webhook_backoff_max_ms",
+                "must not be less than webhook_backoff_base_ms",
+            ));
         }
         if let Some(d) = ms("heartbeat_interval_ms", 10, DAY_MS)? {
             c.heartbeat_interval = d;

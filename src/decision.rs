@@ -191,6 +191,17 @@ impl Micros {
         )
     }
 
+    /// RFC 3339 in UTC with microseconds, e.g. `2026-11-26T14:03:07.123456Z`.
+    pub fn to_rfc3339(self) -> String {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default()
+    }
+
     /// Whole milliseconds from `self` to `later`, zero when `later` is earlier.
     pub fn millis_until(self, later: Micros) -> u32 {
         (later.0.saturating_sub(self.0).max(0) / 1000).min(i64::from(u32::MAX)) as u32

@@ -139,7 +139,8 @@ fn check_callback_url(raw: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_request_id(raw: &str) -> Result<(), String> {
+/// Checks a caller-given request id (empty passes: the server assigns one).
+pub fn check_request_id(raw: &str) -> Result<(), String> {
     if raw.len() > MAX_REQUEST_ID_LEN {
         return Err(format!("must be at most {MAX_REQUEST_ID_LEN} characters"));
     }

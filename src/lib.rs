@@ -10,6 +10,8 @@
 //! - [`authorizer`]: the port that says allowed or not; [`authorizer::acl`] is the access list.
 //! - [`store`]: the decision log port; [`store::sqlite`] is the embedded store (and group commit).
 //! - [`fanout`]: pushes recorded decisions to subscribers, catching lagging ones up from the log.
+//! - [`webhook`]: the outbox of callback deliveries and the engine that POSTs them, signed,
+//!   retried and kept off private networks.
 //! - [`api`]: the gRPC services and the mapping of errors to `tonic::Status`.
 //!
 //! Around them: [`config`] (every key, parsed once), [`server`] (wiring and ordered shutdown),
@@ -33,3 +35,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod token;
+pub mod webhook;

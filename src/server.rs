@@ -1,8 +1,9 @@
 //! Wiring and lifecycle: opens the stores, starts the pipeline, serves gRPC on an already-bound
 //! listener and shuts down in order when the shutdown future resolves:
 //! health NOT_SERVING → stop accepting and end decision streams (UNAVAILABLE) → let in-flight calls
-//! and decisions finish within `shutdown_grace_ms` (what does not finish stays queued) → commit and
-//! checkpoint the store → return.
+//! and decisions finish within `shutdown_grace_ms` (what does not finish stays queued) → let webhook
+//! attempts in flight finish in what is left of the grace (what does not stays pending) → commit
+//! and checkpoint the store → return.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::{
-    api::{authorization::AuthorizationService, grants::GrantsService},
+    api::{authorization::AuthorizationService, grants::GrantsService, webhooks::WebhooksService},
     authorizer::{Authorizer, acl::AccessList, http::HttpAuthorizer},
     config::{AuthorizerConfig, Config, ConfigError},
     decide::Pipeline,
@@ -19,12 +20,19 @@ use crate::{
     health::Health,
     proto::{
         self, charging_authorization_server::ChargingAuthorizationServer,
-        grants_server::GrantsServer,
+        grants_server::GrantsServer, webhooks_server::WebhooksServer,
     },
     queue::{Queue, sqlite::SqliteQueue},
     store::{self, DecisionLog, GrantStore, StoreError, sqlite::Database},
     telemetry,
     token::{Fingerprinter, KeyError},
+    webhook::{
+        WebhookOutbox,
+        deliver::{self, Deliverer},
+        guard::Guard,
+        policy::RetryPolicy,
+        signer::Signer,
+    },
 };
 
 /// Time a claim may stay with a worker beyond the authorizer deadline before it is handed out again.
@@ -51,7 +59,7 @@ pub enum ServeError {
     DataDir(String, #[source] std::io::Error),
     #[error("cannot bind the metrics listener on {0}")]
     MetricsBind(SocketAddr, #[source] std::io::Error),
-    #[error("cannot build the authorizer's HTTP client")]
+    #[error("cannot build an HTTP client")]
     HttpClient(#[source] reqwest::Error),
     #[error("the gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
@@ -206,6 +214,35 @@ impl Server {
         };
         let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
+        let outbox: Arc<dyn WebhookOutbox> = Arc::new(db.clone());
+        let webhook = &config.webhook;
+        let delivery_settings = deliver::Settings {
+            policy: RetryPolicy {
+                base: webhook.backoff_base,
+                max: webhook.backoff_max,
+                max_attempts: webhook.max_attempts,
+                max_age: webhook.max_age,
+            },
+            guard: Guard {
+                allow_private: webhook.allow_private,
+            },
+            timeout: webhook.timeout,
+            signer: webhook
+                .secret
+                .as_ref()
+                .map(|s| Signer::parse(s.expose()).expect("checked when the config was read")),
+            concurrency: webhook.concurrency,
+            host_concurrency: webhook.host_concurrency,
+        };
+        let deliverer = Deliverer::new(
+            outbox.clone(),
+            deliver::client(&delivery_settings).map_err(ServeError::HttpClient)?,
+            delivery_settings,
+            db.outbox_wake(),
+        );
+        let deliveries_stop = CancellationToken::new();
+        let mut deliveries_task = tokio::spawn(deliverer.run(deliveries_stop.clone()));
+
         let reflection_v1 = reflection()
             .build_v1()
             .expect("the descriptor sets are compiled in");
@@ -244,6 +281,7 @@ impl Server {
             .add_service(reflection_v1alpha)
             .add_service(ChargingAuthorizationServer::new(authorization))
             .add_service(GrantsServer::new(grants))
+            .add_service(WebhooksServer::new(WebhooksService { outbox }))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = accepting_stopped.await;
             });
@@ -284,6 +322,18 @@ impl Server {
             pipeline_task.abort();
             let _ = pipeline_task.await;
         }
+        // Deliveries stop after the pipeline, whose last decisions may have added some.
+        deliveries_stop.cancel();
+        if tokio::time::timeout_at(deadline, &mut deliveries_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "webhook attempts still in flight at the end of the grace period stay pending"
+            );
+            deliveries_task.abort();
+            let _ = deliveries_task.await;
+        }
         background.cancel();
         let _ = health_monitor.await;
         let _ = retention_task.await;
@@ -305,6 +355,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .with_service_name(proto::AUTHORIZATION_SERVICE)
         .with_service_name("chargegate.v1.Grants")
+        .with_service_name("chargegate.v1.Webhooks")
         .with_service_name("grpc.health.v1.Health")
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")

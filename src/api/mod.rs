@@ -3,6 +3,7 @@
 
 pub mod authorization;
 pub mod grants;
+pub mod webhooks;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};

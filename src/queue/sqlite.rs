@@ -20,6 +20,7 @@ use tokio::sync::{Notify, watch};
 use super::{Claim, EnqueueOutcome, Queue, QueuedRequest, Settled};
 use crate::{
     decision::NewDecision, intake::NewRequest, store::StoreError, store::sqlite::Database,
+    webhook::Callback,
 };
 
 pub struct SqliteQueue {
@@ -197,7 +198,12 @@ impl Queue for SqliteQueue {
         claim: Claim,
         decision: NewDecision,
     ) -> Result<Settled, (Claim, StoreError)> {
-        match self.db.settle(claim.position, decision).await {
+        let callback = claim
+            .request
+            .callback_url
+            .as_deref()
+            .and_then(|url| Callback::new(url, claim.request.token.clone()));
+        match self.db.settle(claim.position, decision, callback).await {
             Ok(settled) => {
                 self.state
                     .lock()

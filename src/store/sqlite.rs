@@ -15,6 +15,8 @@
 //! - `requests`: every accepted request_id with its station, token fingerprint and acceptance time:
 //!   the idempotency keys. `seq` orders them.
 //! - `queue`: the pending requests (`seq` = `requests.seq`) with the plain token, deleted when decided.
+//! - `deliveries`, `delivery_attempts`: the webhook outbox (see `webhook::sqlite`); a delivery is
+//!   inserted in the transaction that records its decision.
 //! - `decisions`: the decision log; `seq` is the position in cursors, `request_id` is unique.
 //!   There is deliberately no index by station: with stations spread over the log, such an index
 //!   dirties a page per station in every commit (measured: about a fifth of intake throughput).
@@ -33,7 +35,7 @@ use std::{
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
     DecisionLog, GrantStore, LogBounds, RequestState, StationFilter, StoreError, StoredGrant,
@@ -45,6 +47,7 @@ use crate::{
     intake::NewRequest,
     queue::{EnqueueOutcome, QueuedRequest, Settled},
     token::{DriverToken, Fingerprint},
+    webhook::Callback,
 };
 
 /// Most writes committed in one transaction.
@@ -55,7 +58,7 @@ const WRITE_QUEUE: usize = 16 * 1024;
 const HOT_MAX: usize = 8192;
 /// Read connections kept open.
 const READERS: usize = 4;
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 const WRITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
 /// Page cache per connection, in KiB (as a negative `cache_size`).
 const WRITE_CACHE_KIB: i64 = -4096;
@@ -91,6 +94,34 @@ CREATE TABLE IF NOT EXISTS decisions (
     decided_at_us  INTEGER NOT NULL,
     processing_ms  INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id      TEXT NOT NULL UNIQUE,
+    station_id      TEXT NOT NULL,
+    callback_url    TEXT NOT NULL,
+    host            TEXT NOT NULL,
+    driver_token    TEXT,
+    status          TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    decided_at_us   INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_us INTEGER,
+    age_from_us     INTEGER NOT NULL,
+    finished_at_us  INTEGER,
+    last_error      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_us) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state, seq);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    request_id  TEXT NOT NULL,
+    at_us       INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    http_status INTEGER,
+    latency_ms  INTEGER NOT NULL,
+    error_class TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_by_request ON delivery_attempts (request_id, at_us);
 CREATE TABLE IF NOT EXISTS grants (
     station_id    TEXT NOT NULL,
     token_fp      TEXT NOT NULL,
@@ -111,9 +142,11 @@ enum WriteOp {
         NewRequest,
         oneshot::Sender<Result<EnqueueOutcome, StoreError>>,
     ),
+    /// Record the decision for queue position `.0`, with the delivery of its callback if any.
     Settle(
         u64,
         NewDecision,
+        Option<Callback>,
         oneshot::Sender<Result<Settled, StoreError>>,
     ),
     Ping(oneshot::Sender<Result<(), StoreError>>),
@@ -167,6 +200,8 @@ struct Shared {
     /// Entries just committed, handed to the queue's dispatcher without reading them back. Bounded
     /// by [`HOT_MAX`]: what does not fit is read from the table instead (see `queue::sqlite`).
     hot: Mutex<VecDeque<(u64, QueuedRequest)>>,
+    /// Notified after a commit that added webhook deliveries; the delivery engine waits on it.
+    outbox: Arc<Notify>,
 }
 
 impl Database {
@@ -222,6 +257,7 @@ impl Database {
             floor: AtomicU64::new(floor),
             enqueue_head: watch::Sender::new(enqueue_head),
             hot: Mutex::new(VecDeque::new()),
+            outbox: Arc::new(Notify::new()),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
@@ -282,10 +318,16 @@ impl Database {
         &self,
         position: u64,
         decision: NewDecision,
+        callback: Option<Callback>,
     ) -> Result<Settled, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.write(WriteOp::Settle(position, decision, tx), rx)
+        self.write(WriteOp::Settle(position, decision, callback, tx), rx)
             .await
+    }
+
+    /// Notified when deliveries were added or redriven.
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        self.inner.shared.outbox.clone()
     }
 
     async fn write<T>(
@@ -648,7 +690,10 @@ impl Writer {
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("chargegate_store_commit_writes").record(batch.len() as f64);
             match committed {
-                Ok((applied, published, enqueue_head)) => {
+                Ok((applied, published, enqueue_head, delivering)) => {
+                    if delivering {
+                        self.shared.outbox.notify_one();
+                    }
                     if let Some(last) = published.last() {
                         self.shared
                             .decision_head
@@ -668,7 +713,7 @@ impl Writer {
                                         hot.push_back((seq, QueuedRequest::from(request)));
                                     }
                                 }
-                                (WriteOp::Settle(_, _, reply), Applied::Settle(s)) => {
+                                (WriteOp::Settle(_, _, _, reply), Applied::Settle(s)) => {
                                     drop(reply.send(Ok(s)))
                                 }
                                 (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
@@ -693,7 +738,7 @@ impl Writer {
                     for op in batch.drain(..) {
                         match op {
                             WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err.clone()))),
-                            WriteOp::Settle(_, _, reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::Settle(_, _, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Ping(reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Run(_, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Purge(_, _, reply) => drop(reply.send(Err(err.clone()))),
@@ -719,13 +764,14 @@ impl Writer {
     fn commit(
         &mut self,
         batch: &[WriteOp],
-    ) -> rusqlite::Result<(Vec<Applied>, Vec<RecordedDecision>, Option<u64>)> {
+    ) -> rusqlite::Result<(Vec<Applied>, Vec<RecordedDecision>, Option<u64>, bool)> {
         let mut pending = self.shared.pending.load(Ordering::Relaxed);
         let tx = self.conn.transaction()?;
         let mut applied = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
         let mut enqueue_head = None;
         let mut purged_through = None;
+        let mut delivering = false;
         for op in batch {
             applied.push(match op {
                 WriteOp::Enqueue(request, _) => {
@@ -736,8 +782,12 @@ impl Writer {
                     }
                     Applied::Enqueue(outcome, seq)
                 }
-                WriteOp::Settle(position, decision, _) => {
+                WriteOp::Settle(position, decision, callback, _) => {
                     let (settled, completed) = settle(&tx, *position, decision, self.log_id)?;
+                    if let Some(callback) = callback.as_ref().filter(|_| settled.first) {
+                        add_delivery(&tx, decision, callback)?;
+                        delivering = true;
+                    }
                     if completed {
                         pending = pending.saturating_sub(1);
                     }
@@ -771,7 +821,7 @@ impl Writer {
         if let Some(through) = purged_through {
             self.shared.floor.fetch_max(through, Ordering::AcqRel);
         }
-        Ok((applied, published, enqueue_head))
+        Ok((applied, published, enqueue_head, delivering))
     }
 }
 
@@ -885,6 +935,27 @@ fn settle(
     Ok((settled, deleted == 1))
 }
 
+/// Adds the pending delivery of a decision's callback, due at once.
+fn add_delivery(tx: &Transaction<'_>, d: &NewDecision, c: &Callback) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO deliveries (request_id, station_id, callback_url, host, driver_token, status,
+                                 reason, decided_at_us, state, attempts, next_attempt_us, age_from_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?8, ?8)
+         ON CONFLICT (request_id) DO NOTHING",
+    )?
+    .execute(params![
+        d.request_id,
+        d.station_id,
+        c.url,
+        c.host,
+        c.token.expose(),
+        d.verdict.status().as_str(),
+        d.verdict.reason.as_str(),
+        d.decided_at.0,
+    ])?;
+    Ok(())
+}
+
 /// Deletes the oldest decisions decided before `cutoff` (a prefix of the log, so what remains is
 /// contiguous), at most `max`, with their request keys. Returns how many, and the new floor.
 fn purge(tx: &Transaction<'_>, cutoff: Micros, max: usize) -> rusqlite::Result<(u64, Option<u64>)> {
@@ -901,10 +972,12 @@ fn purge(tx: &Transaction<'_>, cutoff: Micros, max: usize) -> rusqlite::Result<(
     let Some(through) = through else {
         return Ok((0, None));
     };
-    tx.prepare_cached(
-        "DELETE FROM requests WHERE request_id IN (SELECT request_id FROM decisions WHERE seq <= ?1)",
-    )?
-    .execute([through])?;
+    for table in ["requests", "deliveries", "delivery_attempts"] {
+        tx.prepare_cached(&format!(
+            "DELETE FROM {table} WHERE request_id IN (SELECT request_id FROM decisions WHERE seq <= ?1)"
+        ))?
+        .execute([through])?;
+    }
     let purged = tx
         .prepare_cached("DELETE FROM decisions WHERE seq <= ?1")?
         .execute([through])?;
