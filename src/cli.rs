@@ -40,6 +40,30 @@ pub enum Command {
     Get(GetArgs),
     /// Manage the grants kept in the store (when no acl_file is set).
     Grants(GrantsArgs),
+    /// Inspect webhook deliveries and redrive dead ones.
+    Webhooks(WebhooksArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WebhooksArgs {
+    #[command(flatten)]
+    pub server: ServerArg,
+    #[command(subcommand)]
+    pub command: WebhooksCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// List deliveries, newest first, one JSON object per line with its attempts.
+    List {
+        /// pending, delivered or dead (default: every state).
+        #[arg(long, value_parser = ["pending", "delivered", "dead"])]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Send dead deliveries again: the ones named, or every dead one.
+    Redrive { request_ids: Vec<String> },
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +239,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Authorize(args) => authorize(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Grants(args) => grants(args).await,
+        Command::Webhooks(args) => webhooks(args).await,
         Command::Get(args) => {
             let mut client = connect(&args.server).await?;
             let decision = client
@@ -413,4 +438,66 @@ async fn grants(args: GrantsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn webhooks(args: WebhooksArgs) -> anyhow::Result<()> {
+    use proto::{
+        DeliveryState, ListDeliveriesRequest, RedriveDeliveriesRequest,
+        webhooks_client::WebhooksClient,
+    };
+    let mut client = WebhooksClient::connect(args.server.server.clone())
+        .await
+        .with_context(|| format!("cannot connect to {}", args.server.server))?;
+    match args.command {
+        WebhooksCommand::List { state, limit } => {
+            let state = match state.as_deref() {
+                Some("pending") => DeliveryState::Pending,
+                Some("delivered") => DeliveryState::Delivered,
+                Some("dead") => DeliveryState::Dead,
+                _ => DeliveryState::Unspecified,
+            };
+            let deliveries = client
+                .list_deliveries(ListDeliveriesRequest {
+                    state: state as i32,
+                    limit,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .deliveries;
+            for d in &deliveries {
+                println!("{}", delivery_json(d));
+            }
+        }
+        WebhooksCommand::Redrive { request_ids } => {
+            let redriven = client
+                .redrive_deliveries(RedriveDeliveriesRequest { request_ids })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .redriven;
+            println!("{}", serde_json::json!({ "redriven": redriven }));
+        }
+    }
+    Ok(())
+}
+
+fn delivery_json(d: &proto::Delivery) -> serde_json::Value {
+    let rfc3339 = |t: &prost_types::Timestamp| crate::decision::Micros::from_proto(t).to_rfc3339();
+    serde_json::json!({
+        "request_id": d.request_id,
+        "station_id": d.station_id,
+        "callback_url": d.callback_url,
+        "state": d.state().as_str_name().trim_start_matches("DELIVERY_STATE_").to_ascii_lowercase(),
+        "attempts": d.attempts,
+        "next_attempt_at": d.next_attempt_at.as_ref().map(rfc3339),
+        "last_error": d.last_error,
+        "history": d.history.iter().map(|a| serde_json::json!({
+            "at": a.at.as_ref().map(rfc3339),
+            "outcome": a.outcome,
+            "http_status": a.http_status,
+            "latency_ms": a.latency_ms,
+            "error_class": a.error_class,
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -9,3 +9,4 @@ mod intake;
 mod lifecycle;
 mod remote;
 mod streams;
+mod webhooks;

@@ -19,6 +19,7 @@ use tonic::{Streaming, transport::Channel};
 
 pub mod binary;
 pub mod fake_authorizer;
+pub mod receiver;
 
 /// How long a test waits for something that should happen at once before failing.
 pub const PATIENCE: Duration = Duration::from_secs(20);
