@@ -7,6 +7,7 @@ mod load;
 mod plot;
 mod procs;
 mod scenarios;
+mod webhook;
 
 use std::path::PathBuf;
 
@@ -23,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, a1, w1); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -48,9 +49,20 @@ enum Mode {
         #[arg(long, default_value_t = 50)]
         slow_ms: u64,
     },
+    /// (internal) Post webhook bodies with chargegate's HTTP client settings, then exit.
+    PostClient {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        concurrency: usize,
+    },
 }
 
-const ALL: [&str; 10] = ["g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "a1"];
+const ALL: [&str; 11] = [
+    "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "a1", "w1",
+];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -60,6 +72,11 @@ fn main() -> anyhow::Result<()> {
             slow_percent,
             slow_ms,
         }) => return authorizer::serve(slow_percent, slow_ms),
+        Some(Mode::PostClient {
+            url,
+            count,
+            concurrency,
+        }) => return webhook::post_client(url, count, concurrency),
         None => {}
     }
     let server_bin = args
@@ -110,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 "g7" => bench.g7().await,
                 "g8" => bench.g8().await,
                 "a1" => bench.a1().await,
+                "w1" => bench.w1().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

@@ -10,6 +10,29 @@ use std::{
 
 use hdrhistogram::Histogram;
 
+/// Runs `command` to completion, pinned to `core` when given.
+pub fn run_pinned(command: Command, core: Option<usize>) -> anyhow::Result<()> {
+    let mut command = match core {
+        Some(core) => {
+            let mut pinned = Command::new("taskset");
+            pinned
+                .arg("-c")
+                .arg(core.to_string())
+                .arg(command.get_program())
+                .args(command.get_args());
+            pinned
+        }
+        None => command,
+    };
+    let status = command.status()?;
+    anyhow::ensure!(
+        status.success(),
+        "{:?} failed: {status}",
+        command.get_program()
+    );
+    Ok(())
+}
+
 /// A server process under test.
 pub struct ServerProcess {
     pub child: Child,

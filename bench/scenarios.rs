@@ -23,6 +23,7 @@ use tokio_stream::StreamExt;
 use crate::{
     load::{self, Client, MakeRequest, ms},
     procs::{self, ServerProcess},
+    webhook,
 };
 
 pub const TOKEN: &str = "BENCH-TOKEN-0001-allowed";
@@ -874,6 +875,176 @@ struct FlowResult {
     readers_p99_ms: f64,
     lost: u64,
     decisions: u64,
+}
+
+impl Bench {
+    /// w1: webhook deliveries per second against a bare HTTP client posting the same bodies to the
+    /// same receiver, and decision → first delivery attempt latency under an open loop.
+    pub async fn w1(&mut self) -> anyhow::Result<()> {
+        if self.target.is_some() {
+            self.record("w1", json!({"skipped": "needs a local data dir"}));
+            return Ok(());
+        }
+        let n: u64 = if self.quick { 2_000 } else { 50_000 };
+        // chargegate's default per-host limit: both send at most this many at once.
+        let concurrency = 16;
+        let (addr, arrivals) = webhook::receiver().await?;
+        let url = format!("http://{addr}/hook");
+
+        let mut bare = Command::new(std::env::current_exe()?);
+        bare.args([
+            "post-client",
+            "--url",
+            &url,
+            "--count",
+            &n.to_string(),
+            "--concurrency",
+            &concurrency.to_string(),
+        ]);
+        procs::run_pinned(bare, self.server_core)?;
+        anyhow::ensure!(
+            arrivals.count.load(Ordering::Relaxed) == n,
+            "the bare client posted everything"
+        );
+        let bare_per_s = arrivals.rate();
+        arrivals.reset();
+
+        let dir = self.fresh_dir("w1");
+        let seeded = Instant::now();
+        seed_deliveries(&dir.join("data"), n, &url).await?;
+        println!(
+            "w1: seeded {n} pending deliveries in {:.1}s",
+            seeded.elapsed().as_secs_f64()
+        );
+        let server = self.chargegate_on(&dir, &["--webhook-allow-private", "true"])?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while arrivals.count.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.stop();
+        anyhow::ensure!(
+            arrivals.count.load(Ordering::Relaxed) >= n,
+            "chargegate delivered everything"
+        );
+        let chargegate_per_s = arrivals.rate();
+        arrivals.reset();
+
+        // Latency: decisions with callbacks at a fixed rate; decided_at (in the body) → arrival.
+        let rate = if self.quick { 500.0 } else { 1000.0 };
+        let (grpc, server) = self.chargegate("w1-latency", &["--webhook-allow-private", "true"])?;
+        arrivals.measure_latency.store(true, Ordering::Relaxed);
+        let channels = load::connect(&grpc, 4).await?;
+        let callback = url.clone();
+        let make: MakeRequest = Arc::new(move |i| AuthorizeRequest {
+            station_id: station(i as usize % STATIONS),
+            driver_token: TOKEN.into(),
+            callback_url: callback.clone(),
+            ..Default::default()
+        });
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let sent = load::open_loop(
+            &channels,
+            rate,
+            Instant::now(),
+            warmup,
+            measure,
+            20_000,
+            make,
+        )
+        .await;
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = arrivals.count.load(Ordering::Relaxed);
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        arrivals.measure_latency.store(false, Ordering::Relaxed);
+        if let Some(s) = server {
+            s.stop();
+        }
+        let hist = std::mem::replace(&mut *arrivals.latency.lock().unwrap(), load::histogram());
+        self.plots
+            .series
+            .push(("webhook decided → arrived".into(), hist.clone()));
+        self.record(
+            "w1",
+            json!({
+                "deliveries": n, "concurrency_per_host": concurrency,
+                "bare_client_per_s": bare_per_s.round(), "chargegate_per_s": chargegate_per_s.round(),
+                "ratio": round3(chargegate_per_s / bare_per_s),
+                "latency_rate": rate, "latency_sent": sent.ok(), "latency_arrived": hist.len(),
+                "decided_to_attempt_p50_ms": ms(hist.value_at_quantile(0.5)),
+                "decided_to_attempt_p99_ms": ms(hist.value_at_quantile(0.99)),
+            }),
+        );
+        Ok(())
+    }
+}
+
+/// Writes `n` decided requests with a callback to `url` into a fresh store through the library,
+/// so the store holds `n` pending deliveries and an empty queue.
+async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::Result<()> {
+    use chargegate::{
+        decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
+        fanout::Hub,
+        intake::NewRequest,
+        queue::{Queue, sqlite::SqliteQueue},
+        store::sqlite::Database,
+        token::{DriverToken, Fingerprinter},
+    };
+    std::fs::create_dir_all(data)?;
+    let db = Database::open(&data.join("chargegate.db"), u64::MAX, Arc::new(Hub::new()))?;
+    let queue = Arc::new(SqliteQueue::new(db.clone(), Duration::from_secs(60)));
+    let fingerprint =
+        Fingerprinter::new(TOKEN_KEY.as_bytes())?.fingerprint(&DriverToken::new(TOKEN));
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut settled = 0;
+    let mut i = 0;
+    while settled < n {
+        while i < n && in_flight.len() < 4096 {
+            let queue = queue.clone();
+            let request = NewRequest {
+                request_id: format!("w1-{i}"),
+                station_id: station(i as usize % STATIONS),
+                token: DriverToken::new(TOKEN),
+                fingerprint: fingerprint.clone(),
+                callback_url: Some(url.to_owned()),
+                accepted_at: Micros::now(),
+            };
+            in_flight.spawn(async move { queue.enqueue(request).await.map(|_| ()) });
+            i += 1;
+        }
+        while let Some(r) = in_flight.join_next().await {
+            r??;
+        }
+        for claim in queue.claim(4096).await? {
+            let decision = NewDecision {
+                request_id: claim.request.request_id.clone(),
+                station_id: claim.request.station_id.clone(),
+                fingerprint: claim.request.fingerprint.clone(),
+                verdict: Verdict::new(Reason::Granted, DecidedBy::Acl),
+                accepted_at: claim.request.accepted_at,
+                decided_at: Micros::now(),
+            };
+            let queue = queue.clone();
+            in_flight.spawn(async move {
+                queue
+                    .settle(claim, decision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|(_, e)| e)
+            });
+            settled += 1;
+        }
+        while let Some(r) = in_flight.join_next().await {
+            r??;
+        }
+    }
+    db.close().await;
+    Ok(())
 }
 
 fn round3(x: f64) -> f64 {

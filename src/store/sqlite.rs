@@ -15,7 +15,7 @@
 //! - `requests`: every accepted request_id with its station, token fingerprint and acceptance time:
 //!   the idempotency keys. `seq` orders them.
 //! - `queue`: the pending requests (`seq` = `requests.seq`) with the plain token, deleted when decided.
-//! - `deliveries`, `delivery_attempts`: the webhook outbox (see `webhook::sqlite`); a delivery is
+//! - `deliveries`: the webhook outbox with each delivery's attempts (see `webhook::sqlite`); a delivery is
 //!   inserted in the transaction that records its decision.
 //! - `decisions`: the decision log; `seq` is the position in cursors, `request_id` is unique.
 //!   There is deliberately no index by station: with stations spread over the log, such an index
@@ -109,19 +109,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_us INTEGER,
     age_from_us     INTEGER NOT NULL,
     finished_at_us  INTEGER,
-    last_error      TEXT NOT NULL DEFAULT ''
+    last_error      TEXT NOT NULL DEFAULT '',
+    history         TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_us) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state, seq);
-CREATE TABLE IF NOT EXISTS delivery_attempts (
-    request_id  TEXT NOT NULL,
-    at_us       INTEGER NOT NULL,
-    outcome     TEXT NOT NULL,
-    http_status INTEGER,
-    latency_ms  INTEGER NOT NULL,
-    error_class TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS delivery_attempts_by_request ON delivery_attempts (request_id, at_us);
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (seq) WHERE state = 'dead';
 CREATE TABLE IF NOT EXISTS grants (
     station_id    TEXT NOT NULL,
     token_fp      TEXT NOT NULL,
@@ -972,7 +964,7 @@ fn purge(tx: &Transaction<'_>, cutoff: Micros, max: usize) -> rusqlite::Result<(
     let Some(through) = through else {
         return Ok((0, None));
     };
-    for table in ["requests", "deliveries", "delivery_attempts"] {
+    for table in ["requests", "deliveries"] {
         tx.prepare_cached(&format!(
             "DELETE FROM {table} WHERE request_id IN (SELECT request_id FROM decisions WHERE seq <= ?1)"
         ))?

@@ -3,12 +3,13 @@
 //!
 //! Limits are permits, not polling: at most `webhook_concurrency` attempts in flight, and at most
 //! `webhook_host_concurrency` per destination (`host:port`), so a receiver that hangs holds its own
-//! permits and nobody else's — its deliveries are not even read while its permits are taken. The
+//! permits and nobody else's — its deliveries are not even read while its permits are taken. A
+//! slot is held while the receiver answers, not while the attempt is being recorded. The
 //! dispatcher wakes when the store commits new deliveries, when an attempt finishes, and when the
 //! earliest retry falls due. A retry is a time in the outbox, never a sleeping task.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
@@ -24,7 +25,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Attempt, DueDelivery, Next, WebhookOutbox,
+    Attempt, DueDelivery, Next, Outcome, WebhookOutbox,
     guard::{Guard, GuardedResolver, is_refused},
     policy::{AttemptResult, RetryPolicy, parse_retry_after},
     signer::Signer,
@@ -77,9 +78,73 @@ pub struct Deliverer {
     wake: Arc<Notify>,
 }
 
-/// What one attempt task reports back to the dispatcher: its request_id and host, whose permits
-/// are then free.
-type Finished = (String, String);
+/// What an attempt task reports to the dispatcher.
+enum Progress {
+    /// The HTTP exchange is over: the host's (and the global) slot is free.
+    Sent { host: String },
+    /// The attempt is recorded: the delivery may be read from the outbox again.
+    Recorded { request_id: String },
+}
+
+/// Pending deliveries read at once from the outbox.
+const READ_BATCH: usize = 256;
+/// Deliveries held per host (ready in memory or being sent), as a multiple of its concurrency.
+/// A host is read again only once it is down to half of this, so the outbox is read once per
+/// many deliveries rather than once per freed slot.
+const HOST_BUFFER_FACTOR: usize = 4;
+
+/// The dispatcher's view of the deliveries it took from the outbox.
+#[derive(Default)]
+struct Dispatch {
+    /// Read and due, waiting for a slot of their host.
+    ready: HashMap<String, VecDeque<DueDelivery>>,
+    /// Being sent, per host.
+    sending: HashMap<String, usize>,
+    total_sending: usize,
+    /// Taken and not yet recorded (ready, sending or being recorded): left out of outbox reads,
+    /// so no delivery is taken twice.
+    taken: HashSet<String>,
+    /// Something may be due that was not read yet.
+    stale: bool,
+}
+
+impl Dispatch {
+    fn load(&self, host: &str) -> usize {
+        self.ready.get(host).map_or(0, VecDeque::len) + self.sending.get(host).copied().unwrap_or(0)
+    }
+
+    fn on(&mut self, progress: Progress, host_buffer: usize) {
+        match progress {
+            Progress::Sent { host } => {
+                self.total_sending -= 1;
+                if let Some(n) = self.sending.get_mut(&host) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.sending.remove(&host);
+                    }
+                }
+                // The host has room again: its next deliveries may be read.
+                if self.load(&host) == host_buffer / 2 - 1 || self.load(&host) == 0 {
+                    self.stale = true;
+                }
+            }
+            Progress::Recorded { request_id } => {
+                self.taken.remove(&request_id);
+            }
+        }
+    }
+
+    /// Hosts that should not be read now: they hold at least half their buffer.
+    fn full_hosts(&self, host_buffer: usize) -> Vec<String> {
+        let mut hosts: HashSet<&String> = self.ready.keys().collect();
+        hosts.extend(self.sending.keys());
+        hosts
+            .into_iter()
+            .filter(|h| self.load(h) >= host_buffer / 2)
+            .cloned()
+            .collect()
+    }
+}
 
 impl Deliverer {
     pub fn new(
@@ -100,80 +165,103 @@ impl Deliverer {
     /// returned future aborts them; their deliveries stay pending and are sent after a restart.
     pub async fn run(self, stop: CancellationToken) {
         let this = Arc::new(self);
-        let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<Finished>();
-        let mut in_flight: HashMap<String, String> = HashMap::new();
-        let mut per_host: HashMap<String, usize> = HashMap::new();
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
         let mut tasks = JoinSet::new();
         let mut erase = tokio::time::interval(ERASE_INTERVAL);
-        let release = |(id, host): Finished,
-                       in_flight: &mut HashMap<String, String>,
-                       per_host: &mut HashMap<String, usize>| {
-            in_flight.remove(&id);
-            if let Some(n) = per_host.get_mut(&host) {
-                *n -= 1;
-                if *n == 0 {
-                    per_host.remove(&host);
-                }
-            }
+        let (concurrency, per_host) = (this.settings.concurrency, this.settings.host_concurrency);
+        let host_buffer = (per_host * HOST_BUFFER_FACTOR).max(2);
+        // Deliveries taken and not yet recorded, at most: a slow store slows deliveries down
+        // instead of piling up tasks.
+        let max_taken = concurrency
+            .saturating_mul(HOST_BUFFER_FACTOR)
+            .max(READ_BATCH);
+        let mut d = Dispatch {
+            stale: true,
+            ..Default::default()
         };
+        let mut next_due: Option<tokio::time::Instant> = None;
+        let (record_tx, record_rx) = mpsc::unbounded_channel::<Outcome>();
+        let recorder = tokio::spawn(record(this.outbox.clone(), record_rx, progress_tx.clone()));
         loop {
-            while let Ok(done) = finished_rx.try_recv() {
-                release(done, &mut in_flight, &mut per_host);
+            while let Ok(progress) = progress_rx.try_recv() {
+                d.on(progress, host_buffer);
             }
             while tasks.try_join_next().is_some() {}
-            let free = this.settings.concurrency.saturating_sub(in_flight.len());
-            let mut look_again = IDLE_LOOK;
-            if free > 0 {
-                let full: Vec<String> = per_host
-                    .iter()
-                    .filter(|(_, n)| **n >= this.settings.host_concurrency)
-                    .map(|(h, _)| h.clone())
-                    .collect();
-                let busy: Vec<String> = in_flight.keys().cloned().collect();
-                match this.outbox.pending(full, busy, free).await {
-                    Ok(deliveries) => {
+
+            if d.stale && d.taken.len() < max_taken {
+                d.stale = false;
+                let full = d.full_hosts(host_buffer);
+                let taken: Vec<String> = d.taken.iter().cloned().collect();
+                match this.outbox.pending(full, taken, READ_BATCH).await {
+                    Ok(rows) => {
                         let now = Micros::now();
-                        let mut started = 0;
-                        for d in deliveries {
-                            if d.next_attempt_at > now {
-                                let wait = (d.next_attempt_at.0 - now.0) as u64;
-                                look_again = look_again.min(Duration::from_micros(wait));
+                        let read = rows.len();
+                        let mut skipped = false;
+                        next_due = None;
+                        for row in rows {
+                            if row.next_attempt_at > now {
+                                let wait =
+                                    Duration::from_micros((row.next_attempt_at.0 - now.0) as u64);
+                                next_due = Some(tokio::time::Instant::now() + wait);
                                 break;
                             }
-                            let load = per_host.entry(d.host.clone()).or_default();
-                            if *load >= this.settings.host_concurrency {
+                            if d.load(&row.host) >= host_buffer {
+                                // Read again once the host has room.
+                                skipped = true;
                                 continue;
                             }
-                            *load += 1;
-                            in_flight.insert(d.request_id.clone(), d.host.clone());
-                            started += 1;
-                            let this = this.clone();
-                            let finished = finished_tx.clone();
-                            tasks.spawn(async move {
-                                let key = (d.request_id.clone(), d.host.clone());
-                                this.attempt(d).await;
-                                let _ = finished.send(key);
-                            });
+                            d.taken.insert(row.request_id.clone());
+                            d.ready.entry(row.host.clone()).or_default().push_back(row);
                         }
-                        if started > 0 {
-                            continue;
+                        // A full batch of due rows, all taken: there may be more behind it. (When
+                        // a host filled up, it is read again once it is down to half.)
+                        if read == READ_BATCH && next_due.is_none() && !skipped {
+                            d.stale = true;
                         }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "reading the webhook outbox failed");
-                        look_again = READ_BACKOFF;
+                        next_due = Some(tokio::time::Instant::now() + READ_BACKOFF);
                     }
                 }
             }
+
+            // Hand ready deliveries to free slots.
+            d.ready.retain(|host, queue| {
+                let sending = d.sending.entry(host.clone()).or_default();
+                while *sending < per_host && d.total_sending < concurrency {
+                    let Some(delivery) = queue.pop_front() else {
+                        break;
+                    };
+                    *sending += 1;
+                    d.total_sending += 1;
+                    tasks.spawn(this.clone().attempt(
+                        delivery,
+                        progress_tx.clone(),
+                        record_tx.clone(),
+                    ));
+                }
+                if *sending == 0 {
+                    d.sending.remove(host);
+                }
+                !queue.is_empty()
+            });
+
+            if d.stale && d.taken.len() < max_taken {
+                continue;
+            }
+            let wait = next_due.unwrap_or_else(|| tokio::time::Instant::now() + IDLE_LOOK);
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some(done) = finished_rx.recv() => release(done, &mut in_flight, &mut per_host),
-                _ = this.wake.notified() => {}
-                _ = tokio::time::sleep(look_again) => {}
+                Some(progress) = progress_rx.recv() => d.on(progress, host_buffer),
+                _ = this.wake.notified() => d.stale = true,
+                _ = tokio::time::sleep_until(wait) => d.stale = true,
                 _ = erase.tick() => this.erase_expired_tokens().await,
             }
         }
         while tasks.join_next().await.is_some() {}
+        drop(record_tx);
+        let _ = recorder.await;
     }
 
     async fn erase_expired_tokens(&self) {
@@ -189,14 +277,23 @@ impl Deliverer {
         }
     }
 
-    /// One attempt: send, classify, record what follows. Never returns an error: a delivery whose
-    /// record could not be written stays pending and is attempted again (at-least-once).
+    /// One attempt: send, classify, hand what follows to the recorder.
     #[tracing::instrument(level = "debug", skip_all, fields(request_id = %d.request_id, host = %d.host))]
-    async fn attempt(&self, d: DueDelivery) {
+    async fn attempt(
+        self: Arc<Self>,
+        d: DueDelivery,
+        progress: mpsc::UnboundedSender<Progress>,
+        recorder: mpsc::UnboundedSender<Outcome>,
+    ) {
         let at = Micros::now();
         let started = Instant::now();
         let (result, error_class, detail) = self.send(&d).await;
         let latency = started.elapsed();
+        // The receiver is done with us: its slot goes to the next delivery while this one is
+        // recorded (a durable write that would otherwise hold the slot for a commit).
+        let _ = progress.send(Progress::Sent {
+            host: d.host.clone(),
+        });
         let number = d.attempts + 1;
         let next =
             self.settings
@@ -235,20 +332,18 @@ impl Deliverer {
                 "webhook delivery is dead"
             ),
         }
-        let attempt = Attempt {
-            at,
-            outcome: outcome.to_owned(),
-            http_status,
-            latency_ms: latency.as_millis().min(u128::from(u32::MAX)) as u32,
-            error_class: error_class.to_owned(),
-        };
-        if let Err(e) = self
-            .outbox
-            .record(&d.request_id, attempt, next, last_error)
-            .await
-        {
-            tracing::warn!(error = %e, "recording a webhook attempt failed; the delivery stays pending");
-        }
+        let _ = recorder.send(Outcome {
+            request_id: d.request_id,
+            attempt: Attempt {
+                at,
+                outcome: outcome.to_owned(),
+                http_status,
+                latency_ms: latency.as_millis().min(u128::from(u32::MAX)) as u32,
+                error_class: error_class.to_owned(),
+            },
+            next,
+            last_error,
+        });
     }
 
     /// Sends one attempt. Returns what happened, its error class (empty on a response) and a
@@ -323,6 +418,30 @@ impl Deliverer {
             ),
             Err(e) if e.is_connect() => (AttemptResult::Network, "connect", root_cause(&e)),
             Err(e) => (AttemptResult::Network, "request", root_cause(&e)),
+        }
+    }
+}
+
+/// Most outcomes recorded in one write.
+const RECORD_BATCH: usize = 512;
+
+/// Records attempt outcomes in batches, one write each, until every sender is dropped. A batch
+/// that cannot be written leaves its deliveries pending; they are sent again (at-least-once)
+/// after a pause, so a failing store is not hammered.
+async fn record(
+    outbox: Arc<dyn WebhookOutbox>,
+    mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+    progress: mpsc::UnboundedSender<Progress>,
+) {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while outcomes.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        let ids: Vec<String> = batch.iter().map(|o| o.request_id.clone()).collect();
+        if let Err(e) = outbox.record(std::mem::take(&mut batch)).await {
+            tracing::warn!(error = %e, attempts = ids.len(), "recording webhook attempts failed; those deliveries stay pending");
+            tokio::time::sleep(READ_BACKOFF).await;
+        }
+        for request_id in ids {
+            let _ = progress.send(Progress::Recorded { request_id });
         }
     }
 }

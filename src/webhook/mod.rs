@@ -132,6 +132,16 @@ pub struct Attempt {
     pub error_class: String,
 }
 
+/// An attempt and what follows it, ready to be recorded.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub request_id: String,
+    pub attempt: Attempt,
+    pub next: Next,
+    /// Empty once delivered; otherwise what went wrong, without the URL or the token.
+    pub last_error: String,
+}
+
 /// A delivery as operators see it (`ListDeliveries`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliveryView {
@@ -157,14 +167,8 @@ pub trait WebhookOutbox: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError>;
 
-    /// Records an attempt and what follows it. Delivered erases the token.
-    async fn record(
-        &self,
-        request_id: &str,
-        attempt: Attempt,
-        next: Next,
-        last_error: String,
-    ) -> Result<(), StoreError>;
+    /// Records attempts and what follows each, in one write. Delivered erases the token.
+    async fn record(&self, outcomes: Vec<Outcome>) -> Result<(), StoreError>;
 
     /// Newest first; `None` lists every state.
     async fn list(

@@ -1,16 +1,21 @@
-//! The webhook outbox on the embedded store. The `deliveries` and `delivery_attempts` tables are
+//! The webhook outbox on the embedded store. The `deliveries` table is
 //! created with the rest of the schema in `store::sqlite`, whose writer inserts a delivery in the
 //! transaction that records its decision.
 //!
 //! - `deliveries`: one row per request with a callback: `state` is `pending`, `delivered` or
-//!   `dead`; `next_attempt_us` orders the pending ones (partial index `deliveries_due`);
+//!   `dead`; `next_attempt_us` orders the pending ones (partial index `deliveries_due`, named in
+//!   the query: without statistics the planner would pick `deliveries_by_state` and sort every
+//!   pending row on each read);
 //!   `driver_token` is the plain token, NULL once no longer needed.
-//! - `delivery_attempts`: every attempt, by request_id.
+//!   `history` is every attempt, a JSON array appended to in the update that records it.
+//!
+//! One row per delivery and few indexes on purpose: each table or index is another page written
+//! by every attempt's commit.
 
 use async_trait::async_trait;
 use rusqlite::params;
 
-use super::{Attempt, DeliveryState, DeliveryView, DueDelivery, Next, WebhookOutbox};
+use super::{Attempt, DeliveryState, DeliveryView, DueDelivery, Next, Outcome, WebhookOutbox};
 use crate::{
     decision::{Micros, Reason, Status},
     store::{StoreError, sqlite::Database},
@@ -31,7 +36,7 @@ impl WebhookOutbox for Database {
             let mut stmt = conn.prepare_cached(
                 "SELECT request_id, station_id, callback_url, host, driver_token, status, reason,
                         decided_at_us, attempts, next_attempt_us, age_from_us
-                 FROM deliveries
+                 FROM deliveries INDEXED BY deliveries_due
                  WHERE state = 'pending'
                    AND host NOT IN (SELECT value FROM json_each(?1))
                    AND request_id NOT IN (SELECT value FROM json_each(?2))
@@ -59,47 +64,36 @@ impl WebhookOutbox for Database {
         .await
     }
 
-    async fn record(
-        &self,
-        request_id: &str,
-        attempt: Attempt,
-        next: Next,
-        last_error: String,
-    ) -> Result<(), StoreError> {
-        let request_id = request_id.to_owned();
+    async fn record(&self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
         self.write_with(move |tx| {
-            tx.prepare_cached(
-                "INSERT INTO delivery_attempts
-                     (request_id, at_us, outcome, http_status, latency_ms, error_class)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                request_id,
-                attempt.at.0,
-                attempt.outcome,
-                attempt.http_status,
-                attempt.latency_ms,
-                attempt.error_class
-            ])?;
-            let (state, next_at, finished_at) = match next {
-                Next::Delivered => (DeliveryState::Delivered, None, Some(attempt.at.0)),
-                Next::RetryAt(at) => (DeliveryState::Pending, Some(at.0), None),
-                Next::Dead(_) => (DeliveryState::Dead, None, Some(attempt.at.0)),
-            };
-            tx.prepare_cached(
+            let mut update = tx.prepare_cached(
                 "UPDATE deliveries
                  SET attempts = attempts + 1, state = ?2, next_attempt_us = ?3,
                      finished_at_us = ?4, last_error = ?5,
+                     history = json_insert(history, '$[#]', json_array(?6, ?7, ?8, ?9, ?10)),
                      driver_token = CASE WHEN ?2 = 'delivered' THEN NULL ELSE driver_token END
                  WHERE request_id = ?1 AND state = 'pending'",
-            )?
-            .execute(params![
-                request_id,
-                state.as_str(),
-                next_at,
-                finished_at,
-                last_error
-            ])?;
+            )?;
+            for o in &outcomes {
+                let a = &o.attempt;
+                let (state, next_at, finished_at) = match o.next {
+                    Next::Delivered => (DeliveryState::Delivered, None, Some(a.at.0)),
+                    Next::RetryAt(at) => (DeliveryState::Pending, Some(at.0), None),
+                    Next::Dead(_) => (DeliveryState::Dead, None, Some(a.at.0)),
+                };
+                update.execute(params![
+                    o.request_id,
+                    state.as_str(),
+                    next_at,
+                    finished_at,
+                    o.last_error,
+                    a.at.0,
+                    a.outcome,
+                    a.http_status,
+                    a.latency_ms,
+                    a.error_class
+                ])?;
+            }
             Ok(())
         })
         .await
@@ -111,13 +105,26 @@ impl WebhookOutbox for Database {
         limit: usize,
     ) -> Result<Vec<DeliveryView>, StoreError> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT request_id, station_id, callback_url, state, next_attempt_us, last_error
-                 FROM deliveries WHERE ?1 IS NULL OR state = ?1
-                 ORDER BY seq DESC LIMIT ?2",
-            )?;
+            // Dead deliveries have their own index; pending ones are in `deliveries_due`;
+            // delivered ones are most of the table, found newest first without an index.
+            let mut stmt = match state {
+                Some(DeliveryState::Dead) => conn.prepare_cached(
+                    "SELECT request_id, station_id, callback_url, state, next_attempt_us, last_error, history
+                     FROM deliveries INDEXED BY deliveries_dead
+                     WHERE state = 'dead' AND ?1 = 'dead' ORDER BY seq DESC LIMIT ?2",
+                )?,
+                Some(_) => conn.prepare_cached(
+                    "SELECT request_id, station_id, callback_url, state, next_attempt_us, last_error, history
+                     FROM deliveries WHERE state = ?1 ORDER BY seq DESC LIMIT ?2",
+                )?,
+                None => conn.prepare_cached(
+                    "SELECT request_id, station_id, callback_url, state, next_attempt_us, last_error, history
+                     FROM deliveries WHERE ?1 IS NULL ORDER BY seq DESC LIMIT ?2",
+                )?,
+            };
             let rows = stmt.query_map(params![state.map(|s| s.as_str()), limit as i64], |r| {
                 let state: String = r.get(3)?;
+                let history: String = r.get(6)?;
                 Ok(DeliveryView {
                     request_id: r.get(0)?,
                     station_id: r.get(1)?,
@@ -125,28 +132,10 @@ impl WebhookOutbox for Database {
                     state: DeliveryState::parse(&state).ok_or_else(|| bad(3, "state"))?,
                     next_attempt_at: r.get::<_, Option<i64>>(4)?.map(Micros),
                     last_error: r.get(5)?,
-                    history: Vec::new(),
+                    history: parse_history(&history).ok_or_else(|| bad(6, "history"))?,
                 })
             })?;
-            let mut views = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut attempts = conn.prepare_cached(
-                "SELECT at_us, outcome, http_status, latency_ms, error_class
-                 FROM delivery_attempts WHERE request_id = ?1 ORDER BY at_us",
-            )?;
-            for view in &mut views {
-                view.history = attempts
-                    .query_map([&view.request_id], |r| {
-                        Ok(Attempt {
-                            at: Micros(r.get(0)?),
-                            outcome: r.get(1)?,
-                            http_status: r.get(2)?,
-                            latency_ms: r.get(3)?,
-                            error_class: r.get(4)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-            }
-            Ok(views)
+            rows.collect()
         })
         .await
     }
@@ -186,6 +175,25 @@ impl WebhookOutbox for Database {
         })
         .await
     }
+}
+
+/// The `history` column: a JSON array of `[at_us, outcome, http_status, latency_ms, error_class]`.
+fn parse_history(json: &str) -> Option<Vec<Attempt>> {
+    type Row = (i64, String, Option<u16>, u32, String);
+    let rows: Vec<Row> = serde_json::from_str(json).ok()?;
+    Some(
+        rows.into_iter()
+            .map(
+                |(at, outcome, http_status, latency_ms, error_class)| Attempt {
+                    at: Micros(at),
+                    outcome,
+                    http_status,
+                    latency_ms,
+                    error_class,
+                },
+            )
+            .collect(),
+    )
 }
 
 fn bad(i: usize, what: &str) -> rusqlite::Error {
