@@ -163,5 +163,6 @@ pub fn body_of(i: u64) -> DueDelivery {
         attempts: 0,
         next_attempt_at: Micros::now(),
         age_from: Micros::now(),
+        seq: i as i64,
     }
 }

@@ -142,10 +142,21 @@ enum WriteOp {
         oneshot::Sender<Result<Settled, StoreError>>,
     ),
     Ping(oneshot::Sender<Result<(), StoreError>>),
-    /// Any other write (grants, later audit records): runs in the batch's transaction.
-    Run(WriteFn, oneshot::Sender<Result<(), StoreError>>),
+    /// Any other write (grants, webhook attempts): runs in the batch's transaction.
+    Run(WriteFn, Durability, oneshot::Sender<Result<(), StoreError>>),
     /// Finish what is queued, checkpoint the WAL into the main file and stop.
     Close(oneshot::Sender<()>),
+}
+
+/// What a committed write survives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Power loss: the commit waits for fsync (`synchronous = FULL`).
+    Full,
+    /// A crash of the process, not of the machine: a batch made only of such writes commits
+    /// without fsync; the next full commit makes it durable too (WAL order). For records whose loss
+    /// repeats work instead of losing it, such as a webhook attempt that is then sent again.
+    Process,
 }
 
 /// What one write did inside a transaction that has not committed yet.
@@ -258,6 +269,7 @@ impl Database {
             queue_max,
             shared: shared.clone(),
             hub,
+            relaxed: false,
         };
         thread::Builder::new()
             .name("sqlite-writer".into())
@@ -341,6 +353,19 @@ impl Database {
         T: Send + 'static,
         F: Fn(&Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
     {
+        self.write_with_durability(Durability::Full, f).await
+    }
+
+    /// [`Database::write_with`] with the durability the write needs.
+    pub(crate) async fn write_with_durability<T, F>(
+        &self,
+        durability: Durability,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+    {
         let slot = Arc::new(Mutex::new(None));
         let out = slot.clone();
         let run: WriteFn = Box::new(move |tx| {
@@ -348,7 +373,7 @@ impl Database {
             Ok(())
         });
         let (tx, rx) = oneshot::channel();
-        self.write(WriteOp::Run(run, tx), rx).await?;
+        self.write(WriteOp::Run(run, durability, tx), rx).await?;
         let result = slot.lock().expect("result slot").take();
         result.ok_or(StoreError::Closed)
     }
@@ -659,6 +684,8 @@ struct Writer {
     queue_max: u64,
     shared: Arc<Shared>,
     hub: Arc<Hub>,
+    /// The connection is at `synchronous = NORMAL` (a batch of [`Durability::Process`] writes).
+    relaxed: bool,
 }
 
 impl Writer {
@@ -709,7 +736,7 @@ impl Writer {
                                     drop(reply.send(Ok(s)))
                                 }
                                 (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
-                                (WriteOp::Run(_, reply), Applied::Run) => drop(reply.send(Ok(()))),
+                                (WriteOp::Run(_, _, reply), Applied::Run) => drop(reply.send(Ok(()))),
                                 (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => {
                                     drop(reply.send(Ok(n)))
                                 }
@@ -732,7 +759,7 @@ impl Writer {
                             WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Settle(_, _, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Ping(reply) => drop(reply.send(Err(err.clone()))),
-                            WriteOp::Run(_, reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::Run(_, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Purge(_, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Close(reply) => closing = Some(reply),
                         }
@@ -758,6 +785,17 @@ impl Writer {
         batch: &[WriteOp],
     ) -> rusqlite::Result<(Vec<Applied>, Vec<RecordedDecision>, Option<u64>, bool)> {
         let mut pending = self.shared.pending.load(Ordering::Relaxed);
+        let relaxed = batch
+            .iter()
+            .all(|op| matches!(op, WriteOp::Run(_, Durability::Process, _)));
+        if relaxed != self.relaxed {
+            self.conn.pragma_update(
+                None,
+                "synchronous",
+                if relaxed { "NORMAL" } else { "FULL" },
+            )?;
+            self.relaxed = relaxed;
+        }
         let tx = self.conn.transaction()?;
         let mut applied = Vec::with_capacity(batch.len());
         let mut published = Vec::new();
@@ -801,7 +839,7 @@ impl Writer {
                     }
                     Applied::Purge(purged)
                 }
-                WriteOp::Run(f, _) => {
+                WriteOp::Run(f, _, _) => {
                     f(&tx)?;
                     Applied::Run
                 }
@@ -927,12 +965,14 @@ fn settle(
     Ok((settled, deleted == 1))
 }
 
-/// Adds the pending delivery of a decision's callback, due at once.
+/// Adds the pending delivery of a decision's callback, due at once. Due from now (the commit),
+/// not from the decision: the delivery engine reads on from the last delivery it took, and a
+/// delivery committed later must not land before it.
 fn add_delivery(tx: &Transaction<'_>, d: &NewDecision, c: &Callback) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO deliveries (request_id, station_id, callback_url, host, driver_token, status,
                                  reason, decided_at_us, state, attempts, next_attempt_us, age_from_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?8, ?8)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?9, ?8)
          ON CONFLICT (request_id) DO NOTHING",
     )?
     .execute(params![
@@ -944,6 +984,7 @@ fn add_delivery(tx: &Transaction<'_>, d: &NewDecision, c: &Callback) -> rusqlite
         d.verdict.status().as_str(),
         d.verdict.reason.as_str(),
         d.decided_at.0,
+        Micros::now().0.max(d.decided_at.0),
     ])?;
     Ok(())
 }

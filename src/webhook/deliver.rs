@@ -84,14 +84,16 @@ enum Progress {
     Sent { host: String },
     /// The attempt is recorded: the delivery may be read from the outbox again.
     Recorded { request_id: String },
+    /// Recording failed: those deliveries are pending again where they were, behind the cursor.
+    Rewind,
 }
 
 /// Pending deliveries read at once from the outbox.
-const READ_BATCH: usize = 256;
+const READ_BATCH: usize = 128;
 /// Deliveries held per host (ready in memory or being sent), as a multiple of its concurrency.
 /// A host is read again only once it is down to half of this, so the outbox is read once per
 /// many deliveries rather than once per freed slot.
-const HOST_BUFFER_FACTOR: usize = 4;
+const HOST_BUFFER_FACTOR: usize = 8;
 
 /// The dispatcher's view of the deliveries it took from the outbox.
 #[derive(Default)]
@@ -106,6 +108,14 @@ struct Dispatch {
     taken: HashSet<String>,
     /// Something may be due that was not read yet.
     stale: bool,
+    /// Where the next read starts: every pending delivery before it was taken, or belongs to a
+    /// host in `passed_over`. New deliveries, retries and redrives are due after it, so reads
+    /// do not scan what is in flight again and again.
+    cursor: Option<(Micros, i64)>,
+    /// Hosts whose deliveries a read left out (they were full): when one has room again, reads
+    /// start from the beginning.
+    passed_over: HashSet<String>,
+    last_rewind: Option<Instant>,
 }
 
 impl Dispatch {
@@ -126,12 +136,23 @@ impl Dispatch {
                 // The host has room again: its next deliveries may be read.
                 if self.load(&host) == host_buffer / 2 - 1 || self.load(&host) == 0 {
                     self.stale = true;
+                    if self.passed_over.contains(&host) {
+                        self.rewind();
+                    }
                 }
             }
             Progress::Recorded { request_id } => {
                 self.taken.remove(&request_id);
             }
+            Progress::Rewind => self.rewind(),
         }
+    }
+
+    fn rewind(&mut self) {
+        self.cursor = None;
+        self.passed_over.clear();
+        self.last_rewind = Some(Instant::now());
+        self.stale = true;
     }
 
     /// Hosts that should not be read now: they hold at least half their buffer.
@@ -189,10 +210,15 @@ impl Deliverer {
             while tasks.try_join_next().is_some() {}
 
             if d.stale && d.taken.len() < max_taken {
+                // A safety net for clock steps: now and then, read from the beginning.
+                if d.last_rewind.is_none_or(|at| at.elapsed() > IDLE_LOOK) {
+                    d.rewind();
+                }
                 d.stale = false;
                 let full = d.full_hosts(host_buffer);
+                d.passed_over.extend(full.iter().cloned());
                 let taken: Vec<String> = d.taken.iter().cloned().collect();
-                match this.outbox.pending(full, taken, READ_BATCH).await {
+                match this.outbox.pending(full, taken, d.cursor, READ_BATCH).await {
                     Ok(rows) => {
                         let now = Micros::now();
                         let read = rows.len();
@@ -209,6 +235,9 @@ impl Deliverer {
                                 // Read again once the host has room.
                                 skipped = true;
                                 continue;
+                            }
+                            if !skipped {
+                                d.cursor = Some((row.next_attempt_at, row.seq));
                             }
                             d.taken.insert(row.request_id.clone());
                             d.ready.entry(row.host.clone()).or_default().push_back(row);
@@ -255,7 +284,7 @@ impl Deliverer {
                 _ = stop.cancelled() => break,
                 Some(progress) = progress_rx.recv() => d.on(progress, host_buffer),
                 _ = this.wake.notified() => d.stale = true,
-                _ = tokio::time::sleep_until(wait) => d.stale = true,
+                _ = tokio::time::sleep_until(wait) => d.rewind(),
                 _ = erase.tick() => this.erase_expired_tokens().await,
             }
         }
@@ -439,6 +468,7 @@ async fn record(
         if let Err(e) = outbox.record(std::mem::take(&mut batch)).await {
             tracing::warn!(error = %e, attempts = ids.len(), "recording webhook attempts failed; those deliveries stay pending");
             tokio::time::sleep(READ_BACKOFF).await;
+            let _ = progress.send(Progress::Rewind);
         }
         for request_id in ids {
             let _ = progress.send(Progress::Recorded { request_id });

@@ -91,6 +91,8 @@ pub struct DueDelivery {
     /// Attempts made since the delivery was created or last redriven.
     pub attempts: u32,
     pub next_attempt_at: Micros,
+    /// Its place in the outbox: with `next_attempt_at`, the order deliveries are read in.
+    pub seq: i64,
     /// Where `webhook_max_age_ms` counts from: the decision, or the last redrive.
     pub age_from: Micros,
 }
@@ -159,11 +161,13 @@ pub struct DeliveryView {
 #[async_trait]
 pub trait WebhookOutbox: Send + Sync + 'static {
     /// Pending deliveries in the order they are due (including ones not due yet, so the caller
-    /// learns when to look again), leaving out the hosts and request_ids named.
+    /// learns when to look again), after `after` (a `(next_attempt_at, seq)` position), leaving
+    /// out the hosts and request_ids named.
     async fn pending(
         &self,
         skip_hosts: Vec<String>,
         skip_ids: Vec<String>,
+        after: Option<(Micros, i64)>,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError>;
 

@@ -18,7 +18,10 @@ use rusqlite::params;
 use super::{Attempt, DeliveryState, DeliveryView, DueDelivery, Next, Outcome, WebhookOutbox};
 use crate::{
     decision::{Micros, Reason, Status},
-    store::{StoreError, sqlite::Database},
+    store::{
+        StoreError,
+        sqlite::{Database, Durability},
+    },
     token::DriverToken,
 };
 
@@ -28,21 +31,24 @@ impl WebhookOutbox for Database {
         &self,
         skip_hosts: Vec<String>,
         skip_ids: Vec<String>,
+        after: Option<(Micros, i64)>,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
+        let (after_at, after_seq) = after.map_or((i64::MIN, i64::MIN), |(at, seq)| (at.0, seq));
         let hosts = serde_json::to_string(&skip_hosts).expect("strings serialize");
         let ids = serde_json::to_string(&skip_ids).expect("strings serialize");
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT request_id, station_id, callback_url, host, driver_token, status, reason,
-                        decided_at_us, attempts, next_attempt_us, age_from_us
+                        decided_at_us, attempts, next_attempt_us, age_from_us, seq
                  FROM deliveries INDEXED BY deliveries_due
                  WHERE state = 'pending'
+                   AND (next_attempt_us, seq) > (?4, ?5)
                    AND host NOT IN (SELECT value FROM json_each(?1))
                    AND request_id NOT IN (SELECT value FROM json_each(?2))
-                 ORDER BY next_attempt_us LIMIT ?3",
+                 ORDER BY next_attempt_us, seq LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![hosts, ids, limit as i64], |r| {
+            let rows = stmt.query_map(params![hosts, ids, limit as i64, after_at, after_seq], |r| {
                 let status: String = r.get(5)?;
                 let reason: String = r.get(6)?;
                 Ok(DueDelivery {
@@ -57,6 +63,7 @@ impl WebhookOutbox for Database {
                     attempts: r.get(8)?,
                     next_attempt_at: Micros(r.get(9)?),
                     age_from: Micros(r.get(10)?),
+                    seq: r.get(11)?,
                 })
             })?;
             rows.collect()
@@ -65,7 +72,9 @@ impl WebhookOutbox for Database {
     }
 
     async fn record(&self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
-        self.write_with(move |tx| {
+        // A lost attempt record means the attempt is made again: at-least-once holds without
+        // waiting for fsync (a kill -9 loses nothing; a power loss may repeat the last attempts).
+        self.write_with_durability(Durability::Process, move |tx| {
             let mut update = tx.prepare_cached(
                 "UPDATE deliveries
                  SET attempts = attempts + 1, state = ?2, next_attempt_us = ?3,
