@@ -736,7 +736,9 @@ impl Writer {
                                     drop(reply.send(Ok(s)))
                                 }
                                 (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
-                                (WriteOp::Run(_, _, reply), Applied::Run) => drop(reply.send(Ok(()))),
+                                (WriteOp::Run(_, _, reply), Applied::Run) => {
+                                    drop(reply.send(Ok(())))
+                                }
                                 (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => {
                                     drop(reply.send(Ok(n)))
                                 }

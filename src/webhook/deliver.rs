@@ -453,6 +453,8 @@ impl Deliverer {
 
 /// Most outcomes recorded in one write.
 const RECORD_BATCH: usize = 512;
+/// How long the recorder gathers outcomes before writing a batch that is not full.
+const RECORD_GATHER: Duration = Duration::from_millis(5);
 
 /// Records attempt outcomes in batches, one write each, until every sender is dropped. A batch
 /// that cannot be written leaves its deliveries pending; they are sent again (at-least-once)
@@ -464,6 +466,17 @@ async fn record(
 ) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
     while outcomes.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        // Gather a little longer: every commit rewrites the pages it touches, so a few large
+        // commits cost far less than many small ones. Nobody waits on these records.
+        let gathering = tokio::time::sleep(RECORD_GATHER);
+        tokio::pin!(gathering);
+        while batch.len() < RECORD_BATCH {
+            let room = RECORD_BATCH - batch.len();
+            tokio::select! {
+                _ = &mut gathering => break,
+                n = outcomes.recv_many(&mut batch, room) => if n == 0 { break },
+            }
+        }
         let ids: Vec<String> = batch.iter().map(|o| o.request_id.clone()).collect();
         if let Err(e) = outbox.record(std::mem::take(&mut batch)).await {
             tracing::warn!(error = %e, attempts = ids.len(), "recording webhook attempts failed; those deliveries stay pending");

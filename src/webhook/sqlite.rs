@@ -48,24 +48,27 @@ impl WebhookOutbox for Database {
                    AND request_id NOT IN (SELECT value FROM json_each(?2))
                  ORDER BY next_attempt_us, seq LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![hosts, ids, limit as i64, after_at, after_seq], |r| {
-                let status: String = r.get(5)?;
-                let reason: String = r.get(6)?;
-                Ok(DueDelivery {
-                    request_id: r.get(0)?,
-                    station_id: r.get(1)?,
-                    callback_url: r.get(2)?,
-                    host: r.get(3)?,
-                    token: DriverToken::new(r.get::<_, Option<String>>(4)?.unwrap_or_default()),
-                    status: Status::parse(&status).ok_or_else(|| bad(5, "status"))?,
-                    reason: Reason::parse(&reason).ok_or_else(|| bad(6, "reason"))?,
-                    decided_at: Micros(r.get(7)?),
-                    attempts: r.get(8)?,
-                    next_attempt_at: Micros(r.get(9)?),
-                    age_from: Micros(r.get(10)?),
-                    seq: r.get(11)?,
-                })
-            })?;
+            let rows = stmt.query_map(
+                params![hosts, ids, limit as i64, after_at, after_seq],
+                |r| {
+                    let status: String = r.get(5)?;
+                    let reason: String = r.get(6)?;
+                    Ok(DueDelivery {
+                        request_id: r.get(0)?,
+                        station_id: r.get(1)?,
+                        callback_url: r.get(2)?,
+                        host: r.get(3)?,
+                        token: DriverToken::new(r.get::<_, Option<String>>(4)?.unwrap_or_default()),
+                        status: Status::parse(&status).ok_or_else(|| bad(5, "status"))?,
+                        reason: Reason::parse(&reason).ok_or_else(|| bad(6, "reason"))?,
+                        decided_at: Micros(r.get(7)?),
+                        attempts: r.get(8)?,
+                        next_attempt_at: Micros(r.get(9)?),
+                        age_from: Micros(r.get(10)?),
+                        seq: r.get(11)?,
+                    })
+                },
+            )?;
             rows.collect()
         })
         .await
