@@ -82,8 +82,9 @@ pub struct Deliverer {
 enum Progress {
     /// The HTTP exchange is over: the host's (and the global) slot is free.
     Sent { host: String },
-    /// The attempt is recorded: the delivery may be read from the outbox again.
-    Recorded { request_id: String },
+    /// The attempt is recorded: the delivery may be read from the outbox again (`retry` when
+    /// it is pending again, due later).
+    Recorded { request_id: String, retry: bool },
     /// Recording failed: those deliveries are pending again where they were, behind the cursor.
     Rewind,
 }
@@ -141,8 +142,10 @@ impl Dispatch {
                     }
                 }
             }
-            Progress::Recorded { request_id } => {
+            Progress::Recorded { request_id, retry } => {
                 self.taken.remove(&request_id);
+                // The next read learns when it is due.
+                self.stale |= retry;
             }
             Progress::Rewind => self.rewind(),
         }
@@ -477,14 +480,17 @@ async fn record(
                 n = outcomes.recv_many(&mut batch, room) => if n == 0 { break },
             }
         }
-        let ids: Vec<String> = batch.iter().map(|o| o.request_id.clone()).collect();
+        let ids: Vec<(String, bool)> = batch
+            .iter()
+            .map(|o| (o.request_id.clone(), matches!(o.next, Next::RetryAt(_))))
+            .collect();
         if let Err(e) = outbox.record(std::mem::take(&mut batch)).await {
             tracing::warn!(error = %e, attempts = ids.len(), "recording webhook attempts failed; those deliveries stay pending");
             tokio::time::sleep(READ_BACKOFF).await;
             let _ = progress.send(Progress::Rewind);
         }
-        for request_id in ids {
-            let _ = progress.send(Progress::Recorded { request_id });
+        for (request_id, retry) in ids {
+            let _ = progress.send(Progress::Recorded { request_id, retry });
         }
     }
 }

@@ -76,6 +76,8 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
     for expected in [
         "chargegate.v1.ChargingAuthorization",
+        "chargegate.v1.Grants",
+        "chargegate.v1.Webhooks",
         "grpc.health.v1.Health",
     ] {
         assert!(

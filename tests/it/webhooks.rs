@@ -20,7 +20,7 @@ use tonic_types::StatusExt;
 use crate::support::{
     PATIENCE, STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_UNKNOWN, TestDir, TestServer,
     binary::ChildServer,
-    files_containing,
+    files_containing, metric,
     receiver::{Received, Reply, WebhookReceiver},
     standard_acl,
 };
@@ -140,6 +140,12 @@ async fn delivers_signed_decisions_and_retries_until_a_2xx() {
     );
 
     let got = receiver.wait_for(4).await;
+    // The backoff is at most 40 ms here: retries come on time, not at the next idle look.
+    assert!(
+        got[3].at - got[0].at < Duration::from_secs(4),
+        "{:?}",
+        got[3].at - got[0].at
+    );
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -174,6 +180,8 @@ async fn delivers_signed_decisions_and_retries_until_a_2xx() {
     assert_eq!(outcomes, ["retry", "retry", "retry", "delivered"]);
     assert_eq!((d.attempts, d.last_error.as_str()), (4, ""));
     assert_eq!(d.callback_url, receiver.url("/hooks/charging"));
+    assert!(metric("chargegate_webhook_deliveries_total{outcome=\"retry\"}") >= 3.0);
+    assert!(metric("chargegate_webhook_deliveries_total{outcome=\"delivered\"}") >= 1.0);
 
     // Nothing after the 2xx: the next delivery to the same receiver is the only other request.
     let second = client
