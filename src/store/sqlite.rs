@@ -626,6 +626,9 @@ fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection>
     if !read_only {
         conn.pragma_update(None, "journal_mode", "WAL")?;
     }
+    // The query planner stability guarantee: plans never depend on bound values. Without it, a
+    // query on a table with partial indexes is prepared again each time its parameters change.
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     conn.execute_batch(
         "PRAGMA synchronous = FULL;
          PRAGMA secure_delete = ON;
