@@ -110,7 +110,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     age_from_us     INTEGER NOT NULL,
     finished_at_us  INTEGER,
     last_error      TEXT NOT NULL DEFAULT '',
-    history         TEXT NOT NULL DEFAULT '[]'
+    history         TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_us) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (seq) WHERE state = 'dead';
@@ -146,7 +146,14 @@ enum WriteOp {
     Run(WriteFn, Durability, oneshot::Sender<Result<(), StoreError>>),
     /// Finish what is queued, checkpoint the WAL into the main file and stop.
     Close(oneshot::Sender<()>),
+    /// A read on the write connection, after the batch it arrived with is committed. The
+    /// writer's page cache is always current, where a read connection's is dropped whenever
+    /// the database changed: for small reads repeated under a steady stream of writes.
+    Read(ReadFn),
 }
+
+/// A read run by the writer thread; it sends its own result.
+type ReadFn = Box<dyn FnOnce(&Connection) + Send>;
 
 /// What a committed write survives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -376,6 +383,24 @@ impl Database {
         self.write(WriteOp::Run(run, durability, tx), rx).await?;
         let result = slot.lock().expect("result slot").take();
         result.ok_or(StoreError::Closed)
+    }
+
+    /// Runs `f` on the write connection between two commits (see [`WriteOp::Read`]).
+    pub(crate) async fn read_on_writer<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let read: ReadFn = Box::new(move |conn| {
+            let _ = tx.send(f(conn).map_err(StoreError::backend));
+        });
+        self.inner
+            .writer
+            .send(WriteOp::Read(read))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` on a pooled read connection on the blocking pool.
@@ -628,7 +653,10 @@ fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection>
     }
     // The query planner stability guarantee: plans never depend on bound values. Without it, a
     // query on a table with partial indexes is prepared again each time its parameters change.
-    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     conn.execute_batch(
         "PRAGMA synchronous = FULL;
          PRAGMA secure_delete = ON;
@@ -706,8 +734,39 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let reads: Vec<ReadFn> = batch
+                .extract_if(.., |op| matches!(op, WriteOp::Read(_)))
+                .map(|op| match op {
+                    WriteOp::Read(read) => read,
+                    _ => unreachable!("only reads are extracted"),
+                })
+                .collect();
+            if !batch.is_empty() {
+                self.commit_and_answer(&mut batch, &mut closing);
+            }
+            for read in reads {
+                read(&self.conn);
+            }
+        }
+        rx.close();
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
+        }
+        drop(self.conn);
+        if let Some(reply) = closing {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Commits a batch of writes and answers each caller.
+    fn commit_and_answer(
+        &mut self,
+        batch: &mut Vec<WriteOp>,
+        closing: &mut Option<oneshot::Sender<()>>,
+    ) {
+        {
             let started = std::time::Instant::now();
-            let committed = self.commit(&batch);
+            let committed = self.commit(batch);
             metrics::histogram!("chargegate_store_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("chargegate_store_commit_writes").record(batch.len() as f64);
@@ -745,7 +804,7 @@ impl Writer {
                                 (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => {
                                     drop(reply.send(Ok(n)))
                                 }
-                                (WriteOp::Close(reply), Applied::Close) => closing = Some(reply),
+                                (WriteOp::Close(reply), Applied::Close) => *closing = Some(reply),
                                 _ => unreachable!("results follow the batch order"),
                             }
                         }
@@ -766,19 +825,12 @@ impl Writer {
                             WriteOp::Ping(reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Run(_, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Purge(_, _, reply) => drop(reply.send(Err(err.clone()))),
-                            WriteOp::Close(reply) => closing = Some(reply),
+                            WriteOp::Close(reply) => *closing = Some(reply),
+                            WriteOp::Read(_) => unreachable!("reads are not in the batch"),
                         }
                     }
                 }
             }
-        }
-        rx.close();
-        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
-            tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
-        }
-        drop(self.conn);
-        if let Some(reply) = closing {
-            let _ = reply.send(());
         }
     }
 
@@ -849,6 +901,7 @@ impl Writer {
                     Applied::Run
                 }
                 WriteOp::Close(_) => Applied::Close,
+                WriteOp::Read(_) => unreachable!("reads are not in the batch"),
             });
         }
         tx.commit()?;

@@ -7,7 +7,8 @@
 //!   the query: without statistics the planner would pick `deliveries_by_state` and sort every
 //!   pending row on each read);
 //!   `driver_token` is the plain token, NULL once no longer needed.
-//!   `history` is every attempt, a JSON array appended to in the update that records it.
+//!   `history` is every attempt, one JSON array per line (`[at_us, outcome, http_status,
+//!   latency_ms, error_class]`), appended to by the update that records it.
 //!
 //! One row per delivery and few indexes on purpose: each table or index is another page written
 //! by every attempt's commit.
@@ -37,7 +38,7 @@ impl WebhookOutbox for Database {
         let (after_at, after_seq) = after.map_or((i64::MIN, i64::MIN), |(at, seq)| (at.0, seq));
         let hosts = serde_json::to_string(&skip_hosts).expect("strings serialize");
         let ids = serde_json::to_string(&skip_ids).expect("strings serialize");
-        self.read(move |conn| {
+        self.read_on_writer(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT request_id, station_id, callback_url, host, driver_token, status, reason,
                         decided_at_us, attempts, next_attempt_us, age_from_us, seq
@@ -82,7 +83,7 @@ impl WebhookOutbox for Database {
                 "UPDATE deliveries
                  SET attempts = attempts + 1, state = ?2, next_attempt_us = ?3,
                      finished_at_us = ?4, last_error = ?5,
-                     history = json_insert(history, '$[#]', json_array(?6, ?7, ?8, ?9, ?10)),
+                     history = history || ?6,
                      driver_token = CASE WHEN ?2 = 'delivered' THEN NULL ELSE driver_token END
                  WHERE request_id = ?1 AND state = 'pending'",
             )?;
@@ -93,17 +94,20 @@ impl WebhookOutbox for Database {
                     Next::RetryAt(at) => (DeliveryState::Pending, Some(at.0), None),
                     Next::Dead(_) => (DeliveryState::Dead, None, Some(a.at.0)),
                 };
+                let line = serde_json::json!([
+                    a.at.0,
+                    a.outcome,
+                    a.http_status,
+                    a.latency_ms,
+                    a.error_class
+                ]);
                 update.execute(params![
                     o.request_id,
                     state.as_str(),
                     next_at,
                     finished_at,
                     o.last_error,
-                    a.at.0,
-                    a.outcome,
-                    a.http_status,
-                    a.latency_ms,
-                    a.error_class
+                    format!("{line}\n"),
                 ])?;
             }
             Ok(())
