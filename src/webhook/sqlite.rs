@@ -193,23 +193,23 @@ impl WebhookOutbox for Database {
     }
 }
 
-/// The `history` column: a JSON array of `[at_us, outcome, http_status, latency_ms, error_class]`.
-fn parse_history(json: &str) -> Option<Vec<Attempt>> {
+/// The `history` column: one `[at_us, outcome, http_status, latency_ms, error_class]` per line.
+fn parse_history(lines: &str) -> Option<Vec<Attempt>> {
     type Row = (i64, String, Option<u16>, u32, String);
-    let rows: Vec<Row> = serde_json::from_str(json).ok()?;
-    Some(
-        rows.into_iter()
-            .map(
-                |(at, outcome, http_status, latency_ms, error_class)| Attempt {
-                    at: Micros(at),
-                    outcome,
-                    http_status,
-                    latency_ms,
-                    error_class,
-                },
-            )
-            .collect(),
-    )
+    lines
+        .lines()
+        .map(|line| {
+            let (at, outcome, http_status, latency_ms, error_class): Row =
+                serde_json::from_str(line).ok()?;
+            Some(Attempt {
+                at: Micros(at),
+                outcome,
+                http_status,
+                latency_ms,
+                error_class,
+            })
+        })
+        .collect()
 }
 
 fn bad(i: usize, what: &str) -> rusqlite::Error {
