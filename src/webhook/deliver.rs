@@ -76,6 +76,29 @@ pub struct Deliverer {
     settings: Settings,
     /// Rung by the store when it commits new deliveries (or redrives dead ones).
     wake: Arc<Notify>,
+    meters: Meters,
+}
+
+/// Metric handles, registered once rather than looked up on every attempt.
+struct Meters {
+    delivered: metrics::Counter,
+    retry: metrics::Counter,
+    dead: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl Meters {
+    fn new() -> Self {
+        let outcome = |o: &'static str| {
+            metrics::counter!("chargegate_webhook_deliveries_total", "outcome" => o)
+        };
+        Self {
+            delivered: outcome("delivered"),
+            retry: outcome("retry"),
+            dead: outcome("dead"),
+            duration: metrics::histogram!("chargegate_webhook_delivery_duration_seconds"),
+        }
+    }
 }
 
 /// What an attempt task reports to the dispatcher.
@@ -182,6 +205,7 @@ impl Deliverer {
             client,
             settings,
             wake,
+            meters: Meters::new(),
         }
     }
 
@@ -335,14 +359,13 @@ impl Deliverer {
             AttemptResult::Status { code, .. } => Some(code),
             _ => None,
         };
-        let outcome = match next {
-            Next::Delivered => "delivered",
-            Next::RetryAt(_) => "retry",
-            Next::Dead(_) => "dead",
+        let (outcome, counter) = match next {
+            Next::Delivered => ("delivered", &self.meters.delivered),
+            Next::RetryAt(_) => ("retry", &self.meters.retry),
+            Next::Dead(_) => ("dead", &self.meters.dead),
         };
-        metrics::counter!("chargegate_webhook_deliveries_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("chargegate_webhook_delivery_duration_seconds")
-            .record(latency.as_secs_f64());
+        counter.increment(1);
+        self.meters.duration.record(latency.as_secs_f64());
         let last_error = match next {
             Next::Delivered => String::new(),
             Next::RetryAt(_) => detail,
