@@ -1013,10 +1013,15 @@ async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::R
         token::{DriverToken, Fingerprinter},
     };
     std::fs::create_dir_all(data)?;
-    let db = Database::open(&data.join("chargegate.db"), u64::MAX, Arc::new(Hub::new()))?;
+    let fingerprinter = Fingerprinter::new(TOKEN_KEY.as_bytes())?;
+    let db = Database::open(
+        &data.join("chargegate.db"),
+        u64::MAX,
+        Arc::new(Hub::new()),
+        fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
+    )?;
     let queue = Arc::new(SqliteQueue::new(db.clone(), Duration::from_secs(60)));
-    let fingerprint =
-        Fingerprinter::new(TOKEN_KEY.as_bytes())?.fingerprint(&DriverToken::new(TOKEN));
+    let fingerprint = fingerprinter.fingerprint(&DriverToken::new(TOKEN));
     let mut in_flight = tokio::task::JoinSet::new();
     let mut settled = 0;
     let mut i = 0;
@@ -1107,10 +1112,15 @@ async fn seed_backlog(data: &std::path::Path, n: u64) -> anyhow::Result<()> {
         token::{DriverToken, Fingerprinter},
     };
     std::fs::create_dir_all(data)?;
-    let db = Database::open(&data.join("chargegate.db"), u64::MAX, Arc::new(Hub::new()))?;
+    let fingerprinter = Fingerprinter::new(TOKEN_KEY.as_bytes())?;
+    let db = Database::open(
+        &data.join("chargegate.db"),
+        u64::MAX,
+        Arc::new(Hub::new()),
+        fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
+    )?;
     let queue = Arc::new(SqliteQueue::new(db.clone(), Duration::from_secs(60)));
-    let fingerprint =
-        Fingerprinter::new(TOKEN_KEY.as_bytes())?.fingerprint(&DriverToken::new(TOKEN));
+    let fingerprint = fingerprinter.fingerprint(&DriverToken::new(TOKEN));
     let mut in_flight = tokio::task::JoinSet::new();
     for i in 0..n {
         if in_flight.len() >= 4096 {

@@ -161,6 +161,7 @@ serve_args! {
     webhook_host_concurrency, "CHARGEGATE_WEBHOOK_HOST_CONCURRENCY", "Webhook attempts in flight to one host:port [default: 16]";
     heartbeat_interval_ms, "CHARGEGATE_HEARTBEAT_INTERVAL_MS", "Heartbeat on idle decision streams [default: 15000]";
     audit_retention_days, "CHARGEGATE_AUDIT_RETENTION_DAYS", "Retention of decisions and call records [default: 730]";
+    audit_calls, "CHARGEGATE_AUDIT_CALLS", "Record every RPC in the audit trail [default: true]";
     token_hash_key, "CHARGEGATE_TOKEN_HASH_KEY", "Key of token fingerprints [default: generated into the data dir]";
     tls_cert, "CHARGEGATE_TLS_CERT", "TLS certificate (PEM)";
     tls_key, "CHARGEGATE_TLS_KEY", "TLS private key (PEM)";

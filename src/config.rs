@@ -42,6 +42,7 @@ pub const KEYS: &[&str] = &[
     "webhook_host_concurrency",
     "heartbeat_interval_ms",
     "audit_retention_days",
+    "audit_calls",
     "token_hash_key",
     "tls_cert",
     "tls_key",
@@ -148,6 +149,8 @@ pub struct Config {
     pub webhook: WebhookConfig,
     pub heartbeat_interval: Duration,
     pub audit_retention_days: u32,
+    /// Record every RPC (an extension of CONTRACT §7, for measuring its cost; on by default).
+    pub audit_calls: bool,
     /// `None`: generated on first start and kept in the data dir.
     pub token_hash_key: Option<Secret>,
     pub tls: Option<TlsConfig>,
@@ -207,6 +210,7 @@ impl Config {
             },
             heartbeat_interval: Duration::from_millis(15_000),
             audit_retention_days: 730,
+            audit_calls: true,
             token_hash_key: None,
             tls: None,
             clients_file: None,
@@ -388,6 +392,9 @@ impl Config {
             }
         };
         c.clients_file = path("clients_file");
+        if let Some(v) = get("audit_calls") {
+            c.audit_calls = parse_bool("audit_calls", &v)?;
+        }
         if let Some(v) = get("log_format") {
             c.log_format = match v.as_str() {
                 "text" => LogFormat::Text,

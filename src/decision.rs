@@ -36,6 +36,11 @@ impl Status {
         Self::ALL.into_iter().find(|v| v.as_str() == s)
     }
 
+    /// The recorded status a proto status names (`None` for UNSPECIFIED and PENDING).
+    pub fn from_proto(status: proto::DecisionStatus) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.to_proto() == status)
+    }
+
     pub fn to_proto(self) -> proto::DecisionStatus {
         match self {
             Status::Allowed => proto::DecisionStatus::Allowed,

@@ -13,6 +13,7 @@
 //! - [`webhook`]: the outbox of callback deliveries and the engine that POSTs them, signed,
 //!   retried and kept off private networks.
 //! - [`api`]: the gRPC services and the mapping of errors to `tonic::Status`.
+//! - [`audit`]: the record of every RPC (a tower layer) and the tamper-evident decision log.
 //!
 //! Around them: [`config`] (every key, parsed once), [`server`] (wiring and ordered shutdown),
 //! [`health`] (grpc.health.v1 and readiness), [`telemetry`] (logs, Prometheus), [`cli`] (the
@@ -20,6 +21,7 @@
 //! positions), [`decision`] (statuses, reasons, records) and [`proto`] (generated code).
 
 pub mod api;
+pub mod audit;
 pub mod authorizer;
 pub mod cli;
 pub mod config;

@@ -12,15 +12,20 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
 use crate::{
-    api::{authorization::AuthorizationService, grants::GrantsService, webhooks::WebhooksService},
+    api::{
+        audit::AuditService, authorization::AuthorizationService, grants::GrantsService,
+        webhooks::WebhooksService,
+    },
+    audit::{self, AuditTrail, CallSink, layer::AuditLayer},
     authorizer::{Authorizer, acl::AccessList, http::HttpAuthorizer},
     config::{AuthorizerConfig, Config, ConfigError},
     decide::Pipeline,
     fanout::Hub,
     health::Health,
     proto::{
-        self, charging_authorization_server::ChargingAuthorizationServer,
-        grants_server::GrantsServer, webhooks_server::WebhooksServer,
+        self, audit_server::AuditServer,
+        charging_authorization_server::ChargingAuthorizationServer, grants_server::GrantsServer,
+        webhooks_server::WebhooksServer,
     },
     queue::{Queue, sqlite::SqliteQueue},
     store::{self, DecisionLog, GrantStore, StoreError, sqlite::Database},
@@ -118,7 +123,12 @@ impl Server {
             .sqlite_path()
             .expect("refused by check_supported")
             .to_owned();
-        let db = Database::open(&db_path, config.queue_max, hub.clone())?;
+        let db = Database::open(
+            &db_path,
+            config.queue_max,
+            hub.clone(),
+            fingerprinter.derive_key(audit::chain::KEY_PURPOSE),
+        )?;
 
         // The access list in force, and whether the Grants service may write to the store.
         let (access_list, grant_store, read_only_reason): (
@@ -270,18 +280,32 @@ impl Server {
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
         // Overload protection: a bounded number of concurrent HTTP/2 streams per connection, and of
         // calls in flight, the excess refused at once (RESOURCE_EXHAUSTED), never queued without bound.
+        // Every call is recorded by one layer around every service (unless turned off).
+        let (call_sink, call_records) = CallSink::new();
+        let audit_trail: Arc<dyn AuditTrail> = Arc::new(db.clone());
+        let recorder = tokio::spawn(audit::run_recorder(audit_trail.clone(), call_records));
+        let station_indexer = tokio::spawn(audit::run_station_indexer(
+            audit_trail.clone(),
+            background.clone(),
+        ));
+        let audit_layer = AuditLayer::new(config.audit_calls.then(|| call_sink.clone()));
+        drop(call_sink);
         let grpc = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
             .load_shed(true)
             .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(audit_layer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(ChargingAuthorizationServer::new(authorization))
             .add_service(GrantsServer::new(grants))
             .add_service(WebhooksServer::new(WebhooksService { outbox }))
+            .add_service(AuditServer::new(AuditService {
+                trail: audit_trail.clone(),
+            }))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = accepting_stopped.await;
             });
@@ -290,7 +314,7 @@ impl Server {
             None => tracing::info!("chargegate serving"),
         }
 
-        tokio::pin!(grpc);
+        let mut grpc = Box::pin(grpc);
         let mut result = Ok(());
         let mut grpc_done = false;
         tokio::select! {
@@ -314,6 +338,8 @@ impl Server {
         if !grpc_done && tokio::time::timeout_at(deadline, &mut grpc).await.is_err() {
             tracing::warn!("calls still open at the end of the grace period were cut");
         }
+        // The server's layer held the last call sinks: the recorder writes what is left and ends.
+        drop(grpc);
         if tokio::time::timeout_at(deadline, &mut pipeline_task)
             .await
             .is_err()
@@ -337,8 +363,15 @@ impl Server {
         background.cancel();
         let _ = health_monitor.await;
         let _ = retention_task.await;
+        let _ = station_indexer.await;
         if let Some(task) = metrics_task {
             let _ = task.await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), recorder)
+            .await
+            .is_err()
+        {
+            tracing::warn!("call records still buffered at shutdown were not written");
         }
         db.close().await;
         tracing::info!("shutdown complete");
@@ -356,6 +389,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .with_service_name(proto::AUTHORIZATION_SERVICE)
         .with_service_name("chargegate.v1.Grants")
         .with_service_name("chargegate.v1.Webhooks")
+        .with_service_name("chargegate.v1.Audit")
         .with_service_name("grpc.health.v1.Health")
         .with_service_name("grpc.reflection.v1.ServerReflection")
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")

@@ -137,6 +137,14 @@ impl Fingerprinter {
         }
     }
 
+    /// A key for another purpose (e.g. the decision chain), derived from this one.
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = self.mac.clone();
+        mac.update(b"chargegate key derivation\x1f");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     pub fn fingerprint(&self, token: &DriverToken) -> Fingerprint {
         let mut mac = self.mac.clone();
         mac.update(token.expose().as_bytes());

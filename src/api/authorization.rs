@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{invalid_argument, store_unavailable};
 use crate::{
+    audit::{self, AuditSlot},
     cursor::Cursor,
     fanout::{self, Hub, Start, StreamContext, StreamItem},
     intake::{self, FieldViolation},
@@ -45,7 +46,11 @@ impl ChargingAuthorization for AuthorizationService {
         &self,
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
-        let result = self.accept(request.into_inner()).await;
+        let slot = audit::slot(&request);
+        if let Some(slot) = &slot {
+            slot.note(&request.get_ref().station_id, &request.get_ref().request_id);
+        }
+        let result = self.accept(request.into_inner(), slot).await;
         let outcome = match &result {
             Ok(ack) if ack.duplicate => "duplicate",
             Ok(_) => "accepted",
@@ -61,6 +66,7 @@ impl ChargingAuthorization for AuthorizationService {
         &self,
         request: Request<SubscribeDecisionsRequest>,
     ) -> Result<Response<Self::SubscribeDecisionsStream>, Status> {
+        audit::note(&request, &request.get_ref().station_ids.join(","), "");
         let request = request.into_inner();
         let filter = parse_station_filter(&request.station_ids).map_err(invalid_argument)?;
         let start = self.parse_start(&request.after_cursor).await?;
@@ -79,6 +85,7 @@ impl ChargingAuthorization for AuthorizationService {
         &self,
         request: Request<GetDecisionRequest>,
     ) -> Result<Response<GetDecisionResponse>, Status> {
+        audit::note(&request, "", &request.get_ref().request_id);
         let request_id = request.into_inner().request_id;
         if request_id.is_empty() || request_id.len() > intake::MAX_REQUEST_ID_LEN {
             return Err(invalid_argument(vec![FieldViolation::new(
@@ -125,9 +132,13 @@ impl AuthorizationService {
     async fn accept(
         &self,
         request: AuthorizeRequest,
+        slot: Option<Arc<AuditSlot>>,
     ) -> Result<AuthorizeResponse, (&'static str, Status)> {
         let new = intake::validate(request, &self.fingerprinter)
             .map_err(|v| ("invalid_argument", invalid_argument(v)))?;
+        if let Some(slot) = slot {
+            slot.note(&new.station_id, &new.request_id);
+        }
         let span = tracing::Span::current();
         span.record("request_id", new.request_id.as_str());
         span.record("station_id", new.station_id.as_str());

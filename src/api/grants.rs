@@ -52,6 +52,7 @@ impl grants_server::Grants for GrantsService {
         &self,
         request: Request<PutGrantRequest>,
     ) -> Result<Response<PutGrantResponse>, Status> {
+        crate::audit::note(&request, &request.get_ref().station_id, "");
         let request = request.into_inner();
         let (station_id, token) = station_and_token(&request.station_id, &request.driver_token)?;
         let store = self.store()?;
@@ -83,6 +84,7 @@ impl grants_server::Grants for GrantsService {
         &self,
         request: Request<DeleteGrantRequest>,
     ) -> Result<Response<DeleteGrantResponse>, Status> {
+        crate::audit::note(&request, &request.get_ref().station_id, "");
         let request = request.into_inner();
         let (station_id, token) = station_and_token(&request.station_id, &request.driver_token)?;
         let store = self.store()?;
@@ -100,6 +102,7 @@ impl grants_server::Grants for GrantsService {
         &self,
         request: Request<ListGrantsRequest>,
     ) -> Result<Response<ListGrantsResponse>, Status> {
+        crate::audit::note(&request, &request.get_ref().station_id, "");
         let filter = match request.into_inner().station_id.as_str() {
             "" => None,
             raw => Some(parse_grant_station(raw).map_err(|v| invalid_argument(vec![v]))?),

@@ -1,6 +1,7 @@
 //! The gRPC edge: service implementations and the one place where internal errors become
 //! `tonic::Status`.
 
+pub mod audit;
 pub mod authorization;
 pub mod grants;
 pub mod webhooks;

@@ -17,10 +17,13 @@
 //! - `queue`: the pending requests (`seq` = `requests.seq`) with the plain token, deleted when decided.
 //! - `deliveries`: the webhook outbox with each delivery's attempts (see `webhook::sqlite`); a delivery is
 //!   inserted in the transaction that records its decision.
+//! - `calls`: the record of every RPC (see `audit::sqlite`).
 //! - `decisions`: the decision log; `seq` is the position in cursors, `request_id` is unique.
-//!   There is deliberately no index by station: with stations spread over the log, such an index
-//!   dirties a page per station in every commit (measured: about a fifth of intake throughput).
-//!   Replays by station scan the log from the cursor in `seq` order instead.
+//!   It is indexed by time and by status and time (both grow at their ends). It deliberately has
+//!   no index by station in the commit: with stations spread over the log, such an index dirties
+//!   a page per station in every commit (measured: about a fifth of intake throughput). Replays
+//!   by station scan the log from the cursor in `seq` order; the audit queries by station use
+//!   `decisions_by_station`, kept a second behind (see `audit::sqlite`).
 
 use std::{
     collections::VecDeque,
@@ -41,6 +44,7 @@ use super::{
     DecisionLog, GrantStore, LogBounds, RequestState, StationFilter, StoreError, StoredGrant,
 };
 use crate::{
+    audit::chain::{self, Link},
     cursor::Cursor,
     decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
     fanout::Hub,
@@ -58,7 +62,7 @@ const WRITE_QUEUE: usize = 16 * 1024;
 const HOT_MAX: usize = 8192;
 /// Read connections kept open.
 const READERS: usize = 4;
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 const WRITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
 /// Page cache per connection, in KiB (as a negative `cache_size`).
 const WRITE_CACHE_KIB: i64 = -4096;
@@ -92,7 +96,8 @@ CREATE TABLE IF NOT EXISTS decisions (
     authorizer     TEXT NOT NULL,
     accepted_at_us INTEGER NOT NULL,
     decided_at_us  INTEGER NOT NULL,
-    processing_ms  INTEGER NOT NULL
+    processing_ms  INTEGER NOT NULL,
+    chain          BLOB
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -114,6 +119,30 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_us) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (seq) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (decided_at_us);
+CREATE INDEX IF NOT EXISTS decisions_by_status ON decisions (status, decided_at_us);
+CREATE TABLE IF NOT EXISTS decisions_by_station (
+    seq           INTEGER PRIMARY KEY,
+    station_id    TEXT NOT NULL,
+    decided_at_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_by_station_time
+    ON decisions_by_station (station_id, decided_at_us);
+CREATE TABLE IF NOT EXISTS calls (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_us         INTEGER NOT NULL,
+    method        TEXT NOT NULL,
+    peer          TEXT NOT NULL,
+    client        TEXT NOT NULL,
+    station_id    TEXT NOT NULL,
+    request_id    TEXT NOT NULL,
+    code          TEXT NOT NULL,
+    latency_us    INTEGER NOT NULL,
+    stream_event  TEXT NOT NULL,
+    messages_sent INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_by_time ON calls (at_us);
+CREATE INDEX IF NOT EXISTS calls_by_method ON calls (method, at_us);
 CREATE TABLE IF NOT EXISTS grants (
     station_id    TEXT NOT NULL,
     token_fp      TEXT NOT NULL,
@@ -216,7 +245,13 @@ struct Shared {
 
 impl Database {
     /// Opens (creating if needed) the database at `path`, takes its lock and starts the writer.
-    pub fn open(path: &Path, queue_max: u64, hub: Arc<Hub>) -> Result<Self, StoreError> {
+    /// `chain_key` keys the decision log's hash chain (see `audit::chain`).
+    pub fn open(
+        path: &Path,
+        queue_max: u64,
+        hub: Arc<Hub>,
+        chain_key: [u8; 32],
+    ) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(StoreError::backend)?;
         }
@@ -260,6 +295,22 @@ impl Database {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         hub.set_head(head);
+        let chain_head: Link = match conn
+            .query_row(
+                "SELECT chain FROM decisions WHERE chain IS NOT NULL ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()
+            .map_err(StoreError::backend)?
+        {
+            Some(link) => link.try_into().map_err(|_| {
+                StoreError::backend(std::io::Error::other(
+                    "a decision's chain link is not 32 bytes",
+                ))
+            })?,
+            None => chain::floor(&conn).map_err(StoreError::backend)?,
+        };
 
         let shared = Arc::new(Shared {
             pending: AtomicU64::new(pending),
@@ -277,6 +328,8 @@ impl Database {
             shared: shared.clone(),
             hub,
             relaxed: false,
+            chain_key,
+            chain_head,
         };
         thread::Builder::new()
             .name("sqlite-writer".into())
@@ -605,7 +658,10 @@ impl GrantStore for Database {
 const DECISION_COLUMNS: &str =
     "seq, request_id, station_id, token_fp, reason, authorizer, accepted_at_us, decided_at_us";
 
-fn decision_row(r: &rusqlite::Row<'_>, log_id: u32) -> rusqlite::Result<RecordedDecision> {
+pub(crate) fn decision_row(
+    r: &rusqlite::Row<'_>,
+    log_id: u32,
+) -> rusqlite::Result<RecordedDecision> {
     let bad = |i: usize, what: &str| {
         rusqlite::Error::FromSqlConversionFailure(
             i,
@@ -687,6 +743,13 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
     }
     let tx = conn.transaction()?;
     tx.execute_batch(SCHEMA)?;
+    // Logs created before the hash chain get the column; their records stay unchained.
+    let chained: bool = tx
+        .prepare("SELECT 1 FROM pragma_table_info('decisions') WHERE name = 'chain'")?
+        .exists([])?;
+    if !chained {
+        tx.execute_batch("ALTER TABLE decisions ADD COLUMN chain BLOB;")?;
+    }
     let existing: Option<String> = tx
         .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
             r.get(0)
@@ -717,6 +780,9 @@ struct Writer {
     hub: Arc<Hub>,
     /// The connection is at `synchronous = NORMAL` (a batch of [`Durability::Process`] writes).
     relaxed: bool,
+    chain_key: [u8; 32],
+    /// The link of the newest committed decision.
+    chain_head: Link,
 }
 
 impl Writer {
@@ -859,6 +925,7 @@ impl Writer {
         let mut enqueue_head = None;
         let mut purged_through = None;
         let mut delivering = false;
+        let mut chain_head = self.chain_head;
         for op in batch {
             applied.push(match op {
                 WriteOp::Enqueue(request, _) => {
@@ -870,7 +937,13 @@ impl Writer {
                     Applied::Enqueue(outcome, seq)
                 }
                 WriteOp::Settle(position, decision, callback, _) => {
-                    let (settled, completed) = settle(&tx, *position, decision, self.log_id)?;
+                    let (settled, completed) = settle(
+                        &tx,
+                        *position,
+                        decision,
+                        self.log_id,
+                        (&self.chain_key, &mut chain_head),
+                    )?;
                     if let Some(callback) = callback.as_ref().filter(|_| settled.first) {
                         add_delivery(&tx, decision, callback)?;
                         delivering = true;
@@ -905,6 +978,7 @@ impl Writer {
             });
         }
         tx.commit()?;
+        self.chain_head = chain_head;
         self.shared.pending.store(pending, Ordering::Relaxed);
         if let Some(through) = purged_through {
             self.shared.floor.fetch_max(through, Ordering::AcqRel);
@@ -968,17 +1042,20 @@ fn enqueue(
 
 /// Records the decision unless one exists for the request_id, and deletes the queue entry.
 /// Returns the settled decision and whether a queue entry was deleted.
+/// The decision is chained after `chain.1` (which advances when it is recorded).
 fn settle(
     tx: &Transaction<'_>,
     position: u64,
     d: &NewDecision,
     log_id: u32,
+    chain: (&[u8; 32], &mut Link),
 ) -> rusqlite::Result<(Settled, bool)> {
+    let link = chain::link(chain.0, chain.1, d);
     let inserted: Option<i64> = tx
         .prepare_cached(
             "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
-                                    accepted_at_us, decided_at_us, processing_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                                    accepted_at_us, decided_at_us, processing_ms, chain)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (request_id) DO NOTHING
              RETURNING seq",
         )?
@@ -993,10 +1070,14 @@ fn settle(
                 d.accepted_at.0,
                 d.decided_at.0,
                 d.processing_time_ms(),
+                link.as_slice(),
             ],
             |r| r.get(0),
         )
         .optional()?;
+    if inserted.is_some() {
+        *chain.1 = link;
+    }
     let settled = match inserted {
         Some(seq) => Settled {
             decision: RecordedDecision {
@@ -1063,6 +1144,18 @@ fn purge(tx: &Transaction<'_>, cutoff: Micros, max: usize) -> rusqlite::Result<(
     let Some(through) = through else {
         return Ok((0, None));
     };
+    tx.prepare_cached("DELETE FROM decisions_by_station WHERE seq <= ?1")?
+        .execute([through])?;
+    // The retained log verifies from the link of the last purged record.
+    let floor: Option<Vec<u8>> = tx
+        .prepare_cached("SELECT chain FROM decisions WHERE seq = ?1")?
+        .query_row([through], |r| r.get(0))
+        .optional()?
+        .flatten();
+    if let Some(floor) = floor {
+        tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('chain_floor', ?1)")?
+            .execute([hex::encode(floor)])?;
+    }
     for table in ["requests", "deliveries"] {
         tx.prepare_cached(&format!(
             "DELETE FROM {table} WHERE request_id IN (SELECT request_id FROM decisions WHERE seq <= ?1)"

@@ -89,9 +89,7 @@ struct Meters {
 
 impl Meters {
     fn new() -> Self {
-        let outcome = |o: &'static str| {
-            metrics::counter!("chargegate_webhook_deliveries_total", "outcome" => o)
-        };
+        let outcome = |o: &'static str| metrics::counter!("chargegate_webhook_deliveries_total", "outcome" => o);
         Self {
             delivered: outcome("delivered"),
             retry: outcome("retry"),

@@ -278,14 +278,15 @@ async fn a_cursor_older_than_retention_is_out_of_range() {
     let three_days_ago = Micros(Micros::now().0 - 3 * 86_400_000_000);
     let cursors = {
         std::fs::create_dir_all(dir.data_dir()).unwrap();
+        let fingerprinter = Fingerprinter::new(b"test-token-hash-key").unwrap();
         let db = Database::open(
             &dir.data_dir().join("chargegate.db"),
             1000,
             std::sync::Arc::new(Hub::new()),
+            fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
         )
         .unwrap();
         let queue = SqliteQueue::new(db.clone(), Duration::from_secs(60));
-        let fingerprinter = Fingerprinter::new(b"test-token-hash-key").unwrap();
         let mut cursors = Vec::new();
         for i in 0..3 {
             let token = DriverToken::new(TOKEN_GRANTED);
