@@ -196,6 +196,7 @@ impl Server {
         let retention = Duration::from_secs(u64::from(config.audit_retention_days) * 86_400);
         let retention_task = tokio::spawn(store::run_retention(
             log.clone(),
+            Arc::new(db.clone()),
             retention,
             background.clone(),
         ));

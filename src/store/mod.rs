@@ -111,10 +111,11 @@ const PURGE_BATCH: usize = 1000;
 /// How often retention runs (and once at start-up).
 const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Purges decisions older than `retention`, in small batches, at start-up and every hour, until
-/// `shutdown`.
+/// Purges decisions and call records older than `retention`, in small batches, at start-up and
+/// every hour, until `shutdown`.
 pub async fn run_retention(
     log: Arc<dyn DecisionLog>,
+    calls: Arc<dyn crate::audit::AuditTrail>,
     retention: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -125,24 +126,39 @@ pub async fn run_retention(
             _ = tick.tick() => {}
         }
         let cutoff = Micros(Micros::now().0.saturating_sub(retention.as_micros() as i64));
-        let mut total = 0;
-        loop {
-            match log.purge_before(cutoff, PURGE_BATCH).await {
-                Ok(n) => {
-                    total += n;
-                    if (n as usize) < PURGE_BATCH || shutdown.is_cancelled() {
-                        break;
-                    }
-                    tokio::task::yield_now().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "purging old decisions failed; retrying at the next run");
-                    break;
-                }
-            }
+        let decisions = purge_in_batches(&shutdown, || log.purge_before(cutoff, PURGE_BATCH)).await;
+        let records =
+            purge_in_batches(&shutdown, || calls.purge_calls_before(cutoff, PURGE_BATCH)).await;
+        if decisions + records > 0 {
+            tracing::info!(
+                decisions,
+                call_records = records,
+                "purged records past audit_retention_days"
+            );
         }
-        if total > 0 {
-            tracing::info!(purged = total, "purged decisions past audit_retention_days");
+    }
+}
+
+/// Runs `purge` until it deletes less than a batch (or fails, or shutdown); returns the total.
+async fn purge_in_batches<F, Fut>(shutdown: &tokio_util::sync::CancellationToken, purge: F) -> u64
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        match purge().await {
+            Ok(n) => {
+                total += n;
+                if (n as usize) < PURGE_BATCH || shutdown.is_cancelled() {
+                    return total;
+                }
+                tokio::task::yield_now().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "purging old records failed; retrying at the next run");
+                return total;
+            }
         }
     }
 }

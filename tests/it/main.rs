@@ -2,6 +2,7 @@
 
 mod support;
 
+mod audit;
 mod crash;
 mod decisions;
 mod grants;

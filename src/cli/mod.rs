@@ -1,6 +1,8 @@
 //! The command line: `chargegate` (= `chargegate serve`) and the client subcommands that talk to a
 //! running server. Flags and `CHARGEGATE_*` variables are gathered here; [`crate::config`] parses them.
 
+mod audit;
+
 use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Context;
@@ -42,6 +44,95 @@ pub enum Command {
     Grants(GrantsArgs),
     /// Inspect webhook deliveries and redrive dead ones.
     Webhooks(WebhooksArgs),
+    /// Query the audit trail, check its hash chain, look for anomalies.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCommand,
+}
+
+/// How query results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct Window {
+    /// Start of the window: a duration back from now (90s, 15m, 1h, 7d) or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End of the window (exclusive), in the same forms [default: now].
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Decisions, oldest first.
+    Query {
+        #[command(flatten)]
+        server: ServerArg,
+        /// Station UUID.
+        #[arg(long)]
+        station: Option<String>,
+        /// allowed, not_allowed, unknown or invalid; repeat or separate with commas.
+        #[arg(long = "status", value_delimiter = ',')]
+        statuses: Vec<String>,
+        #[command(flatten)]
+        window: Window,
+        /// Most decisions printed (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Call records, oldest first.
+    Calls {
+        #[command(flatten)]
+        server: ServerArg,
+        /// A method (`Authorize`) or its full path (`/chargegate.v1.ChargingAuthorization/Authorize`).
+        #[arg(long)]
+        method: Option<String>,
+        #[command(flatten)]
+        window: Window,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Walk the decision log's hash chain in a data dir and report the first broken link.
+    /// Exits 0 when intact, 1 when broken.
+    Verify {
+        /// The data dir of the store.
+        #[arg(long, env = "CHARGEGATE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        /// The token hash key, when it is configured rather than kept in the data dir.
+        #[arg(long, env = "CHARGEGATE_TOKEN_HASH_KEY", hide_env_values = true)]
+        token_hash_key: Option<String>,
+    },
+    /// The anomaly rules over a window: many timeouts, and stations with most decisions failing.
+    Anomalies {
+        #[command(flatten)]
+        server: ServerArg,
+        /// The window [default: the last hour].
+        #[command(flatten)]
+        window: Window,
+        /// Timeouts in the window that make an anomaly.
+        #[arg(long, default_value_t = 10)]
+        timeouts: u64,
+        /// Share of a station's decisions UNKNOWN or INVALID that makes an anomaly.
+        #[arg(long, default_value_t = 0.5)]
+        failing_share: f64,
+        /// Decisions a station needs in the window before its share counts.
+        #[arg(long, default_value_t = 10)]
+        min_decisions: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +332,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Watch(args) => watch(args).await,
         Command::Grants(args) => grants(args).await,
         Command::Webhooks(args) => webhooks(args).await,
+        Command::Audit(args) => audit::run(args.command).await,
         Command::Get(args) => {
             let mut client = connect(&args.server).await?;
             let decision = client
@@ -324,11 +416,11 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
-fn decision_json(d: &proto::Decision) -> serde_json::Value {
+pub(crate) fn decision_json(d: &proto::Decision) -> serde_json::Value {
     let status = d
         .status()
         .as_str_name()

@@ -1,0 +1,421 @@
+//! `chargegate audit query|calls|verify|anomalies`.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context;
+use tokio_stream::StreamExt;
+
+use super::{AuditCommand, Format, Window, status_error};
+use crate::{
+    audit::chain,
+    decision::Micros,
+    proto::{
+        self, DecisionStatus, QueryCallsRequest, QueryDecisionsRequest, audit_client::AuditClient,
+    },
+    token::Fingerprinter,
+};
+
+pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Query {
+            server,
+            station,
+            statuses,
+            window,
+            limit,
+            format,
+        } => {
+            let (from, to) = window.resolve(None)?;
+            let request = QueryDecisionsRequest {
+                station_id: station.unwrap_or_default(),
+                statuses: statuses
+                    .iter()
+                    .map(|s| parse_status(s).map(|s| s as i32))
+                    .collect::<anyhow::Result<_>>()?,
+                from,
+                to,
+                limit,
+            };
+            let decisions = query_decisions(&server.server, request).await?;
+            print_rows(
+                format,
+                &DECISION_COLUMNS,
+                decisions.iter().map(decision_row),
+            );
+            Ok(())
+        }
+        AuditCommand::Calls {
+            server,
+            method,
+            window,
+            limit,
+            format,
+        } => {
+            let (from, to) = window.resolve(None)?;
+            let mut client = connect(&server.server).await?;
+            let mut stream = client
+                .query_calls(QueryCallsRequest {
+                    method: method.unwrap_or_default(),
+                    from,
+                    to,
+                    limit,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut calls = Vec::new();
+            while let Some(call) = stream.next().await {
+                calls.push(call.map_err(status_error)?);
+            }
+            print_rows(format, &CALL_COLUMNS, calls.iter().map(call_row));
+            Ok(())
+        }
+        AuditCommand::Verify {
+            data_dir,
+            token_hash_key,
+        } => verify(&data_dir, token_hash_key.as_deref()),
+        AuditCommand::Anomalies {
+            server,
+            window,
+            timeouts,
+            failing_share,
+            min_decisions,
+        } => {
+            let (from, to) = window.resolve(Some(Duration::from_secs(3600)))?;
+            let request = QueryDecisionsRequest {
+                from,
+                to,
+                ..Default::default()
+            };
+            let decisions = query_decisions(&server.server, request).await?;
+            let found = anomalies(&decisions, timeouts, failing_share, min_decisions);
+            if found.is_empty() {
+                println!("no anomalies in {} decisions", decisions.len());
+            }
+            for line in found {
+                println!("{line}");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn connect(server: &str) -> anyhow::Result<AuditClient<tonic::transport::Channel>> {
+    AuditClient::connect(server.to_owned())
+        .await
+        .with_context(|| format!("cannot connect to {server}"))
+}
+
+async fn query_decisions(
+    server: &str,
+    request: QueryDecisionsRequest,
+) -> anyhow::Result<Vec<proto::Decision>> {
+    let mut client = connect(server).await?;
+    let mut stream = client
+        .query_decisions(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(d) = stream.next().await {
+        out.push(d.map_err(status_error)?);
+    }
+    Ok(out)
+}
+
+/// The seed system's rules: many timeouts in the window; a station with more than a share of
+/// its decisions failing (UNKNOWN or INVALID).
+pub fn anomalies(
+    decisions: &[proto::Decision],
+    max_timeouts: u64,
+    failing_share: f64,
+    min_decisions: u64,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    let timeouts = decisions.iter().filter(|d| d.reason == "timeout").count() as u64;
+    if timeouts >= max_timeouts {
+        found.push(format!(
+            "timeouts: {timeouts} decisions timed out (threshold {max_timeouts})"
+        ));
+    }
+    let mut per_station: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for d in decisions {
+        let entry = per_station.entry(&d.station_id).or_default();
+        entry.0 += 1;
+        if matches!(
+            d.status(),
+            DecisionStatus::Unknown | DecisionStatus::Invalid
+        ) {
+            entry.1 += 1;
+        }
+    }
+    for (station, (total, failing)) in per_station {
+        if total >= min_decisions && failing as f64 > failing_share * total as f64 {
+            found.push(format!(
+                "station {station}: {failing} of {total} decisions failed (UNKNOWN or INVALID)"
+            ));
+        }
+    }
+    found
+}
+
+fn verify(data_dir: &Path, configured_key: Option<&str>) -> anyhow::Result<()> {
+    let db = data_dir.join("chargegate.db");
+    anyhow::ensure!(db.exists(), "no store at {}", db.display());
+    let key_file = data_dir.join("token_hash.key");
+    let fingerprinter = match configured_key {
+        Some(key) => Fingerprinter::new(key.as_bytes())?,
+        None => {
+            let key = std::fs::read_to_string(&key_file).with_context(|| {
+                format!(
+                    "cannot read {}; pass --token-hash-key if the key is configured",
+                    key_file.display()
+                )
+            })?;
+            Fingerprinter::new(key.trim().as_bytes())?
+        }
+    };
+    let conn = rusqlite::Connection::open_with_flags(
+        &db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let found = chain::verify(&conn, &fingerprinter.derive_key(chain::KEY_PURPOSE))?;
+    match found.broken {
+        None => {
+            println!(
+                "intact: {} decisions verified{}",
+                found.checked,
+                match found.unchained {
+                    0 => String::new(),
+                    n => format!(" ({n} older ones were recorded before the chain began)"),
+                }
+            );
+            Ok(())
+        }
+        Some(broken) => {
+            println!(
+                "BROKEN at decision {} (request_id {}): it, or the record before it, was changed, \
+                 inserted or deleted after it was written; {} decisions before it verified",
+                broken.seq, broken.request_id, found.checked
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn parse_status(raw: &str) -> anyhow::Result<DecisionStatus> {
+    let name = format!("DECISION_STATUS_{}", raw.trim().to_ascii_uppercase());
+    DecisionStatus::from_str_name(&name)
+        .filter(|s| !matches!(s, DecisionStatus::Unspecified | DecisionStatus::Pending))
+        .with_context(|| {
+            format!("{raw:?} is not a status: allowed, not_allowed, unknown or invalid")
+        })
+}
+
+impl Window {
+    /// `(from, to)`; `default_since` applies when `--since` is not given.
+    fn resolve(
+        &self,
+        default_since: Option<Duration>,
+    ) -> anyhow::Result<(
+        Option<prost_types::Timestamp>,
+        Option<prost_types::Timestamp>,
+    )> {
+        let now = SystemTime::now();
+        let at = |raw: &str| -> anyhow::Result<prost_types::Timestamp> {
+            if let Some(ago) = parse_duration(raw) {
+                let t = now.checked_sub(ago).context("too far back")?;
+                return Ok(Micros::from_system_time(t).to_proto());
+            }
+            super::rfc3339(raw)
+        };
+        let from = match (&self.since, default_since) {
+            (Some(raw), _) => Some(at(raw)?),
+            (None, Some(ago)) => Some(Micros::from_system_time(now - ago).to_proto()),
+            (None, None) => None,
+        };
+        let to = self.until.as_deref().map(at).transpose()?;
+        Ok((from, to))
+    }
+}
+
+/// `90s`, `15m`, `1h`, `7d`.
+fn parse_duration(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = raw.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.checked_mul(seconds)?))
+}
+
+const DECISION_COLUMNS: [&str; 8] = [
+    "decided_at",
+    "request_id",
+    "station_id",
+    "status",
+    "reason",
+    "driver_token_fingerprint",
+    "processing_time_ms",
+    "cursor",
+];
+
+fn decision_row(d: &proto::Decision) -> Vec<String> {
+    vec![
+        time_text(&d.decided_at),
+        d.request_id.clone(),
+        d.station_id.clone(),
+        d.status()
+            .as_str_name()
+            .trim_start_matches("DECISION_STATUS_")
+            .to_ascii_lowercase(),
+        d.reason.clone(),
+        d.driver_token_fingerprint.clone(),
+        d.processing_time_ms.to_string(),
+        d.cursor.clone(),
+    ]
+}
+
+const CALL_COLUMNS: [&str; 10] = [
+    "at",
+    "method",
+    "code",
+    "latency_ms",
+    "peer",
+    "client",
+    "station_id",
+    "request_id",
+    "stream_event",
+    "messages_sent",
+];
+
+fn call_row(c: &proto::CallRecord) -> Vec<String> {
+    vec![
+        time_text(&c.at),
+        c.method.clone(),
+        c.code.clone(),
+        c.latency_ms.to_string(),
+        c.peer.clone(),
+        c.client.clone(),
+        c.station_id.clone(),
+        c.request_id.clone(),
+        c.stream_event.clone(),
+        c.messages_sent.to_string(),
+    ]
+}
+
+fn time_text(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .map(|t| Micros::from_proto(t).to_rfc3339())
+        .unwrap_or_default()
+}
+
+fn print_rows(format: Format, columns: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    match format {
+        Format::Json => {
+            for row in rows {
+                let object: serde_json::Map<String, serde_json::Value> = columns
+                    .iter()
+                    .zip(row)
+                    .map(|(c, v)| (c.to_string(), serde_json::Value::String(v)))
+                    .collect();
+                println!("{}", serde_json::Value::Object(object));
+            }
+        }
+        Format::Csv => {
+            let mut out = csv::Writer::from_writer(std::io::stdout());
+            let _ = out.write_record(columns);
+            for row in rows {
+                let _ = out.write_record(&row);
+            }
+            let _ = out.flush();
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = rows.collect();
+            let mut widths: Vec<usize> = columns.iter().map(|c| c.len()).collect();
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            let line = |cells: Vec<&str>| {
+                let padded: Vec<String> = cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect();
+                println!("{}", padded.join("  ").trim_end());
+            };
+            line(columns.to_vec());
+            for row in &rows {
+                line(row.iter().map(String::as_str).collect());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_statuses_parse() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("1w"), None);
+        assert_eq!(parse_duration("h"), None);
+        assert_eq!(
+            parse_status("not_allowed").unwrap(),
+            DecisionStatus::NotAllowed
+        );
+        assert_eq!(parse_status("UNKNOWN").unwrap(), DecisionStatus::Unknown);
+        assert!(parse_status("pending").is_err());
+    }
+
+    #[test]
+    fn anomaly_rules() {
+        let d = |station: &str, status: DecisionStatus, reason: &str| proto::Decision {
+            station_id: station.into(),
+            status: status as i32,
+            reason: reason.into(),
+            ..Default::default()
+        };
+        let mut decisions = vec![];
+        // Station a: 6 of 10 failing; station b: 5 of 10 (not more than half); c: 3 of 3 (too few).
+        for i in 0..10 {
+            let failing = if i < 6 {
+                DecisionStatus::Unknown
+            } else {
+                DecisionStatus::Allowed
+            };
+            decisions.push(d("a", failing, if i < 6 { "timeout" } else { "granted" }));
+            let failing = if i < 5 {
+                DecisionStatus::Invalid
+            } else {
+                DecisionStatus::Allowed
+            };
+            decisions.push(d("b", failing, "token_format"));
+        }
+        for _ in 0..3 {
+            decisions.push(d("c", DecisionStatus::Unknown, "authorizer_error"));
+        }
+        let found = anomalies(&decisions, 6, 0.5, 10);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].starts_with("timeouts: 6"));
+        assert!(found[1].starts_with("station a: 6 of 10"));
+        assert!(anomalies(&decisions, 7, 0.5, 10).len() == 1);
+    }
+}
