@@ -14,6 +14,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    audit::signals::Signals,
     authorizer::{AuthorizationRequest, Authorizer},
     decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
     queue::{Claim, Queue},
@@ -29,6 +30,8 @@ pub struct Pipeline {
     pub authorizer: Arc<dyn Authorizer>,
     pub workers: usize,
     pub timeout: Duration,
+    /// Counts each recorded decision for the anomaly signals.
+    pub signals: Arc<Signals>,
 }
 
 impl Pipeline {
@@ -75,8 +78,9 @@ impl Pipeline {
                 let authorizer = self.authorizer.clone();
                 let stop = stop.clone();
                 let timeout = self.timeout;
+                let signals = self.signals.clone();
                 tasks.spawn(async move {
-                    decide_and_record(queue, authorizer, timeout, claim, stop).await;
+                    decide_and_record(queue, authorizer, timeout, claim, stop, &signals).await;
                     drop(permit);
                 });
             }
@@ -92,6 +96,7 @@ async fn decide_and_record(
     timeout: Duration,
     claim: Claim,
     stop: CancellationToken,
+    signals: &Signals,
 ) {
     let verdict = decide(&*authorizer, timeout, &claim).await;
     let request = &claim.request;
@@ -112,6 +117,12 @@ async fn decide_and_record(
                     let d = &settled.decision.decision;
                     metrics::counter!("chargegate_decisions_total", "status" => d.verdict.status().as_str())
                         .increment(1);
+                    signals.record(
+                        d.decided_at,
+                        &d.station_id,
+                        d.verdict.status(),
+                        d.verdict.reason,
+                    );
                     let latency = (d.decided_at.0 - d.accepted_at.0).max(0) as f64 / 1e6;
                     metrics::histogram!("chargegate_decision_latency_seconds").record(latency);
                     tracing::debug!(

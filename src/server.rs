@@ -16,7 +16,7 @@ use crate::{
         audit::AuditService, authorization::AuthorizationService, grants::GrantsService,
         webhooks::WebhooksService,
     },
-    audit::{self, AuditTrail, CallSink, layer::AuditLayer},
+    audit::{self, AuditTrail, CallSink, layer::AuditLayer, signals::Signals},
     authorizer::{Authorizer, acl::AccessList, http::HttpAuthorizer},
     config::{AuthorizerConfig, Config, ConfigError},
     decide::Pipeline,
@@ -217,11 +217,14 @@ impl Server {
         };
 
         let pipeline_stop = CancellationToken::new();
+        let signals = Arc::new(Signals::default());
+        let signals_task = tokio::spawn(signals.clone().publish(background.clone()));
         let pipeline = Pipeline {
             queue: queue.clone(),
             authorizer,
             workers: config.workers,
             timeout: config.authorize_timeout,
+            signals,
         };
         let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
@@ -365,6 +368,7 @@ impl Server {
         let _ = health_monitor.await;
         let _ = retention_task.await;
         let _ = station_indexer.await;
+        let _ = signals_task.await;
         if let Some(task) = metrics_task {
             let _ = task.await;
         }

@@ -5,6 +5,7 @@
 //! - [`AuditTrail`] is the port: call records kept, calls and decisions queried; [`sqlite`]
 //!   implements it on the embedded store.
 //! - [`chain`]: the keyed hash chain over decisions, and its verification.
+//! - [`signals`]: anomaly signals (UNKNOWN share, timeouts, failing stations) as metrics.
 //!
 //! Recording never blocks a call: the layer hands each record to a [`CallSink`], a bounded
 //! buffer drained in batches by [`run_recorder`]. When the buffer is full the record is dropped,
@@ -12,6 +13,7 @@
 
 pub mod chain;
 pub mod layer;
+pub mod signals;
 pub mod sqlite;
 
 use std::{
