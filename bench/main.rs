@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, a1, w1); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, a1, w1, u1); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -60,8 +60,8 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 11] = [
-    "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "a1", "w1",
+const ALL: [&str; 12] = [
+    "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "a1", "w1", "u1",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -128,6 +128,7 @@ fn main() -> anyhow::Result<()> {
                 "g8" => bench.g8().await,
                 "a1" => bench.a1().await,
                 "w1" => bench.w1().await,
+                "u1" => bench.u1().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

@@ -1001,6 +1001,143 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// u1: the audit trail's costs. Authorize throughput (closed loop, C=200) with the RPC audit
+    /// layer on against off, in alternating rounds; then QueryDecisions for one station's day
+    /// among a large seeded decision log.
+    pub async fn u1(&mut self) -> anyhow::Result<()> {
+        if self.target.is_some() {
+            self.record("u1", json!({"skipped": "starts its own servers"}));
+            return Ok(());
+        }
+        let rounds = if self.quick { 1 } else { 3 };
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let (mut on, mut off, mut ratios) = (vec![], vec![], vec![]);
+        for round in 0..rounds {
+            let mut rps = [0.0; 2];
+            for (i, extra) in [&[][..], &["--audit-calls", "false"][..]].into_iter().enumerate() {
+                let (url, server) = self.chargegate("u1", extra)?;
+                let channels = load::connect(&url, 8).await?;
+                rps[i] = load::closed_loop(&channels, 200, warmup, measure, round_robin_request())
+                    .await
+                    .rps;
+                drop(channels);
+                if let Some(s) = server {
+                    s.stop();
+                }
+            }
+            println!(
+                "u1: round {}: audit on {:.0}/s, off {:.0}/s",
+                round + 1,
+                rps[0],
+                rps[1]
+            );
+            on.push(rps[0]);
+            off.push(rps[1]);
+            ratios.push(rps[0] / rps[1]);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+
+        // QueryDecisions: one station's day among `n` decisions over 30 days and 1,000 stations.
+        let n: u64 = if self.quick { 200_000 } else { 10_000_000 };
+        let dir = self.fresh_dir("u1-query");
+        let seeded = Instant::now();
+        let day_start = seed_decisions(&dir.join("data"), n).await?;
+        let seed_secs = seeded.elapsed().as_secs_f64();
+        println!("u1: seeded {n} decisions in {seed_secs:.0}s");
+        let server = self.chargegate_on(&dir, &[])?;
+        let mut client = chargegate::proto::audit_client::AuditClient::new(
+            load::connect(&server.url, 1).await?.remove(0),
+        );
+        let mut times = load::histogram();
+        let mut rows = 0;
+        for q in 0..21u64 {
+            let from = day_start + (q % 30) as i64 * 86_400_000_000;
+            let request = chargegate::proto::QueryDecisionsRequest {
+                station_id: station((q * 37 % 1000) as usize),
+                from: Some(chargegate::decision::Micros(from).to_proto()),
+                to: Some(chargegate::decision::Micros(from + 86_400_000_000).to_proto()),
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let mut stream = client.query_decisions(request).await?.into_inner();
+            let mut got = 0;
+            while let Some(d) = stream.next().await {
+                d?;
+                got += 1;
+            }
+            // The first query also brings the station index up to date; it is not counted.
+            if q > 0 {
+                times.record(started.elapsed().as_micros().max(1) as u64)?;
+                rows += got;
+            }
+        }
+        server.stop();
+        let ratio = median(&mut ratios);
+        self.record(
+            "u1",
+            json!({
+                "rounds": rounds, "audit_on_rps": median(&mut on).round(), "audit_off_rps": median(&mut off).round(),
+                "ratio": round3(ratio),
+                "query_decisions_log": n, "query_rows_per_station_day": rows / 20,
+                "query_p50_ms": ms(times.value_at_quantile(0.5)), "query_max_ms": ms(times.max()),
+                "seed_seconds": seed_secs.round(),
+            }),
+        );
+        Ok(())
+    }
+}
+
+/// Writes `n` decisions spread over the 30 days before now and 1,000 stations straight into a
+/// fresh store, indexes included; returns the first day's start (µs).
+async fn seed_decisions(data: &std::path::Path, n: u64) -> anyhow::Result<i64> {
+    use chargegate::{fanout::Hub, store::sqlite::Database, token::Fingerprinter};
+    std::fs::create_dir_all(data)?;
+    let path = data.join("chargegate.db");
+    let fingerprinter = Fingerprinter::new(TOKEN_KEY.as_bytes())?;
+    let db = Database::open(
+        &path,
+        u64::MAX,
+        Arc::new(Hub::new()),
+        fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
+    )?;
+    db.close().await;
+    drop(db);
+    let day = 86_400_000_000i64;
+    let start = (chargegate::decision::Micros::now().0 / day - 30) * day;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut conn = rusqlite::Connection::open(&path)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")?;
+        let tx = conn.transaction()?;
+        // Stations as the bench names them; times evenly over 30 days, in seq order.
+        tx.execute(
+            "WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE x + 1 < ?1)
+             INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
+                                    accepted_at_us, decided_at_us, processing_ms)
+             SELECT 'seed-' || x,
+                    printf('00000000-0000-4000-8000-%012d', (x * 7919) % 1000),
+                    'fp', CASE x % 10 WHEN 0 THEN 'unknown' WHEN 1 THEN 'invalid' ELSE 'allowed' END,
+                    CASE x % 10 WHEN 0 THEN 'timeout' WHEN 1 THEN 'token_format' ELSE 'granted' END,
+                    'acl', ?2 + x * (30 * ?3 / ?1), ?2 + x * (30 * ?3 / ?1) + 1000, 1
+             FROM i",
+            rusqlite::params![n as i64, start, day],
+        )?;
+        tx.execute(
+            "INSERT INTO decisions_by_station (seq, station_id, decided_at_us)
+             SELECT seq, station_id, decided_at_us FROM decisions",
+            [],
+        )?;
+        tx.commit()?;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(())
+    })
+    .await??;
+    Ok(start)
+}
+
 /// Writes `n` decided requests with a callback to `url` into a fresh store through the library,
 /// so the store holds `n` pending deliveries and an empty queue.
 async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::Result<()> {
