@@ -1015,7 +1015,10 @@ impl Bench {
         let (mut on, mut off, mut ratios) = (vec![], vec![], vec![]);
         for round in 0..rounds {
             let mut rps = [0.0; 2];
-            for (i, extra) in [&[][..], &["--audit-calls", "false"][..]].into_iter().enumerate() {
+            for (i, extra) in [&[][..], &["--audit-calls", "false"][..]]
+                .into_iter()
+                .enumerate()
+            {
                 let (url, server) = self.chargegate("u1", extra)?;
                 let channels = load::connect(&url, 8).await?;
                 rps[i] = load::closed_loop(&channels, 200, warmup, measure, round_robin_request())

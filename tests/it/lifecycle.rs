@@ -78,6 +78,7 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
         "chargegate.v1.ChargingAuthorization",
         "chargegate.v1.Grants",
         "chargegate.v1.Webhooks",
+        "chargegate.v1.Audit",
         "grpc.health.v1.Health",
     ] {
         assert!(
