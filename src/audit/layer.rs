@@ -23,6 +23,27 @@ use tower::{Layer, Service};
 use super::{AuditSlot, CallRecord, CallSink, StreamEvent};
 use crate::decision::Micros;
 
+/// Every method served. Anything else is recorded and counted as `unknown`: a caller choosing
+/// paths must not be able to grow the metric's label set or fill records with long paths.
+const METHODS: [&str; 16] = [
+    "/chargegate.v1.ChargingAuthorization/Authorize",
+    "/chargegate.v1.ChargingAuthorization/SubscribeDecisions",
+    "/chargegate.v1.ChargingAuthorization/GetDecision",
+    "/chargegate.v1.Grants/PutGrant",
+    "/chargegate.v1.Grants/DeleteGrant",
+    "/chargegate.v1.Grants/ListGrants",
+    "/chargegate.v1.Webhooks/ListDeliveries",
+    "/chargegate.v1.Webhooks/RedriveDeliveries",
+    "/chargegate.v1.Audit/QueryDecisions",
+    "/chargegate.v1.Audit/QueryCalls",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.health.v1.Health/List",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "unknown",
+];
+
 /// Server-streaming methods: recorded at open and at close.
 const STREAMING: [&str; 5] = [
     "/chargegate.v1.ChargingAuthorization/SubscribeDecisions",
@@ -66,7 +87,7 @@ struct Call {
     sink: CallSink,
     at: Micros,
     started: Instant,
-    method: String,
+    method: &'static str,
     peer: String,
     slot: Arc<AuditSlot>,
     streaming: bool,
@@ -77,7 +98,7 @@ impl Call {
         let (station_id, request_id) = self.slot.take();
         let code_name = code_name(code);
         if event != StreamEvent::Open {
-            metrics::counter!("chargegate_grpc_requests_total", "method" => self.method.clone(), "code" => code_name)
+            metrics::counter!("chargegate_grpc_requests_total", "method" => self.method, "code" => code_name)
                 .increment(1);
         }
         self.sink.submit(CallRecord {
@@ -86,7 +107,7 @@ impl Call {
             } else {
                 self.at
             },
-            method: self.method.clone(),
+            method: self.method.to_owned(),
             peer: self.peer.clone(),
             client: String::new(),
             station_id,
@@ -114,6 +135,10 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let method: &'static str = METHODS
+            .into_iter()
+            .find(|m| *m == request.uri().path())
+            .unwrap_or("unknown");
         let Some(sink) = self.sink.clone() else {
             let response = self.inner.call(request);
             return Box::pin(async move {
@@ -128,7 +153,6 @@ where
                 ))
             });
         };
-        let method = request.uri().path().to_owned();
         let peer = request
             .extensions()
             .get::<TcpConnectInfo>()
@@ -141,7 +165,7 @@ where
             sink,
             at: Micros::now(),
             started: Instant::now(),
-            streaming: STREAMING.contains(&method.as_str()),
+            streaming: STREAMING.contains(&method),
             method,
             peer,
             slot,

@@ -86,7 +86,7 @@ impl AuditTrail for Database {
                         latency_us, stream_event, messages_sent
                  FROM calls INDEXED BY calls_by_time
                  WHERE at_us >= ?1 AND at_us < ?2 AND (at_us, seq) > (?3, ?4)
-                   AND substr(method, -length(?5) - 1) = '/' || ?5
+                   AND (method = ?5 OR substr(method, -length(?5) - 1) = '/' || ?5)
                  ORDER BY at_us, seq LIMIT ?6"
             };
             let mut stmt = conn.prepare_cached(sql)?;

@@ -115,6 +115,20 @@ async fn every_call_is_recorded_with_its_code_and_stream_events() {
     assert_eq!(missing.code(), Code::NotFound);
     next_decisions(&mut watch, 1).await;
     drop(watch);
+    // A method the server does not have: recorded, under a fixed name.
+    let mut raw = tonic::client::Grpc::new(server.channel().await);
+    raw.ready().await.unwrap();
+    let nope: Result<tonic::Response<chargegate::proto::GetDecisionResponse>, tonic::Status> = raw
+        .unary(
+            tonic::Request::new(GetDecisionRequest::default()),
+            http::uri::PathAndQuery::from_static("/chargegate.v1.ChargingAuthorization/Nope"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    assert_eq!(
+        nope.expect_err("no such method").code(),
+        Code::Unimplemented
+    );
 
     let authorize = calls_until(&server, "Authorize", |c| c.len() == 2).await;
     let ok = authorize
@@ -135,6 +149,12 @@ async fn every_call_is_recorded_with_its_code_and_stream_events() {
     assert_eq!(
         (bad.station_id.as_str(), bad.request_id.as_str()),
         ("not-a-station", "audit-bad-1")
+    );
+
+    let unknown = calls_until(&server, "unknown", |c| c.len() == 1).await;
+    assert_eq!(
+        (unknown[0].method.as_str(), unknown[0].code.as_str()),
+        ("unknown", "UNIMPLEMENTED")
     );
 
     let get = calls_until(&server, "GetDecision", |c| c.len() == 1).await;
@@ -166,7 +186,7 @@ async fn every_call_is_recorded_with_its_code_and_stream_events() {
 
     // Every call so far (and the queries themselves) is in the unfiltered listing, none with a token.
     let all = calls(&server, "").await;
-    assert!(all.len() >= 6);
+    assert!(all.len() >= 7);
     assert!(!format!("{all:?}").contains(TOKEN_GRANTED));
     assert!(crate::support::metric("chargegate_audit_records_total") >= 6.0);
     server.stop().await.expect("clean stop");
