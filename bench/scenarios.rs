@@ -1097,16 +1097,8 @@ impl Bench {
 /// Writes `n` decisions spread over the 30 days before now and 1,000 stations straight into a
 /// fresh store, indexes included; returns the first day's start (µs).
 async fn seed_decisions(data: &std::path::Path, n: u64) -> anyhow::Result<i64> {
-    use chargegate::{fanout::Hub, store::sqlite::Database, token::Fingerprinter};
-    std::fs::create_dir_all(data)?;
     let path = data.join("chargegate.db");
-    let fingerprinter = Fingerprinter::new(TOKEN_KEY.as_bytes())?;
-    let db = Database::open(
-        &path,
-        u64::MAX,
-        Arc::new(Hub::new()),
-        fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
-    )?;
+    let (db, _, _) = open_seed_store(data)?;
     db.close().await;
     drop(db);
     let day = 86_400_000_000i64;
@@ -1141,14 +1133,18 @@ async fn seed_decisions(data: &std::path::Path, n: u64) -> anyhow::Result<i64> {
     Ok(start)
 }
 
-/// Writes `n` decided requests with a callback to `url` into a fresh store through the library,
-/// so the store holds `n` pending deliveries and an empty queue.
-async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::Result<()> {
+/// A fresh store in `data` as the bench's servers open it (same token key), its queue, and the
+/// fingerprint of the bench's token.
+fn open_seed_store(
+    data: &std::path::Path,
+) -> anyhow::Result<(
+    chargegate::store::sqlite::Database,
+    Arc<chargegate::queue::sqlite::SqliteQueue>,
+    chargegate::token::Fingerprint,
+)> {
     use chargegate::{
-        decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
         fanout::Hub,
-        intake::NewRequest,
-        queue::{Queue, sqlite::SqliteQueue},
+        queue::sqlite::SqliteQueue,
         store::sqlite::Database,
         token::{DriverToken, Fingerprinter},
     };
@@ -1161,7 +1157,23 @@ async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::R
         fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
     )?;
     let queue = Arc::new(SqliteQueue::new(db.clone(), Duration::from_secs(60)));
-    let fingerprint = fingerprinter.fingerprint(&DriverToken::new(TOKEN));
+    Ok((
+        db,
+        queue,
+        fingerprinter.fingerprint(&DriverToken::new(TOKEN)),
+    ))
+}
+
+/// Writes `n` decided requests with a callback to `url` into a fresh store through the library,
+/// so the store holds `n` pending deliveries and an empty queue.
+async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::Result<()> {
+    use chargegate::{
+        decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
+        intake::NewRequest,
+        queue::Queue,
+        token::DriverToken,
+    };
+    let (db, queue, fingerprint) = open_seed_store(data)?;
     let mut in_flight = tokio::task::JoinSet::new();
     let mut settled = 0;
     let mut i = 0;
@@ -1243,24 +1255,8 @@ async fn idle_streams_cost(server: &ServerProcess, n: usize) -> anyhow::Result<f
 
 /// Writes `n` queued requests into a fresh store through the library, as Authorize would.
 async fn seed_backlog(data: &std::path::Path, n: u64) -> anyhow::Result<()> {
-    use chargegate::{
-        decision::Micros,
-        fanout::Hub,
-        intake::NewRequest,
-        queue::{Queue, sqlite::SqliteQueue},
-        store::sqlite::Database,
-        token::{DriverToken, Fingerprinter},
-    };
-    std::fs::create_dir_all(data)?;
-    let fingerprinter = Fingerprinter::new(TOKEN_KEY.as_bytes())?;
-    let db = Database::open(
-        &data.join("chargegate.db"),
-        u64::MAX,
-        Arc::new(Hub::new()),
-        fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
-    )?;
-    let queue = Arc::new(SqliteQueue::new(db.clone(), Duration::from_secs(60)));
-    let fingerprint = fingerprinter.fingerprint(&DriverToken::new(TOKEN));
+    use chargegate::{decision::Micros, intake::NewRequest, queue::Queue, token::DriverToken};
+    let (db, queue, fingerprint) = open_seed_store(data)?;
     let mut in_flight = tokio::task::JoinSet::new();
     for i in 0..n {
         if in_flight.len() >= 4096 {

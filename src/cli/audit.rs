@@ -22,14 +22,11 @@ use crate::{
 pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Query {
-            server,
             station,
             statuses,
-            window,
-            limit,
-            format,
+            listing,
         } => {
-            let (from, to) = window.resolve(None)?;
+            let (from, to) = listing.window.resolve(None)?;
             let request = QueryDecisionsRequest {
                 station_id: station.unwrap_or_default(),
                 statuses: statuses
@@ -38,31 +35,25 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?,
                 from,
                 to,
-                limit,
+                limit: listing.limit,
             };
-            let decisions = query_decisions(&server.server, request).await?;
+            let decisions = query_decisions(&listing.server.server, request).await?;
             print_rows(
-                format,
+                listing.format,
                 &DECISION_COLUMNS,
                 decisions.iter().map(decision_row),
             );
             Ok(())
         }
-        AuditCommand::Calls {
-            server,
-            method,
-            window,
-            limit,
-            format,
-        } => {
-            let (from, to) = window.resolve(None)?;
-            let mut client = connect(&server.server).await?;
+        AuditCommand::Calls { method, listing } => {
+            let (from, to) = listing.window.resolve(None)?;
+            let mut client = connect(&listing.server.server).await?;
             let mut stream = client
                 .query_calls(QueryCallsRequest {
                     method: method.unwrap_or_default(),
                     from,
                     to,
-                    limit,
+                    limit: listing.limit,
                 })
                 .await
                 .map_err(status_error)?
@@ -71,7 +62,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             while let Some(call) = stream.next().await {
                 calls.push(call.map_err(status_error)?);
             }
-            print_rows(format, &CALL_COLUMNS, calls.iter().map(call_row));
+            print_rows(listing.format, &CALL_COLUMNS, calls.iter().map(call_row));
             Ok(())
         }
         AuditCommand::Verify {

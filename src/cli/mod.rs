@@ -72,12 +72,24 @@ pub struct Window {
     pub until: Option<String>,
 }
 
+/// Where a listing comes from, over which window, how much of it and how it is printed.
+#[derive(Debug, Args)]
+pub struct Listing {
+    #[command(flatten)]
+    pub server: ServerArg,
+    #[command(flatten)]
+    pub window: Window,
+    /// Most rows printed (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub limit: u32,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Decisions, oldest first.
     Query {
-        #[command(flatten)]
-        server: ServerArg,
         /// Station UUID.
         #[arg(long)]
         station: Option<String>,
@@ -85,26 +97,15 @@ pub enum AuditCommand {
         #[arg(long = "status", value_delimiter = ',')]
         statuses: Vec<String>,
         #[command(flatten)]
-        window: Window,
-        /// Most decisions printed (0: all).
-        #[arg(long, default_value_t = 0)]
-        limit: u32,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
+        listing: Listing,
     },
     /// Call records, oldest first.
     Calls {
-        #[command(flatten)]
-        server: ServerArg,
         /// A method (`Authorize`) or its full path (`/chargegate.v1.ChargingAuthorization/Authorize`).
         #[arg(long)]
         method: Option<String>,
         #[command(flatten)]
-        window: Window,
-        #[arg(long, default_value_t = 0)]
-        limit: u32,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
+        listing: Listing,
     },
     /// Walk the decision log's hash chain in a data dir and report the first broken link.
     /// Exits 0 when intact, 1 when broken.

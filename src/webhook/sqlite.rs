@@ -1,14 +1,16 @@
-//! The webhook outbox on the embedded store. The `deliveries` table is
-//! created with the rest of the schema in `store::sqlite`, whose writer inserts a delivery in the
-//! transaction that records its decision.
+//! The webhook outbox on the embedded store. The `deliveries` table is created with the rest of
+//! the schema in `store::sqlite`, whose writer inserts a delivery in the transaction that records
+//! its decision.
 //!
 //! - `deliveries`: one row per request with a callback: `state` is `pending`, `delivered` or
-//!   `dead`; `next_attempt_us` orders the pending ones (partial index `deliveries_due`, named in
-//!   the query: without statistics the planner would pick `deliveries_by_state` and sort every
-//!   pending row on each read);
+//!   `dead`; `(next_attempt_us, seq)` orders the pending ones (partial index `deliveries_due`,
+//!   named in the query: without statistics the planner would pick another index and sort every
+//!   pending row on each read); dead ones have their own partial index for listing.
 //!   `driver_token` is the plain token, NULL once no longer needed.
 //!   `history` is every attempt, one JSON array per line (`[at_us, outcome, http_status,
 //!   latency_ms, error_class]`), appended to by the update that records it.
+//! - The hot read, [`WebhookOutbox::pending`], runs on the writer's connection (see
+//!   `Database::read_on_writer`).
 //!
 //! One row per delivery and few indexes on purpose: each table or index is another page written
 //! by every attempt's commit.

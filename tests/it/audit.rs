@@ -1,7 +1,7 @@
 //! The audit trail: call records from the RPC layer, decision queries in every shape and format,
 //! the hash chain against an edited row, retention of call records, and no token anywhere.
 
-use std::{collections::BTreeSet, process::Command, time::Duration};
+use std::{collections::BTreeSet, process::Command};
 
 use chargegate::{
     decision::Micros,
@@ -15,8 +15,8 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 use crate::support::{
-    PATIENCE, STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_UNKNOWN, TOKEN_WILDCARD, TestDir,
-    TestServer, files_containing, next_decisions, subscribe,
+    STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_UNKNOWN, TOKEN_WILDCARD, TestDir, TestServer,
+    files_containing, next_decisions, poll_until, subscribe,
 };
 
 async fn audit(server: &TestServer) -> AuditClient<tonic::transport::Channel> {
@@ -46,18 +46,12 @@ async fn calls_until(
     method: &str,
     done: impl Fn(&[CallRecord]) -> bool,
 ) -> Vec<CallRecord> {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let found = calls(server, method).await;
-        if done(&found) {
-            return found;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "call records never came: {found:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    poll_until(
+        "call records",
+        || calls(server, method),
+        |c: &Vec<CallRecord>| done(c),
+    )
+    .await
 }
 
 async fn decisions(server: &TestServer, q: QueryDecisionsRequest) -> Vec<Decision> {

@@ -20,7 +20,7 @@ use tonic_types::StatusExt;
 use crate::support::{
     PATIENCE, STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_UNKNOWN, TestDir, TestServer,
     binary::ChildServer,
-    files_containing, metric,
+    files_containing, metric, poll_until,
     receiver::{Received, Reply, WebhookReceiver},
     standard_acl,
 };
@@ -62,24 +62,18 @@ async fn list(url: &str, state: DeliveryState) -> Vec<Delivery> {
         .deliveries
 }
 
-/// Polls the outbox until `done` holds for the deliveries in `state`; fails after [`PATIENCE`].
+/// Polls the outbox until `done` holds for the deliveries in `state`.
 async fn wait_deliveries(
     url: &str,
     state: DeliveryState,
     done: impl Fn(&[Delivery]) -> bool,
 ) -> Vec<Delivery> {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let deliveries = list(url, state).await;
-        if done(&deliveries) {
-            return deliveries;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "deliveries in {state:?} never got there: {deliveries:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(
+        &format!("deliveries in {state:?}"),
+        || list(url, state),
+        |d: &Vec<Delivery>| done(d),
+    )
+    .await
 }
 
 fn find<'a>(deliveries: &'a [Delivery], request_id: &str) -> &'a Delivery {

@@ -294,3 +294,25 @@ pub async fn decide_until(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Calls `fetch` until `done` holds for what it returns (state written in the background: call
+/// records, webhook deliveries); fails the test, showing the last answer, after [`PATIENCE`].
+pub async fn poll_until<T, F, Fut>(what: &str, mut fetch: F, done: impl Fn(&T) -> bool) -> T
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let got = fetch().await;
+        if done(&got) {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never came: {got:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
