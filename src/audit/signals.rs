@@ -66,12 +66,14 @@ impl Signals {
         bucket.total += 1;
         bucket.unknown += u64::from(status == Status::Unknown);
         bucket.timeouts += u64::from(reason == Reason::Timeout);
-        if bucket.stations.len() < MAX_STATIONS_PER_MINUTE
-            || bucket.stations.contains_key(station_id)
-        {
-            let entry = bucket.stations.entry(station_id.to_owned()).or_default();
+        // The station's key is allocated once a minute, not once a decision.
+        if let Some(entry) = bucket.stations.get_mut(station_id) {
             entry.0 += 1;
             entry.1 += u64::from(failing);
+        } else if bucket.stations.len() < MAX_STATIONS_PER_MINUTE {
+            bucket
+                .stations
+                .insert(station_id.to_owned(), (1, u64::from(failing)));
         }
     }
 
