@@ -36,7 +36,8 @@ use crate::decision::Micros;
 const IDLE_LOOK: Duration = Duration::from_secs(5);
 /// Pause after the outbox could not be read.
 const READ_BACKOFF: Duration = Duration::from_secs(1);
-/// How often tokens of dead deliveries past their redrive window are erased.
+/// How often tokens of dead deliveries past their redrive window are erased (more often when
+/// the window itself is shorter).
 const ERASE_INTERVAL: Duration = Duration::from_secs(60);
 /// Bytes of a response body read (and discarded) so the connection can be reused.
 const RESPONSE_READ_MAX: usize = 64 * 1024;
@@ -213,7 +214,11 @@ impl Deliverer {
         let this = Arc::new(self);
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<Progress>();
         let mut tasks = JoinSet::new();
-        let mut erase = tokio::time::interval(ERASE_INTERVAL);
+        let mut erase = tokio::time::interval(
+            ERASE_INTERVAL
+                .min(this.settings.policy.max_age)
+                .max(Duration::from_millis(10)),
+        );
         let (concurrency, per_host) = (this.settings.concurrency, this.settings.host_concurrency);
         let host_buffer = (per_host * HOST_BUFFER_FACTOR).max(2);
         // Deliveries taken and not yet recorded, at most: a slow store slows deliveries down

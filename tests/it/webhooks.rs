@@ -296,6 +296,75 @@ async fn permanent_failures_are_dead_at_once_and_can_be_redriven() {
 }
 
 #[tokio::test]
+async fn a_dead_delivery_keeps_its_token_only_for_its_redrive_window() {
+    let dir = TestDir::new();
+    let receiver = WebhookReceiver::start(Reply::Status(400)).await;
+    let mut config = webhook_config(&dir);
+    config.webhook.max_age = Duration::from_millis(300);
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let ack = client
+        .authorize(with_callback(STATION_A, TOKEN_GRANTED, &receiver.url("/")))
+        .await
+        .expect("authorize")
+        .into_inner();
+    wait_deliveries(&server.url(), DeliveryState::Dead, |d| d.len() == 1).await;
+    // Past the window the token is erased (read from the store itself, which the server shares
+    // with readers), and a redrive can no longer send the delivery.
+    let db = dir.data_dir().join("chargegate.db");
+    let id = ack.request_id.clone();
+    poll_until(
+        "the token's erasure",
+        || {
+            let (db, id) = (db.clone(), id.clone());
+            async move {
+                let conn = rusqlite::Connection::open_with_flags(
+                    &db,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                conn.query_row(
+                    "SELECT driver_token IS NULL FROM deliveries WHERE request_id = ?1",
+                    [&id],
+                    |r| r.get::<_, bool>(0),
+                )
+                .unwrap()
+            }
+        },
+        |erased| *erased,
+    )
+    .await;
+    let mut admin = webhooks(&server.url()).await;
+    let sent_before = receiver.received().len();
+    let redriven = admin
+        .redrive_deliveries(RedriveDeliveriesRequest {
+            request_ids: vec![ack.request_id.clone()],
+        })
+        .await
+        .expect("redrive")
+        .into_inner()
+        .redriven;
+    assert_eq!(redriven, 0, "a delivery without its token stays dead");
+    let dead = wait_deliveries(&server.url(), DeliveryState::Dead, |d| d.len() == 1).await;
+    assert_eq!(dead[0].request_id, ack.request_id);
+    assert_eq!(receiver.received().len(), sent_before);
+    let again = admin
+        .redrive_deliveries(RedriveDeliveriesRequest {
+            request_ids: vec![],
+        })
+        .await
+        .expect("redrive all")
+        .into_inner()
+        .redriven;
+    assert_eq!(again, 0, "nothing left to redrive");
+    server.stop().await.expect("clean stop");
+    assert!(
+        files_containing(&dir.data_dir(), TOKEN_GRANTED.as_bytes()).is_empty(),
+        "the dead delivery's token is gone from the store"
+    );
+}
+
+#[tokio::test]
 async fn loopback_is_refused_unless_private_destinations_are_allowed() {
     let dir = TestDir::new();
     let receiver = WebhookReceiver::start(Reply::Status(200)).await;
