@@ -1,5 +1,5 @@
 //! The audit trail on the embedded store: the `calls` table (one row per call or stream event,
-//! indexed by time and by method and time) and the decision queries of the `Audit` service.
+//! indexed by time only) and the decision queries of the `Audit` service.
 //!
 //! Decisions are indexed by time and by status and time in the transaction that records them
 //! (both indexes grow at their ends). The index by station, `decisions_by_station`, is kept a
@@ -68,7 +68,9 @@ impl AuditTrail for Database {
         let (after_at, after_seq) = after.unwrap_or((i64::MIN, i64::MIN));
         let method = query.method;
         self.read(move |conn| {
-            // A full path uses the method index; a bare method name matches it in any service.
+            // Calls have one index, by time: each index is another entry the writer adds for every
+            // call. A method filter (a full path, or a bare method name in any service) is applied
+            // while walking it.
             let sql = if method.is_empty() {
                 "SELECT seq, at_us, method, peer, client, station_id, request_id, code,
                         latency_us, stream_event, messages_sent
@@ -78,7 +80,7 @@ impl AuditTrail for Database {
             } else if method.starts_with('/') {
                 "SELECT seq, at_us, method, peer, client, station_id, request_id, code,
                         latency_us, stream_event, messages_sent
-                 FROM calls INDEXED BY calls_by_method
+                 FROM calls INDEXED BY calls_by_time
                  WHERE method = ?5 AND at_us >= ?1 AND at_us < ?2 AND (at_us, seq) > (?3, ?4)
                  ORDER BY at_us, seq LIMIT ?6"
             } else {

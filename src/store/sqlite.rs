@@ -142,7 +142,7 @@ CREATE TABLE IF NOT EXISTS calls (
     messages_sent INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS calls_by_time ON calls (at_us);
-CREATE INDEX IF NOT EXISTS calls_by_method ON calls (method, at_us);
+DROP INDEX IF EXISTS calls_by_method;
 CREATE TABLE IF NOT EXISTS grants (
     station_id    TEXT NOT NULL,
     token_fp      TEXT NOT NULL,
