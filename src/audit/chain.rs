@@ -16,10 +16,21 @@ pub const KEY_PURPOSE: &str = "decision chain v1";
 
 pub type Link = [u8; 32];
 
+/// The chain key, keyed once: each link clones the prepared HMAC state instead of hashing the
+/// key again (this runs for every decision, in the writer's transaction).
+#[derive(Clone)]
+pub struct ChainKey(Hmac<Sha256>);
+
+impl ChainKey {
+    pub fn new(key: &[u8; 32]) -> Self {
+        Self(Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length"))
+    }
+}
+
 /// The fields of a record as they are chained: fixed order, separated by 0x1f.
 #[allow(clippy::too_many_arguments)]
 fn link_of(
-    key: &[u8; 32],
+    key: &ChainKey,
     previous: &Link,
     request_id: &str,
     station_id: &str,
@@ -31,7 +42,7 @@ fn link_of(
     decided_at_us: i64,
     processing_ms: i64,
 ) -> Link {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac = key.0.clone();
     mac.update(previous);
     for field in [request_id, station_id, token_fp, status, reason, authorizer] {
         mac.update(field.as_bytes());
@@ -44,7 +55,7 @@ fn link_of(
 }
 
 /// The link of a decision about to be recorded after `previous`.
-pub fn link(key: &[u8; 32], previous: &Link, d: &NewDecision) -> Link {
+pub fn link(key: &ChainKey, previous: &Link, d: &NewDecision) -> Link {
     link_of(
         key,
         previous,
@@ -94,6 +105,7 @@ pub struct Verification {
 
 /// Walks the decision log in order and checks every link.
 pub fn verify(conn: &Connection, key: &[u8; 32]) -> rusqlite::Result<Verification> {
+    let key = &ChainKey::new(key);
     let mut previous = floor(conn)?;
     let mut stmt = conn.prepare(
         "SELECT seq, request_id, station_id, token_fp, status, reason, authorizer,

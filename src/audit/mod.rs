@@ -228,16 +228,7 @@ impl CallSink {
 /// Writes call records in batches until every sink is dropped and the buffer is empty.
 pub async fn run_recorder(log: Arc<dyn AuditTrail>, mut records: mpsc::Receiver<CallRecord>) {
     let mut batch = Vec::with_capacity(BATCH);
-    while records.recv_many(&mut batch, BATCH).await > 0 {
-        let gathering = tokio::time::sleep(GATHER);
-        tokio::pin!(gathering);
-        while batch.len() < BATCH {
-            let room = BATCH - batch.len();
-            tokio::select! {
-                _ = &mut gathering => break,
-                n = records.recv_many(&mut batch, room) => if n == 0 { break },
-            }
-        }
+    while crate::store::gather_batch(&mut records, &mut batch, BATCH, GATHER).await {
         let n = batch.len() as u64;
         match log.record_calls(std::mem::take(&mut batch)).await {
             Ok(()) => metrics::counter!("chargegate_audit_records_total").increment(n),

@@ -106,6 +106,30 @@ pub trait GrantStore: Send + Sync + 'static {
     async fn list_grants(&self) -> Result<Vec<StoredGrant>, StoreError>;
 }
 
+/// Waits for the next records on `rx` and gathers more for up to `gather` (or until `batch`
+/// holds `max`), so writers that nobody waits on make a few large commits rather than many small
+/// ones. Returns false once the channel is closed and drained.
+pub async fn gather_batch<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    gather: std::time::Duration,
+) -> bool {
+    if rx.recv_many(batch, max).await == 0 {
+        return false;
+    }
+    let gathering = tokio::time::sleep(gather);
+    tokio::pin!(gathering);
+    while batch.len() < max {
+        let room = max - batch.len();
+        tokio::select! {
+            _ = &mut gathering => break,
+            n = rx.recv_many(batch, room) => if n == 0 { break },
+        }
+    }
+    true
+}
+
 /// Rows purged per write, so retention never holds the writer for long.
 const PURGE_BATCH: usize = 1000;
 /// How often retention runs (and once at start-up).

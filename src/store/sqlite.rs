@@ -44,7 +44,7 @@ use super::{
     DecisionLog, GrantStore, LogBounds, RequestState, StationFilter, StoreError, StoredGrant,
 };
 use crate::{
-    audit::chain::{self, Link},
+    audit::chain::{self, ChainKey, Link},
     cursor::Cursor,
     decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
     fanout::Hub,
@@ -328,7 +328,7 @@ impl Database {
             shared: shared.clone(),
             hub,
             relaxed: false,
-            chain_key,
+            chain_key: ChainKey::new(&chain_key),
             chain_head,
         };
         thread::Builder::new()
@@ -780,7 +780,7 @@ struct Writer {
     hub: Arc<Hub>,
     /// The connection is at `synchronous = NORMAL` (a batch of [`Durability::Process`] writes).
     relaxed: bool,
-    chain_key: [u8; 32],
+    chain_key: ChainKey,
     /// The link of the newest committed decision.
     chain_head: Link,
 }
@@ -1048,7 +1048,7 @@ fn settle(
     position: u64,
     d: &NewDecision,
     log_id: u32,
-    chain: (&[u8; 32], &mut Link),
+    chain: (&ChainKey, &mut Link),
 ) -> rusqlite::Result<(Settled, bool)> {
     let link = chain::link(chain.0, chain.1, d);
     let inserted: Option<i64> = tx

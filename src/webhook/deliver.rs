@@ -231,7 +231,8 @@ impl Deliverer {
             ..Default::default()
         };
         let mut next_due: Option<tokio::time::Instant> = None;
-        let (record_tx, record_rx) = mpsc::unbounded_channel::<Outcome>();
+        // Bounded: attempts wait for room when the store falls behind.
+        let (record_tx, record_rx) = mpsc::channel::<Outcome>(max_taken);
         let recorder = tokio::spawn(record(this.outbox.clone(), record_rx, progress_tx.clone()));
         loop {
             while let Ok(progress) = progress_rx.try_recv() {
@@ -342,7 +343,7 @@ impl Deliverer {
         self: Arc<Self>,
         d: DueDelivery,
         progress: mpsc::UnboundedSender<Progress>,
-        recorder: mpsc::UnboundedSender<Outcome>,
+        recorder: mpsc::Sender<Outcome>,
     ) {
         let at = Micros::now();
         let started = Instant::now();
@@ -390,18 +391,20 @@ impl Deliverer {
                 "webhook delivery is dead"
             ),
         }
-        let _ = recorder.send(Outcome {
-            request_id: d.request_id,
-            attempt: Attempt {
-                at,
-                outcome: outcome.to_owned(),
-                http_status,
-                latency_ms: latency.as_millis().min(u128::from(u32::MAX)) as u32,
-                error_class: error_class.to_owned(),
-            },
-            next,
-            last_error,
-        });
+        let _ = recorder
+            .send(Outcome {
+                request_id: d.request_id,
+                attempt: Attempt {
+                    at,
+                    outcome: outcome.to_owned(),
+                    http_status,
+                    latency_ms: latency.as_millis().min(u128::from(u32::MAX)) as u32,
+                    error_class: error_class.to_owned(),
+                },
+                next,
+                last_error,
+            })
+            .await;
     }
 
     /// Sends one attempt. Returns what happened, its error class (empty on a response) and a
@@ -490,22 +493,11 @@ const RECORD_GATHER: Duration = Duration::from_millis(5);
 /// after a pause, so a failing store is not hammered.
 async fn record(
     outbox: Arc<dyn WebhookOutbox>,
-    mut outcomes: mpsc::UnboundedReceiver<Outcome>,
+    mut outcomes: mpsc::Receiver<Outcome>,
     progress: mpsc::UnboundedSender<Progress>,
 ) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
-    while outcomes.recv_many(&mut batch, RECORD_BATCH).await > 0 {
-        // Gather a little longer: every commit rewrites the pages it touches, so a few large
-        // commits cost far less than many small ones. Nobody waits on these records.
-        let gathering = tokio::time::sleep(RECORD_GATHER);
-        tokio::pin!(gathering);
-        while batch.len() < RECORD_BATCH {
-            let room = RECORD_BATCH - batch.len();
-            tokio::select! {
-                _ = &mut gathering => break,
-                n = outcomes.recv_many(&mut batch, room) => if n == 0 { break },
-            }
-        }
+    while crate::store::gather_batch(&mut outcomes, &mut batch, RECORD_BATCH, RECORD_GATHER).await {
         let ids: Vec<(String, bool)> = batch
             .iter()
             .map(|o| (o.request_id.clone(), matches!(o.next, Next::RetryAt(_))))
