@@ -96,12 +96,22 @@ impl AuditSlot {
     }
 
     /// Notes the station and request the call is about (empty: unchanged). Caller-given text is
-    /// cut to a bounded length; never pass a token.
+    /// cut to a bounded length. Station ids (several separated by commas) are kept canonical;
+    /// one that is not a station id but has the shape of a driver token (a caller who swapped
+    /// the fields) is recorded as `(redacted)`, so no token reaches a call record.
     pub fn note(&self, station_id: &str, request_id: &str) {
         let cut = |s: &str| s.chars().take(MAX_NOTED).collect::<String>();
         let mut noted = self.noted.lock().expect("audit slot lock");
         if !station_id.is_empty() {
-            noted.0 = cut(station_id);
+            let stations: Vec<String> = station_id
+                .split(',')
+                .map(|part| match crate::intake::parse_station_id(part) {
+                    Ok(canonical) => canonical,
+                    Err(_) if crate::token::is_well_formed(part) => "(redacted)".to_owned(),
+                    Err(_) => part.to_owned(),
+                })
+                .collect();
+            noted.0 = cut(&stations.join(","));
         }
         if !request_id.is_empty() {
             noted.1 = cut(request_id);

@@ -100,6 +100,16 @@ async fn every_call_is_recorded_with_its_code_and_stream_events() {
         .await
         .expect_err("a bad station");
     assert_eq!(refused.code(), Code::InvalidArgument);
+    // A caller who swaps the fields: the token is refused as a station and never recorded.
+    let swapped = client
+        .authorize(authorize_request(
+            TOKEN_GRANTED,
+            STATION_A,
+            "audit-swapped-1",
+        ))
+        .await
+        .expect_err("a token where the station goes");
+    assert_eq!(swapped.code(), Code::InvalidArgument);
     let missing = client
         .get_decision(GetDecisionRequest {
             request_id: "audit-missing".into(),
@@ -124,7 +134,7 @@ async fn every_call_is_recorded_with_its_code_and_stream_events() {
         Code::Unimplemented
     );
 
-    let authorize = calls_until(&server, "Authorize", |c| c.len() == 2).await;
+    let authorize = calls_until(&server, "Authorize", |c| c.len() == 3).await;
     let ok = authorize
         .iter()
         .find(|c| c.code == "OK")
@@ -138,11 +148,19 @@ async fn every_call_is_recorded_with_its_code_and_stream_events() {
     assert_eq!(ok.stream_event, "");
     let bad = authorize
         .iter()
-        .find(|c| c.code == "INVALID_ARGUMENT")
+        .find(|c| c.code == "INVALID_ARGUMENT" && c.request_id == "audit-bad-1")
         .expect("the refused call");
     assert_eq!(
         (bad.station_id.as_str(), bad.request_id.as_str()),
         ("not-a-station", "audit-bad-1")
+    );
+    let swapped = authorize
+        .iter()
+        .find(|c| c.request_id == "audit-swapped-1")
+        .expect("the swapped call");
+    assert_eq!(
+        (swapped.station_id.as_str(), swapped.code.as_str()),
+        ("(redacted)", "INVALID_ARGUMENT")
     );
 
     let unknown = calls_until(&server, "unknown", |c| c.len() == 1).await;
