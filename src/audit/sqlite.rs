@@ -3,9 +3,8 @@
 //!
 //! Decisions are indexed by time and by status and time in the transaction that records them
 //! (both indexes grow at their ends). The index by station, `decisions_by_station`, is kept a
-//! second behind instead, in large batches: an index by station written with every commit
-//! dirties a page per station in each one, which cost about a fifth of intake. A query by
-//! station brings it up to date first.
+//! second behind instead, in large batches and in a file of its own (see `store::station_index`).
+//! A query by station brings it up to date first.
 //!
 //! Call records are written in batches that do not wait for fsync: a crash of the process loses
 //! none; a power loss may lose the last few milliseconds of them (decisions are never among them:
@@ -22,9 +21,6 @@ use crate::{
         sqlite::{Database, Durability},
     },
 };
-
-/// Decisions indexed by station in one write.
-const INDEX_BATCH: u64 = 20_000;
 
 const DECISION_AUDIT_COLUMNS: &str = "d.seq, d.request_id, d.station_id, d.token_fp, d.reason, \
      d.authorizer, d.accepted_at_us, d.decided_at_us";
@@ -144,7 +140,7 @@ impl AuditTrail for Database {
             let columns = DECISION_AUDIT_COLUMNS;
             let sql = match (&station, &one_status) {
                 (Some(_), _) => format!(
-                    "SELECT {columns} FROM decisions_by_station s JOIN decisions d ON d.seq = s.seq
+                    "SELECT {columns} FROM stations.decisions_by_station s JOIN decisions d ON d.seq = s.seq
                      WHERE s.station_id = ?1 AND s.decided_at_us >= ?2 AND s.decided_at_us < ?3
                        AND (s.decided_at_us, s.seq) > (?4, ?5)
                        AND (?6 OR d.status IN (SELECT value FROM json_each(?7)))
@@ -188,28 +184,7 @@ impl AuditTrail for Database {
     }
 
     async fn index_stations(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let n = self
-                .write_with_durability(Durability::Process, |tx| {
-                    let through: i64 = tx
-                        .prepare_cached("SELECT coalesce(max(seq), 0) FROM decisions_by_station")?
-                        .query_row([], |r| r.get(0))?;
-                    let n = tx
-                        .prepare_cached(
-                            "INSERT INTO decisions_by_station (seq, station_id, decided_at_us)
-                             SELECT seq, station_id, decided_at_us FROM decisions
-                             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                        )?
-                        .execute(params![through, INDEX_BATCH as i64])?;
-                    Ok(n as u64)
-                })
-                .await?;
-            total += n;
-            if n < INDEX_BATCH {
-                return Ok(total);
-            }
-        }
+        Database::index_stations(self).await
     }
 
     async fn purge_calls_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError> {

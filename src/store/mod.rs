@@ -2,6 +2,7 @@
 //! outbox). [`sqlite`] is the embedded backend; a PostgreSQL backend implements the same trait.
 
 pub mod sqlite;
+pub mod station_index;
 
 use std::sync::Arc;
 

@@ -23,7 +23,7 @@
 //!   no index by station in the commit: with stations spread over the log, such an index dirties
 //!   a page per station in every commit (measured: about a fifth of intake throughput). Replays
 //!   by station scan the log from the cursor in `seq` order; the audit queries by station use
-//!   `decisions_by_station`, kept a second behind (see `audit::sqlite`).
+//!   `decisions_by_station`, kept a second behind in a file of its own (see `station_index`).
 
 use std::{
     collections::VecDeque,
@@ -42,6 +42,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
     DecisionLog, GrantStore, LogBounds, RequestState, StationFilter, StoreError, StoredGrant,
+    station_index::{self, StationIndex},
 };
 use crate::{
     audit::chain::{self, ChainKey, Link},
@@ -62,7 +63,7 @@ const WRITE_QUEUE: usize = 16 * 1024;
 const HOT_MAX: usize = 8192;
 /// Read connections kept open.
 const READERS: usize = 4;
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 const WRITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
 /// Page cache per connection, in KiB (as a negative `cache_size`).
 const WRITE_CACHE_KIB: i64 = -4096;
@@ -121,13 +122,6 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_us) WHERE 
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (seq) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (decided_at_us);
 CREATE INDEX IF NOT EXISTS decisions_by_status ON decisions (status, decided_at_us);
-CREATE TABLE IF NOT EXISTS decisions_by_station (
-    seq           INTEGER PRIMARY KEY,
-    station_id    TEXT NOT NULL,
-    decided_at_us INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS decisions_by_station_time
-    ON decisions_by_station (station_id, decided_at_us);
 CREATE TABLE IF NOT EXISTS calls (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
     at_us         INTEGER NOT NULL,
@@ -219,6 +213,8 @@ struct Inner {
     /// thread finishes its batch and exits.
     writer: mpsc::Sender<WriteOp>,
     readers: Mutex<Vec<Connection>>,
+    /// The decision log's index by station, which read connections attach as `stations`.
+    stations: StationIndex,
     path: PathBuf,
     log_id: u32,
     shared: Arc<Shared>,
@@ -331,6 +327,7 @@ impl Database {
             chain_key: ChainKey::new(&chain_key),
             chain_head,
         };
+        let stations = StationIndex::open(path)?;
         thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || writer.run(rx))
@@ -339,6 +336,7 @@ impl Database {
             inner: Arc::new(Inner {
                 writer: tx,
                 readers: Mutex::new(Vec::new()),
+                stations,
                 path: path.to_owned(),
                 log_id,
                 shared,
@@ -350,6 +348,7 @@ impl Database {
     /// Commits what is queued, checkpoints the WAL into the main file and stops the writer.
     /// Later writes fail with [`StoreError::Closed`].
     pub async fn close(&self) {
+        self.inner.stations.close().await;
         let (tx, rx) = oneshot::channel();
         if self.inner.writer.send(WriteOp::Close(tx)).await.is_ok() {
             let _ = rx.await;
@@ -467,7 +466,7 @@ impl Database {
             let pooled = inner.readers.lock().expect("reader pool lock").pop();
             let conn = match pooled {
                 Some(conn) => conn,
-                None => open_connection(&inner.path, true).map_err(StoreError::backend)?,
+                None => open_reader(&inner.path).map_err(StoreError::backend)?,
             };
             let result = f(&conn).map_err(StoreError::backend);
             let mut pool = inner.readers.lock().expect("reader pool lock");
@@ -733,6 +732,23 @@ fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection>
     Ok(conn)
 }
 
+/// A read connection of the log, with the index by station attached as `stations`.
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = open_connection(path, true)?;
+    conn.execute(
+        "ATTACH DATABASE ?1 AS stations",
+        [station_index::path_for(path).to_string_lossy()],
+    )?;
+    Ok(conn)
+}
+
+/// Brings the index by station up to date with the log (see [`station_index`]).
+impl Database {
+    pub(crate) async fn index_stations(&self) -> Result<u64, StoreError> {
+        self.inner.stations.catch_up().await
+    }
+}
+
 /// Creates or checks the schema; returns the log id.
 fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -750,6 +766,8 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
     if !chained {
         tx.execute_batch("ALTER TABLE decisions ADD COLUMN chain BLOB;")?;
     }
+    // Version 3 kept the index by station in this file; it has a file of its own now.
+    tx.execute_batch("DROP TABLE IF EXISTS decisions_by_station;")?;
     let existing: Option<String> = tx
         .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
             r.get(0)
@@ -1144,8 +1162,6 @@ fn purge(tx: &Transaction<'_>, cutoff: Micros, max: usize) -> rusqlite::Result<(
     let Some(through) = through else {
         return Ok((0, None));
     };
-    tx.prepare_cached("DELETE FROM decisions_by_station WHERE seq <= ?1")?
-        .execute([through])?;
     // The retained log verifies from the link of the last purged record.
     let floor: Option<Vec<u8>> = tx
         .prepare_cached("SELECT chain FROM decisions WHERE seq = ?1")?

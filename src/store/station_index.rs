@@ -1,0 +1,150 @@
+//! The decision log's index by station, in a SQLite file of its own (`<log>.stations.db`) with a
+//! thread of its own.
+//!
+//! An index by station written with every decision dirties a page per station in every commit
+//! (about a fifth of intake). Written a second behind in large batches it is cheap, but a batch
+//! of a second's decisions on the log's writer held every acknowledgement behind it for tens of
+//! milliseconds (g3's p99). In its own file the batch takes its own write lock: the log's writer
+//! never waits for it. The index is derived data: it is rebuilt from the log where it stops (its newest
+//! `seq`), after a crash too, and entries of purged decisions are dropped as it catches up.
+//!
+//! Read connections of the log attach the file as `stations`; a query by station asks the
+//! thread to catch up first (see `audit::sqlite`).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::mpsc as std_mpsc,
+    thread,
+};
+
+use rusqlite::{Connection, params};
+use tokio::sync::oneshot;
+
+use super::StoreError;
+
+/// Decisions indexed in one transaction.
+const INDEX_BATCH: i64 = 20_000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS decisions_by_station (
+    seq           INTEGER PRIMARY KEY,
+    station_id    TEXT NOT NULL,
+    decided_at_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_by_station_time
+    ON decisions_by_station (station_id, decided_at_us);
+";
+
+/// The index file next to the log at `log`.
+pub fn path_for(log: &Path) -> PathBuf {
+    log.with_extension("stations.db")
+}
+
+/// What the index thread is asked to do.
+enum Request {
+    /// Catch up with the log and answer how many decisions were added.
+    CatchUp(oneshot::Sender<Result<u64, StoreError>>),
+    /// Close the connection, then answer.
+    Stop(oneshot::Sender<()>),
+}
+
+/// A handle on the index thread; the thread also stops when the handle is dropped.
+pub(crate) struct StationIndex {
+    requests: std_mpsc::Sender<Request>,
+}
+
+impl StationIndex {
+    /// Creates the index file if needed and starts its thread. `log` is the decision log's file.
+    pub(crate) fn open(log: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path_for(log)).map_err(StoreError::backend)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(StoreError::backend)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(StoreError::backend)?;
+        // Lost on a power loss, the tail of the index is rebuilt from the log.
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -2048;")
+            .map_err(StoreError::backend)?;
+        conn.execute_batch(SCHEMA).map_err(StoreError::backend)?;
+        conn.execute("ATTACH DATABASE ?1 AS log", [log.to_string_lossy()])
+            .map_err(StoreError::backend)?;
+        let (tx, rx) = std_mpsc::channel();
+        thread::Builder::new()
+            .name("sqlite-stations".into())
+            .spawn(move || run(conn, rx))
+            .map_err(StoreError::backend)?;
+        Ok(Self { requests: tx })
+    }
+
+    /// Indexes every decision recorded so far; returns how many were added.
+    pub(crate) async fn catch_up(&self) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(Request::CatchUp(tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stops the thread and closes its connection (which reads the log: the log's final
+    /// checkpoint should not find it in a read).
+    pub(crate) async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.requests.send(Request::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>) {
+    while let Ok(first) = requests.recv() {
+        // Everyone who asked while the last run was going is answered by this one.
+        let mut waiting = Vec::new();
+        let mut stop = None;
+        for request in std::iter::once(first).chain(requests.try_iter()) {
+            match request {
+                Request::CatchUp(caller) => waiting.push(caller),
+                Request::Stop(done) => stop = Some(done),
+            }
+        }
+        if stop.is_none() || !waiting.is_empty() {
+            let result = index(&mut conn).map_err(StoreError::backend);
+            for caller in waiting {
+                let _ = caller.send(result.clone());
+            }
+        }
+        if let Some(done) = stop {
+            drop(conn);
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+/// Adds what the log recorded since the newest indexed decision and drops entries of decisions
+/// that retention purged.
+fn index(conn: &mut Connection) -> rusqlite::Result<u64> {
+    let mut total = 0;
+    loop {
+        let tx = conn.transaction()?;
+        let through: i64 = tx
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM decisions_by_station")?
+            .query_row([], |r| r.get(0))?;
+        let n = tx
+            .prepare_cached(
+                "INSERT INTO decisions_by_station (seq, station_id, decided_at_us)
+                 SELECT seq, station_id, decided_at_us FROM log.decisions
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?
+            .execute(params![through, INDEX_BATCH])? as i64;
+        tx.commit()?;
+        total += n as u64;
+        if n < INDEX_BATCH {
+            break;
+        }
+    }
+    conn.prepare_cached(
+        "DELETE FROM decisions_by_station
+         WHERE seq <= (SELECT CAST(value AS INTEGER) FROM log.meta WHERE key = 'purged_through')",
+    )?
+    .execute([])?;
+    Ok(total)
+}
