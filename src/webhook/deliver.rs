@@ -116,7 +116,7 @@ const READ_BATCH: usize = 128;
 /// Deliveries held per host (ready in memory or being sent), as a multiple of its concurrency.
 /// A host is read again only once it is down to half of this, so the outbox is read once per
 /// many deliveries rather than once per freed slot.
-const HOST_BUFFER_FACTOR: usize = 8;
+const HOST_BUFFER_FACTOR: usize = 16;
 
 /// The dispatcher's view of the deliveries it took from the outbox.
 #[derive(Default)]
@@ -126,8 +126,8 @@ struct Dispatch {
     /// Being sent, per host.
     sending: HashMap<String, usize>,
     total_sending: usize,
-    /// Taken and not yet recorded (ready, sending or being recorded): left out of outbox reads,
-    /// so no delivery is taken twice.
+    /// Taken and not yet recorded (ready, sending or being recorded): passed over when a read
+    /// returns them again, so no delivery is taken twice.
     taken: HashSet<String>,
     /// Something may be due that was not read yet.
     stale: bool,
@@ -248,12 +248,13 @@ impl Deliverer {
                 d.stale = false;
                 let full = d.full_hosts(host_buffer);
                 d.passed_over.extend(full.iter().cloned());
-                let taken: Vec<String> = d.taken.iter().cloned().collect();
-                match this.outbox.pending(full, taken, d.cursor, READ_BATCH).await {
+                match this.outbox.pending(full, d.cursor, READ_BATCH).await {
                     Ok(rows) => {
                         let now = Micros::now();
                         let read = rows.len();
                         let mut skipped = false;
+                        // The hosts of the deliveries taken.
+                        let mut hosts: Vec<String> = Vec::new();
                         next_due = None;
                         for row in rows {
                             if row.next_attempt_at > now {
@@ -261,6 +262,14 @@ impl Deliverer {
                                     Duration::from_micros((row.next_attempt_at.0 - now.0) as u64);
                                 next_due = Some(tokio::time::Instant::now() + wait);
                                 break;
+                            }
+                            if d.taken.contains(&row.request_id) {
+                                // In flight or being recorded (a read after a rewind, or behind
+                                // a host that was full): passed over like a taken row.
+                                if !skipped {
+                                    d.cursor = Some((row.next_attempt_at, row.seq));
+                                }
+                                continue;
                             }
                             if d.load(&row.host) >= host_buffer {
                                 // Read again once the host has room.
@@ -270,13 +279,17 @@ impl Deliverer {
                             if !skipped {
                                 d.cursor = Some((row.next_attempt_at, row.seq));
                             }
+                            if !hosts.contains(&row.host) {
+                                hosts.push(row.host.clone());
+                            }
                             d.taken.insert(row.request_id.clone());
                             d.ready.entry(row.host.clone()).or_default().push_back(row);
                         }
-                        // A full batch of due rows, all taken: there may be more behind it. (When
-                        // a host filled up, it is read again once it is down to half.)
+                        // A full batch of due rows, all taken: there may be more behind it, worth
+                        // reading now if one of its hosts is still below half its buffer. (A host
+                        // that filled up is read again once it is down to half.)
                         if read == READ_BATCH && next_due.is_none() && !skipped {
-                            d.stale = true;
+                            d.stale = hosts.iter().any(|host| d.load(host) < host_buffer / 2);
                         }
                     }
                     Err(e) => {
@@ -394,6 +407,7 @@ impl Deliverer {
         let _ = recorder
             .send(Outcome {
                 request_id: d.request_id,
+                seq: d.seq,
                 attempt: Attempt {
                     at,
                     outcome: outcome.to_owned(),

@@ -138,6 +138,8 @@ pub struct Attempt {
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub request_id: String,
+    /// The delivery's row (`DueDelivery::seq`).
+    pub seq: i64,
     pub attempt: Attempt,
     pub next: Next,
     /// Empty once delivered; otherwise what went wrong, without the URL or the token.
@@ -162,11 +164,10 @@ pub struct DeliveryView {
 pub trait WebhookOutbox: Send + Sync + 'static {
     /// Pending deliveries in the order they are due (including ones not due yet, so the caller
     /// learns when to look again), after `after` (a `(next_attempt_at, seq)` position), leaving
-    /// out the hosts and request_ids named.
+    /// out the hosts named.
     async fn pending(
         &self,
         skip_hosts: Vec<String>,
-        skip_ids: Vec<String>,
         after: Option<(Micros, i64)>,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError>;

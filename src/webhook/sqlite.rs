@@ -33,45 +33,39 @@ impl WebhookOutbox for Database {
     async fn pending(
         &self,
         skip_hosts: Vec<String>,
-        skip_ids: Vec<String>,
         after: Option<(Micros, i64)>,
         limit: usize,
     ) -> Result<Vec<DueDelivery>, StoreError> {
         let (after_at, after_seq) = after.map_or((i64::MIN, i64::MIN), |(at, seq)| (at.0, seq));
         let hosts = serde_json::to_string(&skip_hosts).expect("strings serialize");
-        let ids = serde_json::to_string(&skip_ids).expect("strings serialize");
         self.read_on_writer(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT request_id, station_id, callback_url, host, driver_token, status, reason,
                         decided_at_us, attempts, next_attempt_us, age_from_us, seq
                  FROM deliveries INDEXED BY deliveries_due
                  WHERE state = 'pending'
-                   AND (next_attempt_us, seq) > (?4, ?5)
+                   AND (next_attempt_us, seq) > (?3, ?4)
                    AND host NOT IN (SELECT value FROM json_each(?1))
-                   AND request_id NOT IN (SELECT value FROM json_each(?2))
-                 ORDER BY next_attempt_us, seq LIMIT ?3",
+                 ORDER BY next_attempt_us, seq LIMIT ?2",
             )?;
-            let rows = stmt.query_map(
-                params![hosts, ids, limit as i64, after_at, after_seq],
-                |r| {
-                    let status: String = r.get(5)?;
-                    let reason: String = r.get(6)?;
-                    Ok(DueDelivery {
-                        request_id: r.get(0)?,
-                        station_id: r.get(1)?,
-                        callback_url: r.get(2)?,
-                        host: r.get(3)?,
-                        token: DriverToken::new(r.get::<_, Option<String>>(4)?.unwrap_or_default()),
-                        status: Status::parse(&status).ok_or_else(|| bad(5, "status"))?,
-                        reason: Reason::parse(&reason).ok_or_else(|| bad(6, "reason"))?,
-                        decided_at: Micros(r.get(7)?),
-                        attempts: r.get(8)?,
-                        next_attempt_at: Micros(r.get(9)?),
-                        age_from: Micros(r.get(10)?),
-                        seq: r.get(11)?,
-                    })
-                },
-            )?;
+            let rows = stmt.query_map(params![hosts, limit as i64, after_at, after_seq], |r| {
+                let status: String = r.get(5)?;
+                let reason: String = r.get(6)?;
+                Ok(DueDelivery {
+                    request_id: r.get(0)?,
+                    station_id: r.get(1)?,
+                    callback_url: r.get(2)?,
+                    host: r.get(3)?,
+                    token: DriverToken::new(r.get::<_, Option<String>>(4)?.unwrap_or_default()),
+                    status: Status::parse(&status).ok_or_else(|| bad(5, "status"))?,
+                    reason: Reason::parse(&reason).ok_or_else(|| bad(6, "reason"))?,
+                    decided_at: Micros(r.get(7)?),
+                    attempts: r.get(8)?,
+                    next_attempt_at: Micros(r.get(9)?),
+                    age_from: Micros(r.get(10)?),
+                    seq: r.get(11)?,
+                })
+            })?;
             rows.collect()
         })
         .await
@@ -87,7 +81,7 @@ impl WebhookOutbox for Database {
                      finished_at_us = ?4, last_error = ?5,
                      history = history || ?6,
                      driver_token = CASE WHEN ?2 = 'delivered' THEN NULL ELSE driver_token END
-                 WHERE request_id = ?1 AND state = 'pending'",
+                 WHERE seq = ?1 AND state = 'pending'",
             )?;
             for o in &outcomes {
                 let a = &o.attempt;
@@ -96,20 +90,21 @@ impl WebhookOutbox for Database {
                     Next::RetryAt(at) => (DeliveryState::Pending, Some(at.0), None),
                     Next::Dead(_) => (DeliveryState::Dead, None, Some(a.at.0)),
                 };
-                let line = serde_json::json!([
+                let line = serde_json::to_string(&(
                     a.at.0,
-                    a.outcome,
+                    &a.outcome,
                     a.http_status,
                     a.latency_ms,
-                    a.error_class
-                ]);
+                    &a.error_class,
+                ))
+                .expect("a tuple serializes");
                 update.execute(params![
-                    o.request_id,
+                    o.seq,
                     state.as_str(),
                     next_at,
                     finished_at,
                     o.last_error,
-                    format!("{line}\n"),
+                    line + "\n",
                 ])?;
             }
             Ok(())
