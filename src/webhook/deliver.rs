@@ -255,6 +255,8 @@ impl Deliverer {
                         let mut skipped = false;
                         // The hosts of the deliveries taken.
                         let mut hosts: Vec<String> = Vec::new();
+                        // Some were taken already: what follows them was not seen yet.
+                        let mut passed = false;
                         next_due = None;
                         for row in rows {
                             if row.next_attempt_at > now {
@@ -266,6 +268,7 @@ impl Deliverer {
                             if d.taken.contains(&row.request_id) {
                                 // In flight or being recorded (a read after a rewind, or behind
                                 // a host that was full): passed over like a taken row.
+                                passed = true;
                                 if !skipped {
                                     d.cursor = Some((row.next_attempt_at, row.seq));
                                 }
@@ -286,10 +289,12 @@ impl Deliverer {
                             d.ready.entry(row.host.clone()).or_default().push_back(row);
                         }
                         // A full batch of due rows, all taken: there may be more behind it, worth
-                        // reading now if one of its hosts is still below half its buffer. (A host
-                        // that filled up is read again once it is down to half.)
+                        // reading now if rows taken before were passed over or one of its hosts
+                        // is still below half its buffer. (A host that filled up is read again
+                        // once it is down to half.)
                         if read == READ_BATCH && next_due.is_none() && !skipped {
-                            d.stale = hosts.iter().any(|host| d.load(host) < host_buffer / 2);
+                            d.stale =
+                                passed || hosts.iter().any(|host| d.load(host) < host_buffer / 2);
                         }
                     }
                     Err(e) => {
