@@ -522,3 +522,50 @@ async fn retention_purges_only_old_call_records() {
     );
     server.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn the_station_index_is_rebuilt_from_the_log_when_its_file_is_gone() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let mut client = server.client().await;
+    let mut watch = subscribe(&mut client, &[], "").await;
+    let plan = [
+        (STATION_A, TOKEN_GRANTED),
+        (STATION_B, TOKEN_GRANTED),
+        (STATION_A, TOKEN_UNKNOWN),
+    ];
+    for (station, token) in plan {
+        client
+            .authorize(authorize_request(station, token, ""))
+            .await
+            .expect("authorize");
+    }
+    let at_a: BTreeSet<String> = next_decisions(&mut watch, plan.len())
+        .await
+        .into_iter()
+        .filter(|d| d.station_id == STATION_A)
+        .map(|d| d.request_id)
+        .collect();
+    assert_eq!(at_a.len(), 2);
+    let query = || QueryDecisionsRequest {
+        station_id: STATION_A.into(),
+        ..Default::default()
+    };
+    let ids = |ds: Vec<Decision>| {
+        ds.into_iter()
+            .map(|d| d.request_id)
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(ids(decisions(&server, query()).await), at_a);
+    server.stop().await.expect("clean stop");
+
+    // The index is a file of its own, derived from the log: without it, it is built again.
+    let index = dir.data_dir().join("chargegate.stations.db");
+    assert!(index.exists(), "the index by station has its own file");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", index.display()));
+    }
+    let server = TestServer::start(dir.config()).await;
+    assert_eq!(ids(decisions(&server, query()).await), at_a);
+    server.stop().await.expect("clean stop");
+}
