@@ -10,8 +10,8 @@ use std::{
 
 use hdrhistogram::Histogram;
 
-/// Runs `command` to completion, pinned to `core` when given.
-pub fn run_pinned(command: Command, core: Option<usize>) -> anyhow::Result<()> {
+/// Runs `command` to completion, pinned to `core` when given; returns what it printed.
+pub fn run_pinned(command: Command, core: Option<usize>) -> anyhow::Result<String> {
     let mut command = match core {
         Some(core) => {
             let mut pinned = Command::new("taskset");
@@ -24,13 +24,33 @@ pub fn run_pinned(command: Command, core: Option<usize>) -> anyhow::Result<()> {
         }
         None => command,
     };
-    let status = command.status()?;
+    let output = command.stderr(std::process::Stdio::inherit()).output()?;
     anyhow::ensure!(
-        status.success(),
-        "{:?} failed: {status}",
-        command.get_program()
+        output.status.success(),
+        "{:?} failed: {}",
+        command.get_program(),
+        output.status
     );
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// CPU time (user and system) a process has used so far, from /proc (clock-tick resolution).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; 100 ticks a second.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// A server process under test.
@@ -87,6 +107,10 @@ impl ServerProcess {
             pid,
             _log: log,
         })
+    }
+
+    pub fn cpu_time(&self) -> Duration {
+        cpu_time(self.pid)
     }
 
     pub fn rss_bytes(&self) -> u64 {

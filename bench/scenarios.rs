@@ -895,6 +895,8 @@ impl Bench {
         // figures are the medians, the ratio the median of the rounds' ratios.
         let rounds = if self.quick { 1 } else { 5 };
         let (mut bare_rates, mut chargegate_rates, mut ratios) = (vec![], vec![], vec![]);
+        // CPU time per delivery, µs: steadier than rates on a shared machine.
+        let (mut bare_cpu, mut chargegate_cpu) = (vec![], vec![]);
         for round in 0..rounds {
             let mut bare = Command::new(std::env::current_exe()?);
             bare.args([
@@ -906,7 +908,12 @@ impl Bench {
                 "--concurrency",
                 &concurrency.to_string(),
             ]);
-            procs::run_pinned(bare, self.server_core)?;
+            let printed = procs::run_pinned(bare, self.server_core)?;
+            let bare_cpu_ms: f64 = printed
+                .lines()
+                .find_map(|l| l.strip_prefix("cpu_ms="))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("the bare client did not print its CPU time"))?;
             anyhow::ensure!(
                 arrivals.count.load(Ordering::Relaxed) == n,
                 "the bare client posted everything"
@@ -917,10 +924,16 @@ impl Bench {
             let dir = self.fresh_dir("w1");
             seed_deliveries(&dir.join("data"), n, &url).await?;
             let server = self.chargegate_on(&dir, &["--webhook-allow-private", "true"])?;
+            // The server's CPU from its first delivery to its last (start-up left out).
             let deadline = Instant::now() + Duration::from_secs(300);
+            let mut cpu_at_first = None;
             while arrivals.count.load(Ordering::Relaxed) < n && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                if cpu_at_first.is_none() && arrivals.count.load(Ordering::Relaxed) > 0 {
+                    cpu_at_first = Some(server.cpu_time());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            let cpu = server.cpu_time() - cpu_at_first.unwrap_or_default();
             server.stop();
             anyhow::ensure!(
                 arrivals.count.load(Ordering::Relaxed) >= n,
@@ -929,11 +942,15 @@ impl Bench {
             let chargegate_per_s = arrivals.rate();
             arrivals.reset();
             println!(
-                "w1: round {}: bare client {bare_per_s:.0}/s, chargegate {chargegate_per_s:.0}/s ({n} pending deliveries)",
-                round + 1
+                "w1: round {}: bare client {bare_per_s:.0}/s ({:.1} µs CPU each), chargegate {chargegate_per_s:.0}/s ({:.1} µs CPU each) ({n} pending deliveries)",
+                round + 1,
+                bare_cpu_ms * 1000.0 / n as f64,
+                cpu.as_secs_f64() * 1e6 / n as f64,
             );
             bare_rates.push(bare_per_s);
             chargegate_rates.push(chargegate_per_s);
+            bare_cpu.push(bare_cpu_ms * 1000.0 / n as f64);
+            chargegate_cpu.push(cpu.as_secs_f64() * 1e6 / n as f64);
             ratios.push(chargegate_per_s / bare_per_s);
         }
         let median = |v: &mut Vec<f64>| {
@@ -943,6 +960,7 @@ impl Bench {
         let ratio = median(&mut ratios);
         let (bare_per_s, chargegate_per_s) =
             (median(&mut bare_rates), median(&mut chargegate_rates));
+        let (bare_cpu_us, chargegate_cpu_us) = (median(&mut bare_cpu), median(&mut chargegate_cpu));
         ratios.sort_by(f64::total_cmp);
 
         // Latency: decisions with callbacks at a fixed rate; decided_at (in the body) → arrival.
@@ -992,6 +1010,9 @@ impl Bench {
                 "bare_client_per_s": bare_per_s.round(), "chargegate_per_s": chargegate_per_s.round(),
                 "ratio": round3(ratio),
                 "ratio_range": [round3(ratios[0]), round3(ratios[ratios.len() - 1])],
+                "bare_client_cpu_us_per_delivery": round3(bare_cpu_us),
+                "chargegate_cpu_us_per_delivery": round3(chargegate_cpu_us),
+                "cpu_ratio": round3(bare_cpu_us / chargegate_cpu_us),
                 "latency_rate": rate, "latency_sent": sent.ok(), "latency_arrived": hist.len(),
                 "decided_to_attempt_p50_ms": ms(hist.value_at_quantile(0.5)),
                 "decided_to_attempt_p99_ms": ms(hist.value_at_quantile(0.99)),

@@ -118,6 +118,7 @@ pub fn post_client(url: String, count: u64, concurrency: usize) -> anyhow::Resul
         .build()?;
     runtime.block_on(async move {
         let client = deliver::client(&settings(concurrency, concurrency))?;
+        let cpu_before = crate::procs::cpu_time(std::process::id());
         let next = Arc::new(AtomicU64::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
@@ -145,6 +146,11 @@ pub fn post_client(url: String, count: u64, concurrency: usize) -> anyhow::Resul
         while let Some(r) = tasks.join_next().await {
             r??;
         }
+        // What posting cost this process, for the bench to compare with chargegate's.
+        println!(
+            "cpu_ms={}",
+            (crate::procs::cpu_time(std::process::id()) - cpu_before).as_millis()
+        );
         Ok(())
     })
 }

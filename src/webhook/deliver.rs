@@ -78,6 +78,33 @@ pub struct Deliverer {
     /// Rung by the store when it commits new deliveries (or redrives dead ones).
     wake: Arc<Notify>,
     meters: Meters,
+    urls: UrlCache,
+}
+
+/// Callback URLs parsed before: most deliveries go to a few URLs, and parsing one (with its
+/// IDNA host processing) costs more than the rest of preparing a request.
+#[derive(Default)]
+struct UrlCache(std::sync::Mutex<HashMap<String, Option<url::Url>>>);
+
+/// URLs kept parsed; the cache starts over when it is full.
+const URL_CACHE_MAX: usize = 4096;
+
+impl UrlCache {
+    fn parse(&self, raw: &str) -> Option<url::Url> {
+        let mut cache = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(parsed) = cache.get(raw) {
+            return parsed.clone();
+        }
+        if cache.len() >= URL_CACHE_MAX {
+            cache.clear();
+        }
+        let parsed = url::Url::parse(raw).ok();
+        cache.insert(raw.to_owned(), parsed.clone());
+        parsed
+    }
 }
 
 /// Metric handles, registered once rather than looked up on every attempt.
@@ -106,7 +133,7 @@ enum Progress {
     Sent { host: String },
     /// The attempt is recorded: the delivery may be read from the outbox again (`retry` when
     /// it is pending again, due later).
-    Recorded { request_id: String, retry: bool },
+    Recorded { seq: i64, retry: bool },
     /// Recording failed: those deliveries are pending again where they were, behind the cursor.
     Rewind,
 }
@@ -128,7 +155,7 @@ struct Dispatch {
     total_sending: usize,
     /// Taken and not yet recorded (ready, sending or being recorded): passed over when a read
     /// returns them again, so no delivery is taken twice.
-    taken: HashSet<String>,
+    taken: HashSet<i64>,
     /// Something may be due that was not read yet.
     stale: bool,
     /// Where the next read starts: every pending delivery before it was taken, or belongs to a
@@ -164,8 +191,8 @@ impl Dispatch {
                     }
                 }
             }
-            Progress::Recorded { request_id, retry } => {
-                self.taken.remove(&request_id);
+            Progress::Recorded { seq, retry } => {
+                self.taken.remove(&seq);
                 // The next read learns when it is due.
                 self.stale |= retry;
             }
@@ -205,6 +232,7 @@ impl Deliverer {
             settings,
             wake,
             meters: Meters::new(),
+            urls: UrlCache::default(),
         }
     }
 
@@ -265,7 +293,7 @@ impl Deliverer {
                                 next_due = Some(tokio::time::Instant::now() + wait);
                                 break;
                             }
-                            if d.taken.contains(&row.request_id) {
+                            if d.taken.contains(&row.seq) {
                                 // In flight or being recorded (a read after a rewind, or behind
                                 // a host that was full): passed over like a taken row.
                                 passed = true;
@@ -285,7 +313,7 @@ impl Deliverer {
                             if !hosts.contains(&row.host) {
                                 hosts.push(row.host.clone());
                             }
-                            d.taken.insert(row.request_id.clone());
+                            d.taken.insert(row.seq);
                             d.ready.entry(row.host.clone()).or_default().push_back(row);
                         }
                         // A full batch of due rows, all taken: there may be more behind it, worth
@@ -429,7 +457,7 @@ impl Deliverer {
     /// Sends one attempt. Returns what happened, its error class (empty on a response) and a
     /// description for `last_error` that never holds the URL or the token.
     async fn send(&self, d: &DueDelivery) -> (AttemptResult, &'static str, String) {
-        let Ok(url) = url::Url::parse(&d.callback_url) else {
+        let Some(url) = self.urls.parse(&d.callback_url) else {
             return (
                 AttemptResult::Refused,
                 "invalid_url",
@@ -517,17 +545,17 @@ async fn record(
 ) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
     while crate::store::gather_batch(&mut outcomes, &mut batch, RECORD_BATCH, RECORD_GATHER).await {
-        let ids: Vec<(String, bool)> = batch
+        let ids: Vec<(i64, bool)> = batch
             .iter()
-            .map(|o| (o.request_id.clone(), matches!(o.next, Next::RetryAt(_))))
+            .map(|o| (o.seq, matches!(o.next, Next::RetryAt(_))))
             .collect();
         if let Err(e) = outbox.record(std::mem::take(&mut batch)).await {
             tracing::warn!(error = %e, attempts = ids.len(), "recording webhook attempts failed; those deliveries stay pending");
             tokio::time::sleep(READ_BACKOFF).await;
             let _ = progress.send(Progress::Rewind);
         }
-        for (request_id, retry) in ids {
-            let _ = progress.send(Progress::Recorded { request_id, retry });
+        for (seq, retry) in ids {
+            let _ = progress.send(Progress::Recorded { seq, retry });
         }
     }
 }
