@@ -47,9 +47,6 @@ impl ChargingAuthorization for AuthorizationService {
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
         let slot = audit::slot(&request);
-        if let Some(slot) = &slot {
-            slot.note(&request.get_ref().station_id, &request.get_ref().request_id);
-        }
         let result = self.accept(request.into_inner(), slot).await;
         let outcome = match &result {
             Ok(ack) if ack.duplicate => "duplicate",
@@ -134,10 +131,22 @@ impl AuthorizationService {
         request: AuthorizeRequest,
         slot: Option<Arc<AuditSlot>>,
     ) -> Result<AuthorizeResponse, (&'static str, Status)> {
-        let new = intake::validate(request, &self.fingerprinter)
-            .map_err(|v| ("invalid_argument", invalid_argument(v)))?;
+        // A refused call is noted with what the caller sent (see `AuditSlot::note`), an accepted
+        // one with its canonical station, parsed once.
+        let sent = slot
+            .as_ref()
+            .map(|_| (request.station_id.clone(), request.request_id.clone()));
+        let new = match intake::validate(request, &self.fingerprinter) {
+            Ok(new) => new,
+            Err(v) => {
+                if let (Some(slot), Some((station_id, request_id))) = (&slot, &sent) {
+                    slot.note(station_id, request_id);
+                }
+                return Err(("invalid_argument", invalid_argument(v)));
+            }
+        };
         if let Some(slot) = slot {
-            slot.note(&new.station_id, &new.request_id);
+            slot.note_canonical(&new.station_id, &new.request_id);
         }
         let span = tracing::Span::current();
         span.record("request_id", new.request_id.as_str());

@@ -95,6 +95,13 @@ impl AuditSlot {
         std::mem::take(&mut *self.noted.lock().expect("audit slot lock"))
     }
 
+    /// Notes a station already in canonical form and a valid request id (an accepted call).
+    pub fn note_canonical(&self, station_id: &str, request_id: &str) {
+        let mut noted = self.noted.lock().expect("audit slot lock");
+        noted.0 = station_id.to_owned();
+        noted.1 = request_id.to_owned();
+    }
+
     /// Notes the station and request the call is about (empty: unchanged). Caller-given text is
     /// cut to a bounded length. Station ids (several separated by commas) are kept canonical;
     /// one that is not a station id but has the shape of a driver token (a caller who swapped

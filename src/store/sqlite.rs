@@ -1013,19 +1013,23 @@ fn enqueue(
 ) -> rusqlite::Result<(EnqueueOutcome, Option<u64>)> {
     if pending < queue_max {
         // The common case, a new request_id, costs one insert; a seen one falls through to the lookup.
-        let seq: Option<i64> = tx
+        // (No RETURNING: SQLite gathers returned rows in a temporary table, a B-tree opened and
+        // dropped for every insert.)
+        let inserted = tx
             .prepare_cached(
                 "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
                  VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (request_id) DO NOTHING
-                 RETURNING seq",
+                 ON CONFLICT (request_id) DO NOTHING",
             )?
-            .query_row(
-                params![r.request_id, r.station_id, r.fingerprint.as_str(), r.callback_url, r.accepted_at.0],
-                |row| row.get(0),
-            )
-            .optional()?;
-        if let Some(seq) = seq {
+            .execute(params![
+                r.request_id,
+                r.station_id,
+                r.fingerprint.as_str(),
+                r.callback_url,
+                r.accepted_at.0
+            ])?;
+        if inserted == 1 {
+            let seq = tx.last_insert_rowid();
             tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
                 .execute(params![seq, r.token.expose()])?;
             return Ok((
@@ -1069,30 +1073,26 @@ fn settle(
     chain: (&ChainKey, &mut Link),
 ) -> rusqlite::Result<(Settled, bool)> {
     let link = chain::link(chain.0, chain.1, d);
-    let inserted: Option<i64> = tx
+    let inserted = tx
         .prepare_cached(
             "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
                                     accepted_at_us, decided_at_us, processing_ms, chain)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT (request_id) DO NOTHING
-             RETURNING seq",
+             ON CONFLICT (request_id) DO NOTHING",
         )?
-        .query_row(
-            params![
-                d.request_id,
-                d.station_id,
-                d.fingerprint.as_str(),
-                d.verdict.status().as_str(),
-                d.verdict.reason.as_str(),
-                d.verdict.decided_by.as_str(),
-                d.accepted_at.0,
-                d.decided_at.0,
-                d.processing_time_ms(),
-                link.as_slice(),
-            ],
-            |r| r.get(0),
-        )
-        .optional()?;
+        .execute(params![
+            d.request_id,
+            d.station_id,
+            d.fingerprint.as_str(),
+            d.verdict.status().as_str(),
+            d.verdict.reason.as_str(),
+            d.verdict.decided_by.as_str(),
+            d.accepted_at.0,
+            d.decided_at.0,
+            d.processing_time_ms(),
+            link.as_slice(),
+        ])?;
+    let inserted = (inserted == 1).then(|| tx.last_insert_rowid());
     if inserted.is_some() {
         *chain.1 = link;
     }
