@@ -26,3 +26,9 @@ bench:
 bench-quick:
     cargo build --release
     target/release/chargegate-bench --quick --json target/bench-quick/results.json
+
+# Instructions per Authorize call under callgrind, chargegate and the bare echo server (needs valgrind).
+callgrind:
+    cargo build --release
+    bench/callgrind.sh echo
+    bench/callgrind.sh chargegate
