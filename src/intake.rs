@@ -44,11 +44,28 @@ pub struct NewRequest {
     pub accepted_at: Micros,
 }
 
+/// A request that failed validation: each bad field, and what the caller sent as station and
+/// request id (for the call record, which notes refused calls as sent; never the token).
+pub struct Rejected {
+    pub violations: Vec<FieldViolation>,
+    pub station_id: String,
+    pub request_id: String,
+}
+
+/// Only the violations: a caller may have put a token where the station id goes.
+impl std::fmt::Debug for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejected")
+            .field("violations", &self.violations)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Validates every field of `request` and reports each bad one.
 pub fn validate(
     request: proto::AuthorizeRequest,
     fingerprinter: &Fingerprinter,
-) -> Result<NewRequest, Vec<FieldViolation>> {
+) -> Result<NewRequest, Rejected> {
     let mut violations = Vec::new();
     let station_id = match parse_station_id(&request.station_id) {
         Ok(id) => Some(id),
@@ -74,7 +91,11 @@ pub fn validate(
         violations.push(FieldViolation::new("request_id", description));
     }
     if !violations.is_empty() {
-        return Err(violations);
+        return Err(Rejected {
+            violations,
+            station_id: request.station_id,
+            request_id: request.request_id,
+        });
     }
     // A present but malformed token is accepted and decided INVALID. An absurdly long one is cut
     // to a bounded prefix: it can never be well-formed, so nothing is lost but memory.
@@ -172,6 +193,7 @@ mod tests {
         let fp = Fingerprinter::new(b"k").unwrap();
         validate(r, &fp)
             .unwrap_err()
+            .violations
             .into_iter()
             .map(|v| v.field)
             .collect()
@@ -243,7 +265,9 @@ mod tests {
     #[test]
     fn violations_never_quote_the_token() {
         let fp = Fingerprinter::new(b"k").unwrap();
-        let v = validate(request("bad", "SECRET-TOKEN-1234567890", "x", "y z"), &fp).unwrap_err();
+        let v = validate(request("bad", "SECRET-TOKEN-1234567890", "x", "y z"), &fp)
+            .unwrap_err()
+            .violations;
         assert!(v.iter().all(|v| !v.description.contains("SECRET")));
     }
 }

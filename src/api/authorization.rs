@@ -133,16 +133,13 @@ impl AuthorizationService {
     ) -> Result<AuthorizeResponse, (&'static str, Status)> {
         // A refused call is noted with what the caller sent (see `AuditSlot::note`), an accepted
         // one with its canonical station, parsed once.
-        let sent = slot
-            .as_ref()
-            .map(|_| (request.station_id.clone(), request.request_id.clone()));
         let new = match intake::validate(request, &self.fingerprinter) {
             Ok(new) => new,
-            Err(v) => {
-                if let (Some(slot), Some((station_id, request_id))) = (&slot, &sent) {
-                    slot.note(station_id, request_id);
+            Err(rejected) => {
+                if let Some(slot) = &slot {
+                    slot.note(&rejected.station_id, &rejected.request_id);
                 }
-                return Err(("invalid_argument", invalid_argument(v)));
+                return Err(("invalid_argument", invalid_argument(rejected.violations)));
             }
         };
         if let Some(slot) = slot {

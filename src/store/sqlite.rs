@@ -455,6 +455,11 @@ impl Database {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Brings the index by station up to date with the log (see [`station_index`]).
+    pub(crate) async fn index_stations(&self) -> Result<u64, StoreError> {
+        self.inner.stations.catch_up().await
+    }
+
     /// Runs `f` on a pooled read connection on the blocking pool.
     pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -740,13 +745,6 @@ fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
         [station_index::path_for(path).to_string_lossy()],
     )?;
     Ok(conn)
-}
-
-/// Brings the index by station up to date with the log (see [`station_index`]).
-impl Database {
-    pub(crate) async fn index_stations(&self) -> Result<u64, StoreError> {
-        self.inner.stations.catch_up().await
-    }
 }
 
 /// Creates or checks the schema; returns the log id.

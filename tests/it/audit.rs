@@ -16,7 +16,7 @@ use tonic_types::StatusExt;
 
 use crate::support::{
     STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_UNKNOWN, TOKEN_WILDCARD, TestDir, TestServer,
-    files_containing, next_decisions, poll_until, subscribe,
+    authorize, files_containing, next_decisions, poll_until, subscribe,
 };
 
 async fn audit(server: &TestServer) -> AuditClient<tonic::transport::Channel> {
@@ -220,10 +220,7 @@ async fn decision_queries_return_exactly_the_matching_records() {
         (STATION_B, "x"),            // invalid
     ];
     for (station, token) in plan {
-        client
-            .authorize(authorize_request(station, token, ""))
-            .await
-            .expect("authorize");
+        authorize(&mut client, station, token).await;
     }
     let streamed = next_decisions(&mut watch, plan.len()).await;
 
@@ -535,10 +532,7 @@ async fn the_station_index_is_rebuilt_from_the_log_when_its_file_is_gone() {
         (STATION_A, TOKEN_UNKNOWN),
     ];
     for (station, token) in plan {
-        client
-            .authorize(authorize_request(station, token, ""))
-            .await
-            .expect("authorize");
+        authorize(&mut client, station, token).await;
     }
     let at_a: BTreeSet<String> = next_decisions(&mut watch, plan.len())
         .await
