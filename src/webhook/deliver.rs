@@ -439,7 +439,6 @@ impl Deliverer {
         }
         let _ = recorder
             .send(Outcome {
-                request_id: d.request_id,
                 seq: d.seq,
                 attempt: Attempt {
                     at,

@@ -137,7 +137,6 @@ pub struct Attempt {
 /// An attempt and what follows it, ready to be recorded.
 #[derive(Clone, Debug)]
 pub struct Outcome {
-    pub request_id: String,
     /// The delivery's row (`DueDelivery::seq`).
     pub seq: i64,
     pub attempt: Attempt,
