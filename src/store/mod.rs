@@ -1,6 +1,7 @@
 //! The store port: the decision log (and, as they arrive, audit records, grants and the webhook
 //! outbox). [`sqlite`] is the embedded backend; a PostgreSQL backend implements the same trait.
 
+mod checkpoint;
 pub mod sqlite;
 pub mod station_index;
 
@@ -12,6 +13,20 @@ use crate::{
     decision::{Micros, RecordedDecision},
     token::Fingerprint,
 };
+
+/// How much lower than the runtime and the writer the store's background threads run (as a
+/// nice increment): they index and checkpoint in the idle moments of a busy core instead of
+/// holding acknowledgements behind them.
+#[cfg(target_os = "linux")]
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority, where threads have their own (Linux).
+pub(crate) fn background_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::nice(BACKGROUND_NICE) {
+        tracing::debug!(error = %e, "could not lower a background thread's priority");
+    }
+}
 
 /// A failure of a queue or store backend. Never carries a driver token.
 #[derive(Debug, Clone, thiserror::Error)]

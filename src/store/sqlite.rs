@@ -42,6 +42,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{
     DecisionLog, GrantStore, LogBounds, RequestState, StationFilter, StoreError, StoredGrant,
+    checkpoint::{self, Checkpointer},
     station_index::{self, StationIndex},
 };
 use crate::{
@@ -316,9 +317,14 @@ impl Database {
             hot: Mutex::new(VecDeque::new()),
             outbox: Arc::new(Notify::new()),
         });
+        conn.wal_hook(Some(checkpoint::note_wal_pages));
+        let checkpointer = open_connection(path, false)
+            .map_err(StoreError::backend)
+            .and_then(|c| Checkpointer::start(c).map_err(StoreError::backend))?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
             conn,
+            checkpointer,
             log_id,
             queue_max,
             shared: shared.clone(),
@@ -691,7 +697,7 @@ pub(crate) fn decision_row(
     })
 }
 
-fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+pub(super) fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -790,6 +796,8 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
 /// The writer thread's state: the only write connection.
 struct Writer {
     conn: Connection,
+    /// Checkpoints the WAL when it has grown, off this thread.
+    checkpointer: Checkpointer,
     log_id: u32,
     queue_max: u64,
     shared: Arc<Shared>,
@@ -831,6 +839,7 @@ impl Writer {
             }
         }
         rx.close();
+        self.checkpointer.stop();
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             tracing::warn!(error = %e, "WAL checkpoint at shutdown failed");
         }
@@ -852,6 +861,7 @@ impl Writer {
             metrics::histogram!("chargegate_store_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("chargegate_store_commit_writes").record(batch.len() as f64);
+            self.checkpointer.committed(&self.conn);
             match committed {
                 Ok((applied, published, enqueue_head, delivering)) => {
                     if delivering {

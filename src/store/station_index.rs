@@ -95,6 +95,7 @@ impl StationIndex {
 }
 
 fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>) {
+    super::background_priority();
     while let Ok(first) = requests.recv() {
         // Everyone who asked while the last run was going is answered by this one.
         let mut waiting = Vec::new();

@@ -1,5 +1,13 @@
 //! Health, reflection, shutdown and what is left on disk and in logs.
 
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
 use tokio_stream::StreamExt;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -139,6 +147,59 @@ async fn no_plain_token_is_left_in_the_data_dir_after_a_clean_shutdown() {
     }
     // The scan itself works: the access list (outside the data dir) does hold a token.
     assert!(!files_containing(&dir.path(), TOKEN_GRANTED.as_bytes()).is_empty());
+}
+
+/// The WAL's checkpoint sequence number (its header, bytes 12–15): SQLite adds one each time
+/// the WAL starts over from its beginning.
+fn wal_restarts(wal: &std::path::Path) -> Option<u32> {
+    let header = std::fs::read(wal).ok()?;
+    Some(u32::from_be_bytes(header.get(12..16)?.try_into().ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_the_wal_is_checkpointed_and_starts_over() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let wal = dir.data_dir().join("chargegate.db-wal");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..16 {
+        let (mut client, stop) = (server.client().await, stop.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+            }
+        }));
+    }
+    // With writes never pausing, the checkpoint thread never copies the WAL to its very end on
+    // its own; the writer copies the rest, or the WAL would only grow.
+    let first = loop {
+        if let Some(n) = wal_restarts(&wal) {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let deadline = Instant::now() + 6 * PATIENCE;
+    while wal_restarts(&wal).unwrap_or(first) < first + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the WAL did not start over three times under load"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.expect("load task");
+    }
+    // 4,000 pages between checkpoints, and what was committed while they ran.
+    let size = std::fs::metadata(&wal).expect("WAL").len();
+    assert!(size < 3 * 4000 * 4096, "the WAL grew to {size} bytes");
+    server.stop().await.expect("clean stop");
+    assert_eq!(
+        std::fs::metadata(&wal).map_or(0, |m| m.len()),
+        0,
+        "truncated at shutdown"
+    );
 }
 
 #[test]
