@@ -271,7 +271,7 @@ impl Database {
         let pending: u64 = conn
             .query_row("SELECT count(*) FROM queue", [], |r| r.get::<_, i64>(0))
             .map_err(StoreError::backend)? as u64;
-        let head: u64 = conn
+        let newest: u64 = conn
             .query_row("SELECT coalesce(max(seq), 0) FROM decisions", [], |r| {
                 r.get::<_, i64>(0)
             })
@@ -291,6 +291,8 @@ impl Database {
             .map_err(StoreError::backend)?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        // A log purged to its end is empty; its head is still the newest position it recorded.
+        let head = newest.max(floor);
         hub.set_head(head);
         let chain_head: Link = match conn
             .query_row(
