@@ -863,7 +863,6 @@ impl Writer {
             metrics::histogram!("chargegate_store_commit_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("chargegate_store_commit_writes").record(batch.len() as f64);
-            self.checkpointer.committed(&self.conn);
             match committed {
                 Ok((applied, published, enqueue_head, delivering)) => {
                     if delivering {
@@ -926,6 +925,8 @@ impl Writer {
                 }
             }
         }
+        // After the answers: the checkpoint's remainder, when there is one, waits for no caller.
+        self.checkpointer.committed(&self.conn);
     }
 
     /// Applies a batch in one transaction. Returns each write's result, the decisions recorded
