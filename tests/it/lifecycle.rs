@@ -202,6 +202,49 @@ async fn under_steady_load_the_wal_is_checkpointed_and_starts_over() {
     );
 }
 
+/// The store's background threads (checkpoints, the station index) yield to the runtime and the
+/// writer: a lower priority (nice) of their own, where threads have one.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stores_background_threads_run_at_a_lower_priority() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    // Every server in this test process has these threads; each one is checked.
+    let niceness = |name: &str| -> Vec<i64> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("tasks") {
+            let task = task.expect("task").path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.join("stat")).unwrap_or_default();
+            // Fields after the command's closing parenthesis; nice is the 19th field in all.
+            if let Some((_, rest)) = stat.rsplit_once(')') {
+                found.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+            }
+        }
+        found
+    };
+    // A thread of another test's server may have just started and not lowered itself yet.
+    let lowered = |name: &str| {
+        let found = niceness(name);
+        !found.is_empty() && found.iter().all(|&n| n == 10)
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while !lowered("sqlite-checkpoi") || !lowered("sqlite-stations") {
+        assert!(
+            Instant::now() < deadline,
+            "checkpoints {:?}, station index {:?}",
+            niceness("sqlite-checkpoi"),
+            niceness("sqlite-stations")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(niceness("sqlite-writer").iter().all(|&n| n == 0));
+    server.stop().await.expect("clean stop");
+}
+
 #[test]
 fn bad_configuration_exits_64_naming_the_key_or_line() {
     let dir = TestDir::new();
