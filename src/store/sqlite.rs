@@ -319,10 +319,11 @@ impl Database {
             hot: Mutex::new(VecDeque::new()),
             outbox: Arc::new(Notify::new()),
         });
+        // The writer checkpoints no more (its WAL hook replaces SQLite's automatic checkpoint):
+        // a thread of its own does, with its own connection.
         conn.wal_hook(Some(checkpoint::note_wal_pages));
-        let checkpointer = open_connection(path, false)
-            .map_err(StoreError::backend)
-            .and_then(|c| Checkpointer::start(c).map_err(StoreError::backend))?;
+        let checkpoint_conn = open_connection(path, false).map_err(StoreError::backend)?;
+        let checkpointer = Checkpointer::start(checkpoint_conn).map_err(StoreError::backend)?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
             conn,
@@ -728,8 +729,7 @@ pub(super) fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<
     conn.execute_batch(
         "PRAGMA synchronous = FULL;
          PRAGMA secure_delete = ON;
-         PRAGMA foreign_keys = OFF;
-         PRAGMA wal_autocheckpoint = 4000;",
+         PRAGMA foreign_keys = OFF;",
     )?;
     // Page caches bound the memory the store may hold: the writer's covers the hot tail of every
     // table; readers mostly stream through the log once.
