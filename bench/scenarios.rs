@@ -945,16 +945,18 @@ impl Bench {
             );
             let chargegate_per_s = arrivals.rate();
             arrivals.reset();
-            println!(
-                "w1: round {}: bare client {bare_per_s:.0}/s ({:.1} µs CPU each), chargegate {chargegate_per_s:.0}/s ({:.1} µs CPU each) ({n} pending deliveries)",
-                round + 1,
+            let (bare_us, chargegate_us) = (
                 bare_cpu_ms * 1000.0 / n as f64,
                 cpu.as_secs_f64() * 1e6 / n as f64,
             );
+            println!(
+                "w1: round {}: bare client {bare_per_s:.0}/s ({bare_us:.1} µs CPU each), chargegate {chargegate_per_s:.0}/s ({chargegate_us:.1} µs CPU each) ({n} pending deliveries)",
+                round + 1,
+            );
             bare_rates.push(bare_per_s);
             chargegate_rates.push(chargegate_per_s);
-            bare_cpu.push(bare_cpu_ms * 1000.0 / n as f64);
-            chargegate_cpu.push(cpu.as_secs_f64() * 1e6 / n as f64);
+            bare_cpu.push(bare_us);
+            chargegate_cpu.push(chargegate_us);
             ratios.push(chargegate_per_s / bare_per_s);
         }
         let median = |v: &mut Vec<f64>| {
