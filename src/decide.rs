@@ -1,5 +1,9 @@
 //! The decision pipeline: claim a queued request, decide it under the deadline, record it.
 //!
+//! What can be decided without waiting (see [`at_once`]) is decided by the intake instead, and
+//! recorded in the commit that acknowledges it; the pipeline decides the rest: requests for a
+//! remote authorizer, and whatever a previous process left queued.
+//!
 //! A dispatcher claims as many requests as it holds worker permits (`workers`); each decision runs
 //! in its own task with its permit moved into it. A malformed token is decided INVALID without
 //! asking the authorizer; anything else gets the authorizer's verdict, or UNKNOWN/`timeout` when it
@@ -114,22 +118,7 @@ async fn decide_and_record(
         match queue.settle(claim, decision.clone()).await {
             Ok(settled) => {
                 if settled.first {
-                    let d = &settled.decision.decision;
-                    metrics::counter!("chargegate_decisions_total", "status" => d.verdict.status().as_str())
-                        .increment(1);
-                    signals.record(
-                        d.decided_at,
-                        &d.station_id,
-                        d.verdict.status(),
-                        d.verdict.reason,
-                    );
-                    let latency = (d.decided_at.0 - d.accepted_at.0).max(0) as f64 / 1e6;
-                    metrics::histogram!("chargegate_decision_latency_seconds").record(latency);
-                    tracing::debug!(
-                        status = d.verdict.status().as_str(),
-                        reason = d.verdict.reason.as_str(),
-                        "decided"
-                    );
+                    recorded(&settled.decision.decision, signals);
                 }
                 return;
             }
@@ -151,18 +140,55 @@ async fn decide_and_record(
     }
 }
 
+/// Counts a decision recorded for the first time: metrics, anomaly signals, a debug line.
+pub(crate) fn recorded(d: &NewDecision, signals: &Signals) {
+    metrics::counter!("chargegate_decisions_total", "status" => d.verdict.status().as_str())
+        .increment(1);
+    signals.record(
+        d.decided_at,
+        &d.station_id,
+        d.verdict.status(),
+        d.verdict.reason,
+    );
+    let latency = (d.decided_at.0 - d.accepted_at.0).max(0) as f64 / 1e6;
+    metrics::histogram!("chargegate_decision_latency_seconds").record(latency);
+    tracing::debug!(
+        status = d.verdict.status().as_str(),
+        reason = d.verdict.reason.as_str(),
+        "decided"
+    );
+}
+
+/// The verdict when it needs no waiting: a malformed token is INVALID without asking the
+/// authorizer, and an authorizer that answers from memory (the access list, the remote
+/// authorizer's cache) answers at once. The intake records such a request together with its
+/// decision (see [`Queue::enqueue_decided`]); `None` sends it through the queue.
+pub(crate) fn at_once(
+    authorizer: &dyn Authorizer,
+    asked: AuthorizationRequest<'_>,
+) -> Option<Verdict> {
+    if !asked.token.is_well_formed() {
+        return Some(Verdict::new(Reason::TokenFormat, DecidedBy::Format));
+    }
+    let started = std::time::Instant::now();
+    let verdict = authorizer.authorize_at_once(asked)?;
+    metrics::histogram!("chargegate_authorization_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    Some(verdict)
+}
+
 /// The verdict for one claimed request.
 async fn decide(authorizer: &dyn Authorizer, timeout: Duration, claim: &Claim) -> Verdict {
     let request = &claim.request;
-    if !request.token.is_well_formed() {
-        return Verdict::new(Reason::TokenFormat, DecidedBy::Format);
-    }
     let asked = AuthorizationRequest {
         request_id: &request.request_id,
         station_id: &request.station_id,
         token: &request.token,
         fingerprint: &request.fingerprint,
     };
+    if let Some(verdict) = at_once(authorizer, asked) {
+        return verdict;
+    }
     let started = std::time::Instant::now();
     let verdict = match tokio::time::timeout(timeout, authorizer.authorize(asked)).await {
         Ok(verdict) => verdict,

@@ -221,10 +221,10 @@ impl Server {
         let signals_task = tokio::spawn(signals.clone().publish(background.clone()));
         let pipeline = Pipeline {
             queue: queue.clone(),
-            authorizer,
+            authorizer: authorizer.clone(),
             workers: config.workers,
             timeout: config.authorize_timeout,
-            signals,
+            signals: signals.clone(),
         };
         let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
@@ -265,6 +265,8 @@ impl Server {
             .expect("the descriptor sets are compiled in");
         let authorization = AuthorizationService {
             queue: queue.clone(),
+            authorizer,
+            signals,
             log: log.clone(),
             hub,
             fingerprinter: fingerprinter.clone(),

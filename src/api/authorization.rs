@@ -8,8 +8,10 @@ use tonic::{Request, Response, Status};
 
 use super::{invalid_argument, store_unavailable};
 use crate::{
-    audit::{self, AuditSlot},
+    audit::{self, AuditSlot, signals::Signals},
+    authorizer::{AuthorizationRequest, Authorizer},
     cursor::Cursor,
+    decide,
     fanout::{self, Hub, Start, StreamContext, StreamItem},
     intake::{self, FieldViolation},
     proto::{
@@ -31,6 +33,10 @@ pub const MAX_SUBSCRIBED_STATIONS: usize = 10_000;
 
 pub struct AuthorizationService {
     pub queue: Arc<dyn Queue>,
+    /// Asked at intake for a verdict it can give at once (see `decide::at_once`).
+    pub authorizer: Arc<dyn Authorizer>,
+    /// Counts the decisions made at intake, as the pipeline counts its own.
+    pub signals: Arc<Signals>,
     pub log: Arc<dyn DecisionLog>,
     pub hub: Arc<Hub>,
     pub fingerprinter: Fingerprinter,
@@ -125,7 +131,8 @@ impl ChargingAuthorization for AuthorizationService {
 }
 
 impl AuthorizationService {
-    /// Validates and enqueues one request. An error carries the `outcome` label it is counted as.
+    /// Validates and enqueues one request, or records it decided when its verdict needs no
+    /// waiting. An error carries the `outcome` label it is counted as.
     async fn accept(
         &self,
         request: AuthorizeRequest,
@@ -154,11 +161,20 @@ impl AuthorizationService {
         } else {
             MESSAGE_SUBSCRIBERS
         };
-        let outcome = self
-            .queue
-            .enqueue(new)
-            .await
-            .map_err(|e| ("unavailable", store_unavailable(&e)))?;
+        let asked = AuthorizationRequest {
+            request_id: &new.request_id,
+            station_id: &new.station_id,
+            token: &new.token,
+            fingerprint: &new.fingerprint,
+        };
+        let enqueued = match decide::at_once(&*self.authorizer, asked) {
+            Some(verdict) => self.queue.enqueue_decided(new, verdict).await,
+            None => self.queue.enqueue(new).await.map(|o| (o, None)),
+        };
+        let (outcome, decided) = enqueued.map_err(|e| ("unavailable", store_unavailable(&e)))?;
+        if let Some(d) = decided {
+            decide::recorded(&d.decision, &self.signals);
+        }
         let (accepted_at, duplicate) = match outcome {
             EnqueueOutcome::Accepted { accepted_at } => (accepted_at, false),
             EnqueueOutcome::Duplicate { accepted_at } => (accepted_at, true),

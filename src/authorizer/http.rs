@@ -189,17 +189,8 @@ impl Authorizer for HttpAuthorizer {
     }
 
     async fn authorize(&self, request: AuthorizationRequest<'_>) -> Verdict {
-        if let Some(reason) = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.get(request.station_id, request.fingerprint, Instant::now()))
-        {
-            let reason = if reason == Reason::Granted {
-                Reason::Cached
-            } else {
-                reason
-            };
-            return Verdict::new(reason, DecidedBy::Cache);
+        if let Some(cached) = self.authorize_at_once(request) {
+            return cached;
         }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let Ok(_permit) = tokio::time::timeout_at(deadline, self.in_flight.acquire()).await else {
@@ -236,6 +227,20 @@ impl Authorizer for HttpAuthorizer {
             );
         }
         Verdict::new(reason, DecidedBy::Http)
+    }
+
+    /// A cached answer, when the cache is on and holds one.
+    fn authorize_at_once(&self, request: AuthorizationRequest<'_>) -> Option<Verdict> {
+        let reason =
+            self.cache
+                .as_ref()?
+                .get(request.station_id, request.fingerprint, Instant::now())?;
+        let reason = if reason == Reason::Granted {
+            Reason::Cached
+        } else {
+            reason
+        };
+        Some(Verdict::new(reason, DecidedBy::Cache))
     }
 }
 

@@ -34,4 +34,12 @@ pub trait Authorizer: Send + Sync + 'static {
 
     /// Decides one request. Failures are verdicts (`UNKNOWN`/`authorizer_error`), not errors.
     async fn authorize(&self, request: AuthorizationRequest<'_>) -> Verdict;
+
+    /// The verdict, when this authorizer can give it at once from memory, without waiting for
+    /// anything. The intake then records the request together with its decision, and the request
+    /// never waits in the queue (see `decide::at_once`). `None` (the default) sends it through the
+    /// queue to [`authorize`](Authorizer::authorize).
+    fn authorize_at_once(&self, _request: AuthorizationRequest<'_>) -> Option<Verdict> {
+        None
+    }
 }

@@ -1,6 +1,7 @@
 //! The queue port: where an acknowledged request waits, durable, until it is decided.
 //!
-//! Delivery semantics show in the types: [`Queue::claim`] hands out [`Claim`]s; a claim is consumed
+//! A request decided as it arrived skips the queue ([`Queue::enqueue_decided`]). Delivery
+//! semantics show in the types: [`Queue::claim`] hands out [`Claim`]s; a claim is consumed
 //! by [`Queue::settle`] (record the decision, then complete the entry) or by [`Queue::release`] (back
 //! to the queue). A claim that is neither (the process died) returns to the queue when its lease
 //! ends — at the next start for the embedded queue.
@@ -10,7 +11,7 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::{
-    decision::{Micros, NewDecision, RecordedDecision},
+    decision::{Micros, NewDecision, RecordedDecision, Verdict},
     intake::NewRequest,
     store::StoreError,
     token::{DriverToken, Fingerprint},
@@ -74,6 +75,16 @@ pub struct Settled {
 pub trait Queue: Send + Sync + 'static {
     /// Makes the request durable, once per request_id. Returns only after it is committed.
     async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError>;
+
+    /// Makes a request the intake decided at once (see `decide::at_once`) durable together with
+    /// its decision, in one commit: it is never queued, so its token is stored nowhere but in its
+    /// pending webhook delivery, if any. Idempotent by request_id as `enqueue` is; `queue_max` does
+    /// not apply. Returns the decision when this call recorded it (never for a seen request_id).
+    async fn enqueue_decided(
+        &self,
+        request: NewRequest,
+        verdict: Verdict,
+    ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError>;
 
     /// Up to `max` requests, oldest first; empty when none is waiting.
     async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError>;

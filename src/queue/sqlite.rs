@@ -19,7 +19,10 @@ use tokio::sync::{Notify, watch};
 
 use super::{Claim, EnqueueOutcome, Queue, QueuedRequest, Settled};
 use crate::{
-    decision::NewDecision, intake::NewRequest, store::StoreError, store::sqlite::Database,
+    decision::{Micros, NewDecision, RecordedDecision, Verdict},
+    intake::NewRequest,
+    store::StoreError,
+    store::sqlite::Database,
     webhook::Callback,
 };
 
@@ -100,6 +103,26 @@ impl SqliteQueue {
 impl Queue for SqliteQueue {
     async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
         self.db.enqueue(request).await
+    }
+
+    async fn enqueue_decided(
+        &self,
+        request: NewRequest,
+        verdict: Verdict,
+    ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError> {
+        let decision = NewDecision {
+            request_id: request.request_id.clone(),
+            station_id: request.station_id.clone(),
+            fingerprint: request.fingerprint.clone(),
+            verdict,
+            accepted_at: request.accepted_at,
+            decided_at: Micros::now().max(request.accepted_at),
+        };
+        let callback = request
+            .callback_url
+            .as_deref()
+            .and_then(|url| Callback::new(url, request.token.clone()));
+        self.db.enqueue_decided(request, decision, callback).await
     }
 
     async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError> {

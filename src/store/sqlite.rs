@@ -158,6 +158,14 @@ enum WriteOp {
         NewRequest,
         oneshot::Sender<Result<EnqueueOutcome, StoreError>>,
     ),
+    /// Record a request together with its decision (made at intake), with the delivery of its
+    /// callback if any; no queue entry.
+    EnqueueDecided(
+        NewRequest,
+        NewDecision,
+        Option<Callback>,
+        oneshot::Sender<Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError>>,
+    ),
     /// Record the decision for queue position `.0`, with the delivery of its callback if any.
     Settle(
         u64,
@@ -195,6 +203,8 @@ enum Applied {
     Purge(u64),
     /// The outcome, and the queue position when the request was added.
     Enqueue(EnqueueOutcome, Option<u64>),
+    /// The outcome, and the decision when it was recorded.
+    EnqueueDecided(EnqueueOutcome, Option<RecordedDecision>),
     Settle(Settled),
     Ping,
     Run,
@@ -384,6 +394,17 @@ impl Database {
     pub(crate) async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.write(WriteOp::Enqueue(request, tx), rx).await
+    }
+
+    pub(crate) async fn enqueue_decided(
+        &self,
+        request: NewRequest,
+        decision: NewDecision,
+        callback: Option<Callback>,
+    ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::EnqueueDecided(request, decision, callback, tx), rx)
+            .await
     }
 
     pub(crate) async fn settle(
@@ -887,6 +908,10 @@ impl Writer {
                                         hot.push_back((seq, QueuedRequest::from(request)));
                                     }
                                 }
+                                (
+                                    WriteOp::EnqueueDecided(_, _, _, reply),
+                                    Applied::EnqueueDecided(o, recorded),
+                                ) => drop(reply.send(Ok((o, recorded)))),
                                 (WriteOp::Settle(_, _, _, reply), Applied::Settle(s)) => {
                                     drop(reply.send(Ok(s)))
                                 }
@@ -914,6 +939,9 @@ impl Writer {
                     for op in batch.drain(..) {
                         match op {
                             WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err.clone()))),
+                            WriteOp::EnqueueDecided(_, _, _, reply) => {
+                                drop(reply.send(Err(err.clone())))
+                            }
                             WriteOp::Settle(_, _, _, reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Ping(reply) => drop(reply.send(Err(err.clone()))),
                             WriteOp::Run(_, _, reply) => drop(reply.send(Err(err.clone()))),
@@ -964,6 +992,34 @@ impl Writer {
                         enqueue_head = Some(seq);
                     }
                     Applied::Enqueue(outcome, seq)
+                }
+                WriteOp::EnqueueDecided(request, decision, callback, _) => {
+                    let recorded = match insert_request(&tx, request)? {
+                        None => None,
+                        Some(_) => {
+                            let settled = record_decision(
+                                &tx,
+                                decision,
+                                self.log_id,
+                                (&self.chain_key, &mut chain_head),
+                            )?;
+                            settled.first.then_some(settled.decision)
+                        }
+                    };
+                    let outcome = match recorded {
+                        Some(ref d) => {
+                            if let Some(callback) = callback {
+                                add_delivery(&tx, decision, callback)?;
+                                delivering = true;
+                            }
+                            published.push(d.clone());
+                            EnqueueOutcome::Accepted {
+                                accepted_at: request.accepted_at,
+                            }
+                        }
+                        None => seen(&tx, request)?,
+                    };
+                    Applied::EnqueueDecided(outcome, recorded)
                 }
                 WriteOp::Settle(position, decision, callback, _) => {
                     let (settled, completed) = settle(
@@ -1022,35 +1078,46 @@ fn enqueue(
     pending: u64,
     queue_max: u64,
 ) -> rusqlite::Result<(EnqueueOutcome, Option<u64>)> {
-    if pending < queue_max {
-        // The common case, a new request_id, costs one insert; a seen one falls through to the lookup.
-        // (No RETURNING: SQLite gathers returned rows in a temporary table, a B-tree opened and
-        // dropped for every insert.)
-        let inserted = tx
-            .prepare_cached(
-                "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (request_id) DO NOTHING",
-            )?
-            .execute(params![
-                r.request_id,
-                r.station_id,
-                r.fingerprint.as_str(),
-                r.callback_url,
-                r.accepted_at.0
-            ])?;
-        if inserted == 1 {
-            let seq = tx.last_insert_rowid();
-            tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
-                .execute(params![seq, r.token.expose()])?;
-            return Ok((
-                EnqueueOutcome::Accepted {
-                    accepted_at: r.accepted_at,
-                },
-                Some(seq as u64),
-            ));
-        }
+    if pending < queue_max
+        && let Some(seq) = insert_request(tx, r)?
+    {
+        tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
+            .execute(params![seq, r.token.expose()])?;
+        return Ok((
+            EnqueueOutcome::Accepted {
+                accepted_at: r.accepted_at,
+            },
+            Some(seq),
+        ));
     }
+    Ok((seen(tx, r)?, None))
+}
+
+/// Adds the request's key; `None` when its request_id was seen before. The common case, a new
+/// request_id, costs one insert; a seen one is looked up afterwards (see [`seen`]). (No
+/// RETURNING: SQLite gathers returned rows in a temporary table, a B-tree opened and dropped for
+/// every insert.)
+fn insert_request(tx: &Transaction<'_>, r: &NewRequest) -> rusqlite::Result<Option<u64>> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (request_id) DO NOTHING",
+        )?
+        .execute(params![
+            r.request_id,
+            r.station_id,
+            r.fingerprint.as_str(),
+            r.callback_url,
+            r.accepted_at.0
+        ])?;
+    Ok((inserted == 1).then(|| tx.last_insert_rowid() as u64))
+}
+
+/// What a request that added nothing gets: the original acknowledgement for the same request,
+/// `Conflict` for another one under its request_id, `Full` when its request_id is new (the queue
+/// had no room).
+fn seen(tx: &Transaction<'_>, r: &NewRequest) -> rusqlite::Result<EnqueueOutcome> {
     let seen: Option<(String, String, i64)> = tx
         .prepare_cached(
             "SELECT station_id, token_fp, accepted_at_us FROM requests WHERE request_id = ?1",
@@ -1070,12 +1137,11 @@ fn enqueue(
         Some(_) => EnqueueOutcome::Conflict,
         None => EnqueueOutcome::Full,
     };
-    Ok((outcome, None))
+    Ok(outcome)
 }
 
-/// Records the decision unless one exists for the request_id, and deletes the queue entry.
-/// Returns the settled decision and whether a queue entry was deleted.
-/// The decision is chained after `chain.1` (which advances when it is recorded).
+/// Records the decision (see [`record_decision`]) and deletes the queue entry. Returns the
+/// settled decision and whether a queue entry was deleted.
 fn settle(
     tx: &Transaction<'_>,
     position: u64,
@@ -1083,6 +1149,21 @@ fn settle(
     log_id: u32,
     chain: (&ChainKey, &mut Link),
 ) -> rusqlite::Result<(Settled, bool)> {
+    let settled = record_decision(tx, d, log_id, chain)?;
+    let deleted = tx
+        .prepare_cached("DELETE FROM queue WHERE seq = ?1")?
+        .execute([position as i64])?;
+    Ok((settled, deleted == 1))
+}
+
+/// Records the decision unless one exists for the request_id (then returns that one, with
+/// `first` false). The decision is chained after `chain.1`, which advances when it is recorded.
+fn record_decision(
+    tx: &Transaction<'_>,
+    d: &NewDecision,
+    log_id: u32,
+    chain: (&ChainKey, &mut Link),
+) -> rusqlite::Result<Settled> {
     let link = chain::link(chain.0, chain.1, d);
     let inserted = tx
         .prepare_cached(
@@ -1127,10 +1208,7 @@ fn settle(
             }
         }
     };
-    let deleted = tx
-        .prepare_cached("DELETE FROM queue WHERE seq = ?1")?
-        .execute([position as i64])?;
-    Ok((settled, deleted == 1))
+    Ok(settled)
 }
 
 /// Adds the pending delivery of a decision's callback, due at once. Due from now (the commit),

@@ -1,6 +1,8 @@
 //! Exactly-once decisions across `kill -9`, and nothing lost across SIGTERM under load: the real
 //! binary as a child process, many concurrent clients, a signal at a random moment, a restart on
 //! the same data dir, then a replay of the decision log from a cursor taken before the load.
+//! With the access list every request is decided in the commit that acknowledges it; with a remote
+//! authorizer requests wait in the queue, so a kill also leaves queued and half-decided work.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -18,7 +20,11 @@ use chargegate::proto::{
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::support::{binary::ChildServer, *};
+use crate::support::{
+    binary::ChildServer,
+    fake_authorizer::{Behaviour, FakeAuthorizer},
+    *,
+};
 
 const CLIENTS: usize = 16;
 
@@ -132,8 +138,12 @@ fn assert_exactly_once(acked: &[String], replayed: &[String]) {
 
 /// Starts the binary and records one decision; returns the server and that decision's cursor,
 /// from which the log is replayed at the end.
-fn start_with_cursor(dir: &TestDir, runtime: &tokio::runtime::Runtime) -> (ChildServer, String) {
-    let child = start(dir);
+fn start_with_cursor(
+    dir: &TestDir,
+    extra: &[&str],
+    runtime: &tokio::runtime::Runtime,
+) -> (ChildServer, String) {
+    let child = start(dir, extra);
     let cursor = runtime.block_on(async {
         let mut client = connect(&child.url()).await;
         let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
@@ -152,17 +162,41 @@ async fn verify_exactly_once(url: &str, acked: &[String], before: &str) {
     assert_exactly_once(acked, &replayed);
 }
 
-fn start(dir: &TestDir) -> ChildServer {
+fn start(dir: &TestDir, extra: &[&str]) -> ChildServer {
     let acl = dir.write_acl(&standard_acl());
-    ChildServer::start(&dir.data_dir(), &acl, &["--heartbeat-interval-ms", "300"])
+    let mut args = vec!["--heartbeat-interval-ms", "300"];
+    args.extend_from_slice(extra);
+    ChildServer::start(&dir.data_dir(), &acl, &args)
 }
 
 #[test]
 fn kill_9_at_random_moments_never_loses_or_repeats_a_decision() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    kill_9_rounds(&runtime, &[]);
+}
+
+#[test]
+fn kill_9_with_requests_queued_for_a_remote_authorizer_never_loses_or_repeats_a_decision() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A few milliseconds per answer keeps requests queued and decisions in flight at every kill.
+    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
+        Duration::from_millis(5),
+        r#"{"allowed": "ALLOWED"}"#.into(),
+    )));
+    let url = authorizer.url().to_string();
+    kill_9_rounds(
+        &runtime,
+        &["--authorizer", "http", "--authorizer-url", &url],
+    );
+    assert!(authorizer.calls() > 0, "the remote authorizer decided");
+}
+
+/// Load, `kill -9` at a random moment and a restart, four times; then every acknowledged request
+/// must be in the decision log exactly once.
+fn kill_9_rounds(runtime: &tokio::runtime::Runtime, extra: &[&str]) {
     const ROUNDS: usize = 4;
     let dir = TestDir::new();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (mut child, before) = start_with_cursor(&dir, &runtime);
+    let (mut child, before) = start_with_cursor(&dir, extra, runtime);
 
     let mut acked = Vec::new();
     let mut rng = rand::rng();
@@ -180,7 +214,7 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_decision() {
         );
         acked.extend(round_acked);
         drop(child);
-        child = start(&dir);
+        child = start(&dir, extra);
     }
 
     runtime.block_on(verify_exactly_once(&child.url(), &acked, &before));
@@ -190,7 +224,7 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_decision() {
 fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
     let dir = TestDir::new();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (mut child, before) = start_with_cursor(&dir, &runtime);
+    let (mut child, before) = start_with_cursor(&dir, &[], &runtime);
     let stop = Arc::new(AtomicBool::new(false));
     let load = runtime.spawn(drive_load(child.url(), 0, stop.clone()));
     std::thread::sleep(Duration::from_millis(500));
@@ -209,6 +243,6 @@ fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
     }
     drop(child);
 
-    let child = start(&dir);
+    let child = start(&dir, &[]);
     runtime.block_on(verify_exactly_once(&child.url(), &acked, &before));
 }

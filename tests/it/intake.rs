@@ -1,7 +1,9 @@
 //! Intake: every INVALID_ARGUMENT with its field violation, nothing enqueued for a bad request,
 //! idempotent request ids.
 
-use chargegate::proto::{AuthorizeRequest, GetDecisionRequest, SubscribeDecisionsRequest};
+use chargegate::proto::{
+    AuthorizeRequest, DecisionStatus, GetDecisionRequest, SubscribeDecisionsRequest,
+};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -236,23 +238,72 @@ async fn a_repeated_request_id_is_acknowledged_once_and_decided_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_is_resource_exhausted() {
+async fn the_access_list_decides_each_request_before_it_is_acknowledged() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let mut client = server.client().await;
+    let mut stream = subscribe(&mut client, &[STATION_A], "").await;
+    let cases = [
+        (TOKEN_GRANTED, DecisionStatus::Allowed),
+        (TOKEN_UNKNOWN, DecisionStatus::NotAllowed),
+        (TOKEN_EXPIRED, DecisionStatus::NotAllowed),
+        ("short", DecisionStatus::Invalid),
+    ];
+    for round in 0..10 {
+        for (token, status) in cases {
+            let ack = authorize(&mut client, STATION_A, token).await;
+            // No wait: the decision was committed with the acknowledgement.
+            let decision = client
+                .get_decision(GetDecisionRequest {
+                    request_id: ack.request_id.clone(),
+                })
+                .await
+                .expect("get_decision")
+                .into_inner()
+                .decision
+                .unwrap();
+            assert_eq!(decision.status(), status, "round {round}, {status:?}");
+            assert!(!decision.cursor.is_empty());
+            let pushed = next_decision(&mut stream).await;
+            assert_eq!(
+                (pushed.request_id, pushed.cursor),
+                (ack.request_id, decision.cursor)
+            );
+        }
+    }
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_only_requests_that_must_wait_in_it() {
     let dir = TestDir::new();
     let mut config = dir.config();
-    config.queue_max = 3;
-    // A slow authorizer keeps requests pending so the queue fills up.
+    config.queue_max = 1;
     let slow: std::sync::Arc<dyn chargegate::authorizer::Authorizer> = std::sync::Arc::new(Stall);
     config.authorize_timeout = std::time::Duration::from_secs(60);
     let server = TestServer::start_with(config, Some(slow)).await;
     let mut client = server.client().await;
-    for _ in 0..3 {
-        authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
-    }
+    let waiting = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
     let status = client
         .authorize(request(STATION_A, TOKEN_GRANTED))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    // A malformed token is decided without the authorizer: it never enters the queue.
+    let malformed = authorize(&mut client, STATION_A, "not a token!").await;
+    for (id, status) in [
+        (waiting.request_id, DecisionStatus::Pending),
+        (malformed.request_id, DecisionStatus::Invalid),
+    ] {
+        let decision = client
+            .get_decision(GetDecisionRequest { request_id: id })
+            .await
+            .expect("get_decision")
+            .into_inner()
+            .decision
+            .unwrap();
+        assert_eq!(decision.status(), status);
+    }
     drop(server);
 }
 
