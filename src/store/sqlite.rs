@@ -12,8 +12,10 @@
 //! locked (`<db>.lock`) so two processes cannot share it.
 //!
 //! Tables:
-//! - `requests`: every accepted request_id with its station, token fingerprint and acceptance time:
-//!   the idempotency keys. `seq` orders them.
+//! - `requests`: every request_id that went through the queue, with its station, token fingerprint
+//!   and acceptance time: the idempotency keys. `seq` orders them. A request decided at intake has
+//!   no row here: its decision keeps its request_id (the log's `request_id` is unique too), so
+//!   each path looks up the other's keys before adding its own.
 //! - `queue`: the pending requests (`seq` = `requests.seq`) with the plain token, deleted when decided.
 //! - `deliveries`: the webhook outbox with each delivery's attempts (see `webhook::sqlite`); a delivery is
 //!   inserted in the transaction that records its decision.
@@ -994,31 +996,20 @@ impl Writer {
                     Applied::Enqueue(outcome, seq)
                 }
                 WriteOp::EnqueueDecided(request, decision, callback, _) => {
-                    let recorded = match insert_request(&tx, request)? {
-                        None => None,
-                        Some(_) => {
-                            let settled = record_decision(
-                                &tx,
-                                decision,
-                                self.log_id,
-                                (&self.chain_key, &mut chain_head),
-                            )?;
-                            settled.first.then_some(settled.decision)
+                    let (outcome, recorded) = enqueue_decided(
+                        &tx,
+                        request,
+                        decision,
+                        self.log_id,
+                        (&self.chain_key, &mut chain_head),
+                    )?;
+                    if let Some(d) = &recorded {
+                        if let Some(callback) = callback {
+                            add_delivery(&tx, decision, callback)?;
+                            delivering = true;
                         }
-                    };
-                    let outcome = match recorded {
-                        Some(ref d) => {
-                            if let Some(callback) = callback {
-                                add_delivery(&tx, decision, callback)?;
-                                delivering = true;
-                            }
-                            published.push(d.clone());
-                            EnqueueOutcome::Accepted {
-                                accepted_at: request.accepted_at,
-                            }
-                        }
-                        None => seen(&tx, request)?,
-                    };
+                        published.push(d.clone());
+                    }
                     Applied::EnqueueDecided(outcome, recorded)
                 }
                 WriteOp::Settle(position, decision, callback, _) => {
@@ -1078,66 +1069,107 @@ fn enqueue(
     pending: u64,
     queue_max: u64,
 ) -> rusqlite::Result<(EnqueueOutcome, Option<u64>)> {
-    if pending < queue_max
-        && let Some(seq) = insert_request(tx, r)?
-    {
-        tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
-            .execute(params![seq, r.token.expose()])?;
+    // A request decided at intake left its request_id in the decision log only.
+    if let Some(outcome) = seen(tx, SEEN_DECIDED, r)? {
+        return Ok((outcome, None));
+    }
+    // The common case, a new request_id, costs one insert; a seen one is looked up afterwards.
+    // (No RETURNING: SQLite gathers returned rows in a temporary table, a B-tree opened and
+    // dropped for every insert.)
+    if pending < queue_max {
+        let inserted = tx
+            .prepare_cached(
+                "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (request_id) DO NOTHING",
+            )?
+            .execute(params![
+                r.request_id,
+                r.station_id,
+                r.fingerprint.as_str(),
+                r.callback_url,
+                r.accepted_at.0
+            ])?;
+        if inserted == 1 {
+            let seq = tx.last_insert_rowid();
+            tx.prepare_cached("INSERT INTO queue (seq, driver_token) VALUES (?1, ?2)")?
+                .execute(params![seq, r.token.expose()])?;
+            return Ok((
+                EnqueueOutcome::Accepted {
+                    accepted_at: r.accepted_at,
+                },
+                Some(seq as u64),
+            ));
+        }
+    }
+    Ok((
+        seen(tx, SEEN_QUEUED, r)?.unwrap_or(EnqueueOutcome::Full),
+        None,
+    ))
+}
+
+/// Records a request decided at intake: its decision alone, which also keeps its request_id (no
+/// `requests` row, no queue entry). Returns the outcome, and the decision when it was recorded.
+fn enqueue_decided(
+    tx: &Transaction<'_>,
+    r: &NewRequest,
+    d: &NewDecision,
+    log_id: u32,
+    chain: (&ChainKey, &mut Link),
+) -> rusqlite::Result<(EnqueueOutcome, Option<RecordedDecision>)> {
+    // The request_id of a request that went through the queue (decided or not) is kept there.
+    if let Some(outcome) = seen(tx, SEEN_QUEUED, r)? {
+        return Ok((outcome, None));
+    }
+    let settled = record_decision(tx, d, log_id, chain)?;
+    if settled.first {
+        let accepted_at = r.accepted_at;
         return Ok((
-            EnqueueOutcome::Accepted {
-                accepted_at: r.accepted_at,
-            },
-            Some(seq),
+            EnqueueOutcome::Accepted { accepted_at },
+            Some(settled.decision),
         ));
     }
-    Ok((seen(tx, r)?, None))
+    let earlier = &settled.decision.decision;
+    let same = earlier.station_id == r.station_id && earlier.fingerprint == r.fingerprint;
+    let outcome = if same {
+        EnqueueOutcome::Duplicate {
+            accepted_at: earlier.accepted_at,
+        }
+    } else {
+        EnqueueOutcome::Conflict
+    };
+    Ok((outcome, None))
 }
 
-/// Adds the request's key; `None` when its request_id was seen before. The common case, a new
-/// request_id, costs one insert; a seen one is looked up afterwards (see [`seen`]). (No
-/// RETURNING: SQLite gathers returned rows in a temporary table, a B-tree opened and dropped for
-/// every insert.)
-fn insert_request(tx: &Transaction<'_>, r: &NewRequest) -> rusqlite::Result<Option<u64>> {
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO requests (request_id, station_id, token_fp, callback_url, accepted_at_us)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (request_id) DO NOTHING",
-        )?
-        .execute(params![
-            r.request_id,
-            r.station_id,
-            r.fingerprint.as_str(),
-            r.callback_url,
-            r.accepted_at.0
-        ])?;
-    Ok((inserted == 1).then(|| tx.last_insert_rowid() as u64))
-}
+/// Where a request_id was seen: among the queue's request keys, or in the decision log.
+const SEEN_QUEUED: &str =
+    "SELECT station_id, token_fp, accepted_at_us FROM requests WHERE request_id = ?1";
+const SEEN_DECIDED: &str =
+    "SELECT station_id, token_fp, accepted_at_us FROM decisions WHERE request_id = ?1";
 
-/// What a request that added nothing gets: the original acknowledgement for the same request,
-/// `Conflict` for another one under its request_id, `Full` when its request_id is new (the queue
-/// had no room).
-fn seen(tx: &Transaction<'_>, r: &NewRequest) -> rusqlite::Result<EnqueueOutcome> {
+/// The outcome for a request_id seen before (`query`: [`SEEN_QUEUED`] or [`SEEN_DECIDED`]): the
+/// original acknowledgement for the same station and token, `Conflict` for others; `None` when
+/// it was not seen there.
+fn seen(
+    tx: &Transaction<'_>,
+    query: &str,
+    r: &NewRequest,
+) -> rusqlite::Result<Option<EnqueueOutcome>> {
     let seen: Option<(String, String, i64)> = tx
-        .prepare_cached(
-            "SELECT station_id, token_fp, accepted_at_us FROM requests WHERE request_id = ?1",
-        )?
+        .prepare_cached(query)?
         .query_row([&r.request_id], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
         .optional()?;
-    let outcome = match seen {
-        Some((station_id, fingerprint, accepted_at))
-            if station_id == r.station_id && fingerprint == r.fingerprint.as_str() =>
-        {
+    Ok(seen.map(|(station_id, fingerprint, accepted_at)| {
+        if station_id == r.station_id && fingerprint == r.fingerprint.as_str() {
             EnqueueOutcome::Duplicate {
                 accepted_at: Micros(accepted_at),
             }
+        } else {
+            EnqueueOutcome::Conflict
         }
-        Some(_) => EnqueueOutcome::Conflict,
-        None => EnqueueOutcome::Full,
-    };
-    Ok(outcome)
+    }))
 }
 
 /// Records the decision (see [`record_decision`]) and deletes the queue entry. Returns the

@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-use chargegate::{config::AuthorizerConfig, proto::DecisionStatus};
+use chargegate::{
+    config::AuthorizerConfig,
+    proto::{AuthorizeRequest, DecisionStatus, GetDecisionRequest},
+};
+use tonic::Code;
 
 use crate::support::{
     fake_authorizer::{Behaviour, FakeAuthorizer},
@@ -328,5 +332,130 @@ async fn a_flapping_authorizer_under_load_never_leaves_a_request_undecided() {
         );
     }
     assert!(reasons.len() >= 3, "the flapping showed: {reasons:?}");
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_stays_one_request_whether_decided_at_intake_or_queued() {
+    // The access list decides at intake (no queue entry); the remote authorizer's requests go
+    // through the queue. A retry finds the original either way, across restarts that switch.
+    let fake = FakeAuthorizer::start(Behaviour::Answer(200, ALLOWED.into())).await;
+    let dir = TestDir::new();
+    let with_list = dir.config();
+    let mut with_remote = dir.config();
+    with_remote.authorizer = AuthorizerConfig::Http { url: fake.url() };
+    let with_id = |id: &str, token: &str| AuthorizeRequest {
+        request_id: id.into(),
+        ..request(STATION_A, token)
+    };
+
+    let server = TestServer::start(with_list.clone()).await;
+    let mut client = server.client().await;
+    let at_intake = client
+        .authorize(with_id("decided-at-intake", TOKEN_GRANTED))
+        .await
+        .expect("authorize")
+        .into_inner();
+    server.stop().await.expect("clean stop");
+
+    let server = TestServer::start(with_remote).await;
+    let mut client = server.client().await;
+    let queued = client
+        .authorize(with_id("queued", TOKEN_GRANTED))
+        .await
+        .expect("authorize")
+        .into_inner();
+    let retry = client
+        .authorize(with_id("decided-at-intake", TOKEN_GRANTED))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(
+        retry.duplicate,
+        "the retry is the request decided at intake"
+    );
+    assert_eq!(retry.accepted_at, at_intake.accepted_at);
+    let other = client
+        .authorize(with_id("decided-at-intake", TOKEN_WILDCARD))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    poll_until(
+        "the queued request's decision",
+        || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .get_decision(GetDecisionRequest {
+                        request_id: "queued".into(),
+                    })
+                    .await
+                    .expect("get_decision")
+                    .into_inner()
+                    .decision
+                    .unwrap()
+                    .status()
+            }
+        },
+        |status| *status == DecisionStatus::Allowed,
+    )
+    .await;
+    assert_eq!(fake.calls(), 1, "only the new request asked the authorizer");
+    server.stop().await.expect("clean stop");
+
+    let server = TestServer::start(with_list).await;
+    let mut client = server.client().await;
+    let retry = client
+        .authorize(with_id("queued", TOKEN_GRANTED))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(retry.duplicate, "the retry is the queued request");
+    assert_eq!(retry.accepted_at, queued.accepted_at);
+    let other = client
+        .authorize(with_id("queued", TOKEN_WILDCARD))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists);
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_answered_from_the_cache_while_its_request_is_queued_is_that_request() {
+    let fake = FakeAuthorizer::start(Behaviour::Slow(Duration::from_secs(3), ALLOWED.into())).await;
+    let (_dir, server) = server_for(fake.url(), |c| {
+        c.authorizer_cache_ttl = Some(Duration::from_secs(60));
+        c.authorize_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut client = server.client().await;
+    let mut stream = subscribe(&mut client, &[STATION_A], "").await;
+    let waiting = AuthorizeRequest {
+        request_id: "waiting-for-the-authorizer".into(),
+        ..request(STATION_A, TOKEN_GRANTED)
+    };
+    let first = client
+        .authorize(waiting.clone())
+        .await
+        .expect("authorize")
+        .into_inner();
+    poll_until("the slow call", || async { fake.calls() }, |n| *n == 1).await;
+    // Another request fills the cache for the same station and token while the first one waits.
+    fake.set(Behaviour::Answer(200, ALLOWED.into()));
+    let filler = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+    assert_eq!(
+        next_decision(&mut stream).await.request_id,
+        filler.request_id
+    );
+    // The retry would be answered from the cache, but its request_id is queued: a duplicate.
+    let retry = client.authorize(waiting).await.expect("retry").into_inner();
+    assert!(retry.duplicate);
+    assert_eq!(retry.accepted_at, first.accepted_at);
+    let decided = next_decision(&mut stream).await;
+    assert_eq!(
+        (decided.request_id.as_str(), decided.reason.as_str()),
+        (first.request_id.as_str(), "granted"),
+        "decided once, by the authorizer it waited for"
+    );
     server.stop().await.expect("clean stop");
 }
