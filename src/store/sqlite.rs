@@ -303,6 +303,9 @@ impl Database {
             .map_err(StoreError::backend)?
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let queued_keys: bool = conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM requests)", [], |r| r.get(0))
+            .map_err(StoreError::backend)?;
         // A log purged to its end is empty; its head is still the newest position it recorded.
         let head = newest.max(floor);
         hub.set_head(head);
@@ -347,6 +350,7 @@ impl Database {
             relaxed: false,
             chain_key: ChainKey::new(&chain_key),
             chain_head,
+            queued_keys,
         };
         let stations = StationIndex::open(path)?;
         thread::Builder::new()
@@ -832,6 +836,9 @@ struct Writer {
     chain_key: ChainKey,
     /// The link of the newest committed decision.
     chain_head: Link,
+    /// `requests` may hold rows. While it cannot (only requests decided at intake so far, as with
+    /// the access list), a request decided at intake skips looking its request_id up there.
+    queued_keys: bool,
 }
 
 impl Writer {
@@ -990,6 +997,7 @@ impl Writer {
                 WriteOp::Enqueue(request, _) => {
                     let (outcome, seq) = enqueue(&tx, request, pending, self.queue_max)?;
                     if let Some(seq) = seq {
+                        self.queued_keys = true;
                         pending += 1;
                         enqueue_head = Some(seq);
                     }
@@ -1000,6 +1008,7 @@ impl Writer {
                         &tx,
                         request,
                         decision,
+                        self.queued_keys,
                         self.log_id,
                         (&self.chain_key, &mut chain_head),
                     )?;
@@ -1114,11 +1123,12 @@ fn enqueue_decided(
     tx: &Transaction<'_>,
     r: &NewRequest,
     d: &NewDecision,
+    queued_keys: bool,
     log_id: u32,
     chain: (&ChainKey, &mut Link),
 ) -> rusqlite::Result<(EnqueueOutcome, Option<RecordedDecision>)> {
     // The request_id of a request that went through the queue (decided or not) is kept there.
-    if let Some(outcome) = seen(tx, SEEN_QUEUED, r)? {
+    if queued_keys && let Some(outcome) = seen(tx, SEEN_QUEUED, r)? {
         return Ok((outcome, None));
     }
     let settled = record_decision(tx, d, log_id, chain)?;
