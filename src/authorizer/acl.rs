@@ -129,6 +129,14 @@ impl AccessList {
         self.len() == 0
     }
 
+    /// The access list's verdict on a request, now.
+    fn verdict(&self, request: AuthorizationRequest<'_>) -> Verdict {
+        Verdict::new(
+            self.decide(request.station_id, request.fingerprint, Micros::now()),
+            DecidedBy::Acl,
+        )
+    }
+
     /// The verdict for a station and a token fingerprint at time `now`.
     pub fn decide(&self, station_id: &str, fingerprint: &Fingerprint, now: Micros) -> Reason {
         let table = self.table.read().expect("access list lock").clone();
@@ -199,15 +207,6 @@ impl AccessList {
                 }
             }
         })
-    }
-}
-
-impl AccessList {
-    fn verdict(&self, request: AuthorizationRequest<'_>) -> Verdict {
-        Verdict::new(
-            self.decide(request.station_id, request.fingerprint, Micros::now()),
-            DecidedBy::Acl,
-        )
     }
 }
 
