@@ -2,8 +2,14 @@
 //! `Authorize` answers at once (no validation, no durability); `SubscribeDecisions` holds an idle
 //! stream open. It runs as its own process (`chargegate-bench echo-server`) so its RSS and CPU are
 //! measured exactly like chargegate's.
+//!
+//! With `--durable DIR` it is the durable-ack floor instead: each `Authorize` inserts one row
+//! (a UUIDv7 request id, unique; the station; the time) into a SQLite file in WAL mode with
+//! `synchronous=FULL`, committed by one writer thread for every call that arrived meanwhile (one
+//! fsync per group commit), and answers after the commit. No validation, no decision, no audit:
+//! the least a service that acknowledges durably must do.
 
-use std::pin::Pin;
+use std::{path::Path, pin::Pin};
 
 use chargegate::proto::{
     AcceptStatus, AuthorizeRequest, AuthorizeResponse, GetDecisionRequest, GetDecisionResponse,
@@ -13,7 +19,12 @@ use chargegate::proto::{
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 
-struct Echo;
+/// A row for the durable floor's writer, and where its commit is answered.
+type Durable = tokio::sync::mpsc::Sender<(String, String, tokio::sync::oneshot::Sender<bool>)>;
+
+struct Echo {
+    durable: Option<Durable>,
+}
 
 #[tonic::async_trait]
 impl ChargingAuthorization for Echo {
@@ -21,7 +32,16 @@ impl ChargingAuthorization for Echo {
         &self,
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        if let Some(writer) = &self.durable {
+            request.request_id = uuid::Uuid::now_v7().to_string();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let row = (request.request_id.clone(), request.station_id, tx);
+            let committed = writer.send(row).await.is_ok() && rx.await == Ok(true);
+            if !committed {
+                return Err(Status::unavailable("the commit failed"));
+            }
+        }
         Ok(Response::new(AuthorizeResponse {
             request_id: request.request_id,
             status: AcceptStatus::Accepted as i32,
@@ -51,16 +71,77 @@ impl ChargingAuthorization for Echo {
     }
 }
 
-/// Serves the echo service on an ephemeral port; prints `listen=<addr>` for the parent.
-pub fn serve() -> anyhow::Result<()> {
+/// Serves the echo service on an ephemeral port; prints `listen=<addr>` for the parent. With
+/// `durable`, the durable-ack floor with its SQLite file in that directory.
+pub fn serve(durable: Option<&Path>) -> anyhow::Result<()> {
+    let durable = match durable {
+        Some(dir) => Some(start_writer(dir)?),
+        None => None,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listen={}", listener.local_addr()?);
         tonic::transport::Server::builder()
-            .add_service(ChargingAuthorizationServer::new(Echo))
+            .add_service(ChargingAuthorizationServer::new(Echo { durable }))
             .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
             .await?;
         Ok(())
     })
+}
+
+/// Opens the floor's SQLite file and starts its writer thread: group commit, as chargegate's.
+fn start_writer(dir: &Path) -> anyhow::Result<Durable> {
+    std::fs::create_dir_all(dir)?;
+    let mut conn = rusqlite::Connection::open(dir.join("durable-echo.db"))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         CREATE TABLE IF NOT EXISTS requests (
+             seq            INTEGER PRIMARY KEY,
+             request_id     TEXT NOT NULL UNIQUE,
+             station_id     TEXT NOT NULL,
+             accepted_at_us INTEGER NOT NULL
+         );",
+    )?;
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(String, String, tokio::sync::oneshot::Sender<bool>)>(
+            16 * 1024,
+        );
+    std::thread::Builder::new()
+        .name("durable-echo-writer".into())
+        .spawn(move || {
+            let mut batch = Vec::with_capacity(2048);
+            while let Some(first) = rx.blocking_recv() {
+                batch.push(first);
+                while batch.len() < 2048 {
+                    match rx.try_recv() {
+                        Ok(row) => batch.push(row),
+                        Err(_) => break,
+                    }
+                }
+                let committed = commit(&mut conn, &batch).is_ok();
+                for (_, _, reply) in batch.drain(..) {
+                    let _ = reply.send(committed);
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+fn commit<T>(
+    conn: &mut rusqlite::Connection,
+    rows: &[(String, String, T)],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO requests (request_id, station_id, accepted_at_us) VALUES (?1, ?2, ?3)",
+        )?;
+        let now = chargegate::decision::Micros::now().0;
+        for (request_id, station_id, _) in rows {
+            insert.execute(rusqlite::params![request_id, station_id, now])?;
+        }
+    }
+    tx.commit()
 }

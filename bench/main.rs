@@ -41,7 +41,11 @@ struct Args {
 #[derive(Subcommand)]
 enum Mode {
     /// (internal) Serve the bare echo reference.
-    EchoServer,
+    EchoServer {
+        /// Commit each call to a SQLite file in this directory before answering (the durable floor).
+        #[arg(long)]
+        durable: Option<std::path::PathBuf>,
+    },
     /// (internal) Serve a fast remote authorizer with an optional slow tail.
     AuthorizerServer {
         #[arg(long, default_value_t = 0)]
@@ -67,7 +71,7 @@ const ALL: [&str; 12] = [
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.mode {
-        Some(Mode::EchoServer) => return echo::serve(),
+        Some(Mode::EchoServer { durable }) => return echo::serve(durable.as_deref()),
         Some(Mode::AuthorizerServer {
             slow_percent,
             slow_ms,

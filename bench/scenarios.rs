@@ -157,12 +157,21 @@ impl Bench {
         ServerProcess::spawn(command, self.server_core)
     }
 
+    /// The echo server that commits each call to SQLite before answering (see `echo`).
+    fn durable_echo(&mut self) -> anyhow::Result<ServerProcess> {
+        let dir = self.fresh_dir("durable-echo");
+        let mut command = Command::new(std::env::current_exe()?);
+        command.arg("echo-server").arg("--durable").arg(dir);
+        ServerProcess::spawn(command, self.server_core)
+    }
+
     fn record(&mut self, key: &str, value: Value) {
         println!("{key}: {value}");
         self.results.insert(key.to_owned(), value);
     }
 
-    /// g1 / g1b: closed loop at concurrency `c`, echo against chargegate.
+    /// g1 / g1b: closed loop at concurrency `c`, echo against chargegate; between them, the
+    /// durable-ack floor (echo plus one SQLite row per call and group commit) for reference.
     pub async fn g1(&mut self, key: &str, c: usize) -> anyhow::Result<()> {
         let k = 8.min(c);
         let (warmup, measure) = (self.warmup(), self.measure(10));
@@ -171,6 +180,11 @@ impl Bench {
         let e = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
         drop(channels);
         echo.stop();
+        let floor = self.durable_echo()?;
+        let channels = load::connect(&floor.url, k).await?;
+        let f = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
+        drop(channels);
+        floor.stop();
         let (url, server) = self.chargegate(key, &[])?;
         let channels = load::connect(&url, k).await?;
         let a = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
@@ -188,7 +202,10 @@ impl Bench {
                 "concurrency": c, "connections": k,
                 "echo_rps": e.rps.round(), "authorize_rps": a.rps.round(), "ratio": round3(a.rps / e.rps),
                 "echo_p50_ms": ms(e.hist.value_at_quantile(0.5)), "authorize_p50_ms": ms(a.hist.value_at_quantile(0.5)),
-                "authorize_p99_ms": ms(a.hist.value_at_quantile(0.99)), "errors": e.errors + a.errors,
+                "authorize_p99_ms": ms(a.hist.value_at_quantile(0.99)),
+                "durable_echo_rps": f.rps.round(), "durable_echo_ratio": round3(f.rps / e.rps),
+                "ratio_to_durable_echo": round3(a.rps / f.rps),
+                "errors": e.errors + f.errors + a.errors,
             }),
         );
         Ok(())
@@ -203,14 +220,19 @@ impl Bench {
         let channels = load::connect(&echo.url, 1).await?;
         let e = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
         echo.stop();
+        let floor = self.durable_echo()?;
+        let channels = load::connect(&floor.url, 1).await?;
+        let f = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
+        floor.stop();
         let (url, server) = self.chargegate("g2", &[])?;
         let channels = load::connect(&url, 1).await?;
         let a = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
         if let Some(s) = server {
             s.stop();
         }
-        let (echo_us, auth_us) = (
+        let (echo_us, floor_us, auth_us) = (
             e.hist.value_at_quantile(0.5) as f64,
+            f.hist.value_at_quantile(0.5) as f64,
             a.hist.value_at_quantile(0.5) as f64,
         );
         self.record(
@@ -218,6 +240,8 @@ impl Bench {
             json!({
                 "echo_p50_us": echo_us, "authorize_p50_us": auth_us, "fsync_p50_us": fsync,
                 "overhead_fsyncs": round3((auth_us - echo_us) / fsync),
+                "durable_echo_p50_us": floor_us,
+                "durable_echo_overhead_fsyncs": round3((floor_us - echo_us) / fsync),
             }),
         );
         Ok(())
@@ -280,6 +304,19 @@ impl Bench {
         )
         .await;
         echo.stop();
+        let floor = self.durable_echo()?;
+        let channels = load::connect(&floor.url, 8).await?;
+        let f = load::open_loop(
+            &channels,
+            rate,
+            Instant::now(),
+            warmup,
+            measure,
+            20_000,
+            round_robin_request(),
+        )
+        .await;
+        floor.stop();
         let (url, server) = self.chargegate("g3", &[])?;
         let channels = load::connect(&url, 8).await?;
         let a = load::open_loop(
@@ -295,8 +332,9 @@ impl Bench {
         if let Some(s) = server {
             s.stop();
         }
-        let (e99, a99) = (
+        let (e99, f99, a99) = (
             ms(e.hist.value_at_quantile(0.99)),
+            ms(f.hist.value_at_quantile(0.99)),
             ms(a.hist.value_at_quantile(0.99)),
         );
         self.record(
@@ -304,6 +342,7 @@ impl Bench {
             json!({
                 "rate": rate, "echo_p99_ms": e99, "authorize_p99_ms": a99,
                 "authorize_p999_ms": ms(a.hist.value_at_quantile(0.999)), "gap_ms": round3(a99 - e99),
+                "durable_echo_p99_ms": f99, "durable_echo_gap_ms": round3(f99 - e99),
                 "echo_ok": e.ok(), "authorize_ok": a.ok(), "authorize_rejected": a.rejected(),
             }),
         );
