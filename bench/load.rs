@@ -135,6 +135,9 @@ pub fn intended(start: Instant, rate: f64, i: u64) -> Instant {
     start + Duration::from_secs_f64(i as f64 / rate)
 }
 
+/// The pacer's shortest sleep (see `open_loop`).
+const PACER_TICK: Duration = Duration::from_micros(100);
+
 /// Sends `rate` calls per second for `warmup + measure`, from `start`.
 pub async fn open_loop(
     channels: &[Channel],
@@ -153,14 +156,17 @@ pub async fn open_loop(
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let clients: Vec<Client> = channels.iter().map(|c| Client::new(c.clone())).collect();
     // A pacer thread sleeps precisely (nanosleep, not the runtime's 1 ms timer) and releases each
-    // call at its intended time; the runtime never busy-waits, so its I/O is polled promptly.
+    // call at its intended time, never before; the runtime never busy-waits, so its I/O is polled
+    // promptly. It sleeps at least a tick: at tens of thousands of calls a second, a wake-up per
+    // call would take the load generator's core, so the calls due within a tick go out together
+    // (at most a tick late, and their latency still counts from their intended time).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
     let pacer = std::thread::spawn(move || {
         for i in 0..total {
             let due = intended(start, rate, i);
             let now = Instant::now();
             if due > now {
-                std::thread::sleep(due - now);
+                std::thread::sleep((due - now).max(PACER_TICK));
             }
             if tx.send((i, due)).is_err() {
                 break;
