@@ -170,28 +170,38 @@ impl Bench {
         self.results.insert(key.to_owned(), value);
     }
 
+    /// Runs the same `load` against echo, the durable-ack floor and chargegate (started as `key`),
+    /// one after the other, each server started for it and stopped after; results in that order.
+    async fn against_references<T, F, Fut>(&mut self, key: &str, load: F) -> anyhow::Result<[T; 3]>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let echo = self.echo()?;
+        let e = load(echo.url.clone()).await?;
+        echo.stop();
+        let floor = self.durable_echo()?;
+        let f = load(floor.url.clone()).await?;
+        floor.stop();
+        let (url, server) = self.chargegate(key, &[])?;
+        let a = load(url).await?;
+        if let Some(s) = server {
+            s.stop();
+        }
+        Ok([e, f, a])
+    }
+
     /// g1 / g1b: closed loop at concurrency `c`, echo against chargegate; between them, the
     /// durable-ack floor (echo plus one SQLite row per call and group commit) for reference.
     pub async fn g1(&mut self, key: &str, c: usize) -> anyhow::Result<()> {
         let k = 8.min(c);
         let (warmup, measure) = (self.warmup(), self.measure(10));
-        let echo = self.echo()?;
-        let channels = load::connect(&echo.url, k).await?;
-        let e = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
-        drop(channels);
-        echo.stop();
-        let floor = self.durable_echo()?;
-        let channels = load::connect(&floor.url, k).await?;
-        let f = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
-        drop(channels);
-        floor.stop();
-        let (url, server) = self.chargegate(key, &[])?;
-        let channels = load::connect(&url, k).await?;
-        let a = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
-        drop(channels);
-        if let Some(s) = server {
-            s.stop();
-        }
+        let [e, f, a] = self
+            .against_references(key, |url| async move {
+                let channels = load::connect(&url, k).await?;
+                Ok(load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await)
+            })
+            .await?;
         if c == 200 {
             self.echo_rps = Some(e.rps);
             self.knee_rps = Some(a.rps);
@@ -216,20 +226,12 @@ impl Bench {
         let (warmup, measure) = (self.warmup(), self.measure(5));
         let probe_dir = self.fresh_dir("fsync");
         let fsync = procs::fsync_p50_us(&probe_dir, if self.quick { 50 } else { 300 })?;
-        let echo = self.echo()?;
-        let channels = load::connect(&echo.url, 1).await?;
-        let e = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
-        echo.stop();
-        let floor = self.durable_echo()?;
-        let channels = load::connect(&floor.url, 1).await?;
-        let f = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
-        floor.stop();
-        let (url, server) = self.chargegate("g2", &[])?;
-        let channels = load::connect(&url, 1).await?;
-        let a = load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await;
-        if let Some(s) = server {
-            s.stop();
-        }
+        let [e, f, a] = self
+            .against_references("g2", |url| async move {
+                let channels = load::connect(&url, 1).await?;
+                Ok(load::closed_loop(&channels, 1, warmup, measure, round_robin_request()).await)
+            })
+            .await?;
         let (echo_us, floor_us, auth_us) = (
             e.hist.value_at_quantile(0.5) as f64,
             f.hist.value_at_quantile(0.5) as f64,
@@ -291,47 +293,23 @@ impl Bench {
     pub async fn g3(&mut self) -> anyhow::Result<()> {
         let rate = (self.echo_rps().await? / 8.0).round();
         let (warmup, measure) = (self.warmup(), self.measure(10));
-        let echo = self.echo()?;
-        let channels = load::connect(&echo.url, 8).await?;
-        let e = load::open_loop(
-            &channels,
-            rate,
-            Instant::now(),
-            warmup,
-            measure,
-            20_000,
-            round_robin_request(),
-        )
-        .await;
-        echo.stop();
-        let floor = self.durable_echo()?;
-        let channels = load::connect(&floor.url, 8).await?;
-        let f = load::open_loop(
-            &channels,
-            rate,
-            Instant::now(),
-            warmup,
-            measure,
-            20_000,
-            round_robin_request(),
-        )
-        .await;
-        floor.stop();
-        let (url, server) = self.chargegate("g3", &[])?;
-        let channels = load::connect(&url, 8).await?;
-        let a = load::open_loop(
-            &channels,
-            rate,
-            Instant::now(),
-            warmup,
-            measure,
-            20_000,
-            round_robin_request(),
-        )
-        .await;
-        if let Some(s) = server {
-            s.stop();
-        }
+        let [e, f, a] = self
+            .against_references("g3", |url| async move {
+                let channels = load::connect(&url, 8).await?;
+                let start = Instant::now();
+                let run = load::open_loop(
+                    &channels,
+                    rate,
+                    start,
+                    warmup,
+                    measure,
+                    20_000,
+                    round_robin_request(),
+                )
+                .await;
+                Ok(run)
+            })
+            .await?;
         let (e99, f99, a99) = (
             ms(e.hist.value_at_quantile(0.99)),
             ms(f.hist.value_at_quantile(0.99)),

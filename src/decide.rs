@@ -103,15 +103,7 @@ async fn decide_and_record(
     signals: &Signals,
 ) {
     let verdict = decide(&*authorizer, timeout, &claim).await;
-    let request = &claim.request;
-    let decision = NewDecision {
-        request_id: request.request_id.clone(),
-        station_id: request.station_id.clone(),
-        fingerprint: request.fingerprint.clone(),
-        verdict,
-        accepted_at: request.accepted_at,
-        decided_at: Micros::now(),
-    };
+    let decision = claim.request.decision(verdict, Micros::now());
     let mut claim = claim;
     let mut backoff = SETTLE_BACKOFF.0;
     loop {

@@ -15,6 +15,7 @@ use crate::{
     intake::NewRequest,
     store::StoreError,
     token::{DriverToken, Fingerprint},
+    webhook::Callback,
 };
 
 /// What enqueueing a request did.
@@ -39,6 +40,26 @@ pub struct QueuedRequest {
     pub fingerprint: Fingerprint,
     pub callback_url: Option<String>,
     pub accepted_at: Micros,
+}
+
+impl QueuedRequest {
+    /// Its decision with `verdict`, made at `decided_at` (never before it was accepted).
+    pub fn decision(&self, verdict: Verdict, decided_at: Micros) -> NewDecision {
+        NewDecision {
+            request_id: self.request_id.clone(),
+            station_id: self.station_id.clone(),
+            fingerprint: self.fingerprint.clone(),
+            verdict,
+            accepted_at: self.accepted_at,
+            decided_at: decided_at.max(self.accepted_at),
+        }
+    }
+
+    /// The delivery of its decision, when it named a callback URL.
+    pub fn callback(&self) -> Option<Callback> {
+        let url = self.callback_url.as_deref()?;
+        Callback::new(url, self.token.clone())
+    }
 }
 
 impl From<NewRequest> for QueuedRequest {

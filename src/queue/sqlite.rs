@@ -23,7 +23,6 @@ use crate::{
     intake::NewRequest,
     store::StoreError,
     store::sqlite::Database,
-    webhook::Callback,
 };
 
 pub struct SqliteQueue {
@@ -110,19 +109,9 @@ impl Queue for SqliteQueue {
         request: NewRequest,
         verdict: Verdict,
     ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError> {
-        let decision = NewDecision {
-            request_id: request.request_id.clone(),
-            station_id: request.station_id.clone(),
-            fingerprint: request.fingerprint.clone(),
-            verdict,
-            accepted_at: request.accepted_at,
-            decided_at: Micros::now().max(request.accepted_at),
-        };
-        let callback = request
-            .callback_url
-            .as_deref()
-            .and_then(|url| Callback::new(url, request.token.clone()));
-        self.db.enqueue_decided(request, decision, callback).await
+        let request = QueuedRequest::from(request);
+        let decision = request.decision(verdict, Micros::now());
+        self.db.enqueue_decided(decision, request.callback()).await
     }
 
     async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError> {
@@ -221,11 +210,7 @@ impl Queue for SqliteQueue {
         claim: Claim,
         decision: NewDecision,
     ) -> Result<Settled, (Claim, StoreError)> {
-        let callback = claim
-            .request
-            .callback_url
-            .as_deref()
-            .and_then(|url| Callback::new(url, claim.request.token.clone()));
+        let callback = claim.request.callback();
         match self.db.settle(claim.position, decision, callback).await {
             Ok(settled) => {
                 self.state

@@ -160,10 +160,9 @@ enum WriteOp {
         NewRequest,
         oneshot::Sender<Result<EnqueueOutcome, StoreError>>,
     ),
-    /// Record a request together with its decision (made at intake), with the delivery of its
-    /// callback if any; no queue entry.
+    /// Record a request decided at intake: its decision (which keeps its request_id), with the
+    /// delivery of its callback if any; no queue entry.
     EnqueueDecided(
-        NewRequest,
         NewDecision,
         Option<Callback>,
         oneshot::Sender<Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError>>,
@@ -404,12 +403,11 @@ impl Database {
 
     pub(crate) async fn enqueue_decided(
         &self,
-        request: NewRequest,
         decision: NewDecision,
         callback: Option<Callback>,
     ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.write(WriteOp::EnqueueDecided(request, decision, callback, tx), rx)
+        self.write(WriteOp::EnqueueDecided(decision, callback, tx), rx)
             .await
     }
 
@@ -918,7 +916,7 @@ impl Writer {
                                     }
                                 }
                                 (
-                                    WriteOp::EnqueueDecided(_, _, _, reply),
+                                    WriteOp::EnqueueDecided(_, _, reply),
                                     Applied::EnqueueDecided(o, recorded),
                                 ) => drop(reply.send(Ok((o, recorded)))),
                                 (WriteOp::Settle(_, _, _, reply), Applied::Settle(s)) => {
@@ -948,7 +946,7 @@ impl Writer {
                     for op in batch.drain(..) {
                         match op {
                             WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err.clone()))),
-                            WriteOp::EnqueueDecided(_, _, _, reply) => {
+                            WriteOp::EnqueueDecided(_, _, reply) => {
                                 drop(reply.send(Err(err.clone())))
                             }
                             WriteOp::Settle(_, _, _, reply) => drop(reply.send(Err(err.clone()))),
@@ -1003,10 +1001,9 @@ impl Writer {
                     }
                     Applied::Enqueue(outcome, seq)
                 }
-                WriteOp::EnqueueDecided(request, decision, callback, _) => {
+                WriteOp::EnqueueDecided(decision, callback, _) => {
                     let (outcome, recorded) = enqueue_decided(
                         &tx,
-                        request,
                         decision,
                         self.queued_keys,
                         self.log_id,
@@ -1079,7 +1076,13 @@ fn enqueue(
     queue_max: u64,
 ) -> rusqlite::Result<(EnqueueOutcome, Option<u64>)> {
     // A request decided at intake left its request_id in the decision log only.
-    if let Some(outcome) = seen(tx, SEEN_DECIDED, r)? {
+    if let Some(outcome) = seen(
+        tx,
+        SEEN_DECIDED,
+        &r.request_id,
+        &r.station_id,
+        &r.fingerprint,
+    )? {
         return Ok((outcome, None));
     }
     // The common case, a new request_id, costs one insert; a seen one is looked up afterwards.
@@ -1112,7 +1115,14 @@ fn enqueue(
         }
     }
     Ok((
-        seen(tx, SEEN_QUEUED, r)?.unwrap_or(EnqueueOutcome::Full),
+        seen(
+            tx,
+            SEEN_QUEUED,
+            &r.request_id,
+            &r.station_id,
+            &r.fingerprint,
+        )?
+        .unwrap_or(EnqueueOutcome::Full),
         None,
     ))
 }
@@ -1121,33 +1131,41 @@ fn enqueue(
 /// `requests` row, no queue entry). Returns the outcome, and the decision when it was recorded.
 fn enqueue_decided(
     tx: &Transaction<'_>,
-    r: &NewRequest,
     d: &NewDecision,
     queued_keys: bool,
     log_id: u32,
     chain: (&ChainKey, &mut Link),
 ) -> rusqlite::Result<(EnqueueOutcome, Option<RecordedDecision>)> {
     // The request_id of a request that went through the queue (decided or not) is kept there.
-    if queued_keys && let Some(outcome) = seen(tx, SEEN_QUEUED, r)? {
+    if queued_keys
+        && let Some(outcome) = seen(
+            tx,
+            SEEN_QUEUED,
+            &d.request_id,
+            &d.station_id,
+            &d.fingerprint,
+        )?
+    {
         return Ok((outcome, None));
     }
     let settled = record_decision(tx, d, log_id, chain)?;
     if settled.first {
-        let accepted_at = r.accepted_at;
+        let accepted_at = d.accepted_at;
         return Ok((
             EnqueueOutcome::Accepted { accepted_at },
             Some(settled.decision),
         ));
     }
     let earlier = &settled.decision.decision;
-    let same = earlier.station_id == r.station_id && earlier.fingerprint == r.fingerprint;
-    let outcome = if same {
-        EnqueueOutcome::Duplicate {
-            accepted_at: earlier.accepted_at,
-        }
-    } else {
-        EnqueueOutcome::Conflict
-    };
+    let outcome = seen_before(
+        &d.station_id,
+        &d.fingerprint,
+        (
+            &earlier.station_id,
+            earlier.fingerprint.as_str(),
+            earlier.accepted_at,
+        ),
+    );
     Ok((outcome, None))
 }
 
@@ -1157,29 +1175,47 @@ const SEEN_QUEUED: &str =
 const SEEN_DECIDED: &str =
     "SELECT station_id, token_fp, accepted_at_us FROM decisions WHERE request_id = ?1";
 
-/// The outcome for a request_id seen before (`query`: [`SEEN_QUEUED`] or [`SEEN_DECIDED`]): the
-/// original acknowledgement for the same station and token, `Conflict` for others; `None` when
-/// it was not seen there.
+/// The outcome for a request_id seen before (`query`: [`SEEN_QUEUED`] or [`SEEN_DECIDED`]), as
+/// [`seen_before`] gives it; `None` when it was not seen there.
 fn seen(
     tx: &Transaction<'_>,
     query: &str,
-    r: &NewRequest,
+    request_id: &str,
+    station_id: &str,
+    fingerprint: &Fingerprint,
 ) -> rusqlite::Result<Option<EnqueueOutcome>> {
     let seen: Option<(String, String, i64)> = tx
         .prepare_cached(query)?
-        .query_row([&r.request_id], |row| {
+        .query_row([request_id], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
         .optional()?;
-    Ok(seen.map(|(station_id, fingerprint, accepted_at)| {
-        if station_id == r.station_id && fingerprint == r.fingerprint.as_str() {
-            EnqueueOutcome::Duplicate {
-                accepted_at: Micros(accepted_at),
-            }
-        } else {
-            EnqueueOutcome::Conflict
+    Ok(
+        seen.map(|(earlier_station, earlier_fingerprint, accepted_at)| {
+            seen_before(
+                station_id,
+                fingerprint,
+                (&earlier_station, &earlier_fingerprint, Micros(accepted_at)),
+            )
+        }),
+    )
+}
+
+/// What a request gets when its request_id was recorded before with `earlier` (station, token
+/// fingerprint, acceptance time): the original acknowledgement for the same station and token,
+/// `Conflict` for another.
+fn seen_before(
+    station_id: &str,
+    fingerprint: &Fingerprint,
+    earlier: (&str, &str, Micros),
+) -> EnqueueOutcome {
+    if earlier.0 == station_id && earlier.1 == fingerprint.as_str() {
+        EnqueueOutcome::Duplicate {
+            accepted_at: earlier.2,
         }
-    }))
+    } else {
+        EnqueueOutcome::Conflict
+    }
 }
 
 /// Records the decision (see [`record_decision`]) and deletes the queue entry. Returns the

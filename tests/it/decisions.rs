@@ -125,15 +125,7 @@ async fn every_decision_row_of_the_contract() {
         assert!(!d.cursor.is_empty() && d.cursor != last_cursor);
         last_cursor = d.cursor.clone();
 
-        let polled = client
-            .get_decision(GetDecisionRequest {
-                request_id: d.request_id.clone(),
-            })
-            .await
-            .expect("get decision")
-            .into_inner()
-            .decision
-            .expect("decision");
+        let polled = get_decision(&mut client, &d.request_id).await;
         assert_eq!(&polled, d, "GetDecision returns what was streamed");
     }
     // The same token gets the same fingerprint; different tokens get different ones.

@@ -253,15 +253,7 @@ async fn the_access_list_decides_each_request_before_it_is_acknowledged() {
         for (token, status) in cases {
             let ack = authorize(&mut client, STATION_A, token).await;
             // No wait: the decision was committed with the acknowledgement.
-            let decision = client
-                .get_decision(GetDecisionRequest {
-                    request_id: ack.request_id.clone(),
-                })
-                .await
-                .expect("get_decision")
-                .into_inner()
-                .decision
-                .unwrap();
+            let decision = get_decision(&mut client, &ack.request_id).await;
             assert_eq!(decision.status(), status, "round {round}, {status:?}");
             assert!(!decision.cursor.is_empty());
             let pushed = next_decision(&mut stream).await;
@@ -295,14 +287,7 @@ async fn a_full_queue_refuses_only_requests_that_must_wait_in_it() {
         (waiting.request_id, DecisionStatus::Pending),
         (malformed.request_id, DecisionStatus::Invalid),
     ] {
-        let decision = client
-            .get_decision(GetDecisionRequest { request_id: id })
-            .await
-            .expect("get_decision")
-            .into_inner()
-            .decision
-            .unwrap();
-        assert_eq!(decision.status(), status);
+        assert_eq!(get_decision(&mut client, &id).await.status(), status);
     }
     drop(server);
 }

@@ -3,10 +3,7 @@
 
 use std::time::Duration;
 
-use chargegate::{
-    config::AuthorizerConfig,
-    proto::{AuthorizeRequest, DecisionStatus, GetDecisionRequest},
-};
+use chargegate::{config::AuthorizerConfig, proto::DecisionStatus};
 use tonic::Code;
 
 use crate::support::{
@@ -344,39 +341,27 @@ async fn a_request_id_stays_one_request_whether_decided_at_intake_or_queued() {
     let with_list = dir.config();
     let mut with_remote = dir.config();
     with_remote.authorizer = AuthorizerConfig::Http { url: fake.url() };
-    let with_id = |id: &str, token: &str| AuthorizeRequest {
-        request_id: id.into(),
-        ..request(STATION_A, token)
-    };
-
     let server = TestServer::start(with_list.clone()).await;
     let mut client = server.client().await;
-    let at_intake = client
-        .authorize(with_id("decided-at-intake", TOKEN_GRANTED))
+    let at_intake = authorize_as(&mut client, STATION_A, TOKEN_GRANTED, "decided-at-intake")
         .await
-        .expect("authorize")
-        .into_inner();
+        .expect("authorize");
     server.stop().await.expect("clean stop");
 
     let server = TestServer::start(with_remote).await;
     let mut client = server.client().await;
-    let queued = client
-        .authorize(with_id("queued", TOKEN_GRANTED))
+    let queued = authorize_as(&mut client, STATION_A, TOKEN_GRANTED, "queued")
         .await
-        .expect("authorize")
-        .into_inner();
-    let retry = client
-        .authorize(with_id("decided-at-intake", TOKEN_GRANTED))
+        .expect("authorize");
+    let retry = authorize_as(&mut client, STATION_A, TOKEN_GRANTED, "decided-at-intake")
         .await
-        .expect("retry")
-        .into_inner();
+        .expect("retry");
     assert!(
         retry.duplicate,
         "the retry is the request decided at intake"
     );
     assert_eq!(retry.accepted_at, at_intake.accepted_at);
-    let other = client
-        .authorize(with_id("decided-at-intake", TOKEN_WILDCARD))
+    let other = authorize_as(&mut client, STATION_A, TOKEN_WILDCARD, "decided-at-intake")
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists);
@@ -384,18 +369,7 @@ async fn a_request_id_stays_one_request_whether_decided_at_intake_or_queued() {
         "the queued request's decision",
         || {
             let mut client = client.clone();
-            async move {
-                client
-                    .get_decision(GetDecisionRequest {
-                        request_id: "queued".into(),
-                    })
-                    .await
-                    .expect("get_decision")
-                    .into_inner()
-                    .decision
-                    .unwrap()
-                    .status()
-            }
+            async move { get_decision(&mut client, "queued").await.status() }
         },
         |status| *status == DecisionStatus::Allowed,
     )
@@ -405,15 +379,12 @@ async fn a_request_id_stays_one_request_whether_decided_at_intake_or_queued() {
 
     let server = TestServer::start(with_list).await;
     let mut client = server.client().await;
-    let retry = client
-        .authorize(with_id("queued", TOKEN_GRANTED))
+    let retry = authorize_as(&mut client, STATION_A, TOKEN_GRANTED, "queued")
         .await
-        .expect("retry")
-        .into_inner();
+        .expect("retry");
     assert!(retry.duplicate, "the retry is the queued request");
     assert_eq!(retry.accepted_at, queued.accepted_at);
-    let other = client
-        .authorize(with_id("queued", TOKEN_WILDCARD))
+    let other = authorize_as(&mut client, STATION_A, TOKEN_WILDCARD, "queued")
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::AlreadyExists);
@@ -430,15 +401,10 @@ async fn a_retry_answered_from_the_cache_while_its_request_is_queued_is_that_req
     .await;
     let mut client = server.client().await;
     let mut stream = subscribe(&mut client, &[STATION_A], "").await;
-    let waiting = AuthorizeRequest {
-        request_id: "waiting-for-the-authorizer".into(),
-        ..request(STATION_A, TOKEN_GRANTED)
-    };
-    let first = client
-        .authorize(waiting.clone())
+    let waiting = "waiting-for-the-authorizer";
+    let first = authorize_as(&mut client, STATION_A, TOKEN_GRANTED, waiting)
         .await
-        .expect("authorize")
-        .into_inner();
+        .expect("authorize");
     poll_until("the slow call", || async { fake.calls() }, |n| *n == 1).await;
     // Another request fills the cache for the same station and token while the first one waits.
     fake.set(Behaviour::Answer(200, ALLOWED.into()));
@@ -448,7 +414,9 @@ async fn a_retry_answered_from_the_cache_while_its_request_is_queued_is_that_req
         filler.request_id
     );
     // The retry would be answered from the cache, but its request_id is queued: a duplicate.
-    let retry = client.authorize(waiting).await.expect("retry").into_inner();
+    let retry = authorize_as(&mut client, STATION_A, TOKEN_GRANTED, waiting)
+        .await
+        .expect("retry");
     assert!(retry.duplicate);
     assert_eq!(retry.accepted_at, first.accepted_at);
     let decided = next_decision(&mut stream).await;

@@ -8,8 +8,8 @@ use chargegate::{
     authorizer::Authorizer,
     config::{Config, Secret},
     proto::{
-        AuthorizeRequest, AuthorizeResponse, Decision, SubscribeDecisionsRequest,
-        charging_authorization_client::ChargingAuthorizationClient,
+        AuthorizeRequest, AuthorizeResponse, Decision, GetDecisionRequest,
+        SubscribeDecisionsRequest, charging_authorization_client::ChargingAuthorizationClient,
         subscribe_decisions_response::Event,
     },
     server::{ServeError, Server},
@@ -184,6 +184,36 @@ pub async fn authorize(
         .await
         .expect("authorize")
         .into_inner()
+}
+
+/// `Authorize` at `station` under the caller's `request_id`: the acknowledgement, or the refusal.
+pub async fn authorize_as(
+    client: &mut ChargingAuthorizationClient<Channel>,
+    station: &str,
+    token: &str,
+    request_id: &str,
+) -> Result<AuthorizeResponse, tonic::Status> {
+    let request = AuthorizeRequest {
+        request_id: request_id.into(),
+        ..request(station, token)
+    };
+    client.authorize(request).await.map(|r| r.into_inner())
+}
+
+/// `GetDecision`: the request's decision, or its pending state.
+pub async fn get_decision(
+    client: &mut ChargingAuthorizationClient<Channel>,
+    request_id: &str,
+) -> Decision {
+    client
+        .get_decision(GetDecisionRequest {
+            request_id: request_id.into(),
+        })
+        .await
+        .expect("get_decision")
+        .into_inner()
+        .decision
+        .expect("a decision")
 }
 
 pub async fn subscribe(
