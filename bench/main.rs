@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, a1, w1, u1); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -36,6 +36,10 @@ struct Args {
     /// The chargegate binary to start [default: the `chargegate` next to this binary].
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// An extra argument for every chargegate the bench starts, to compare a setting side by
+    /// side (`--server-arg=--audit-calls=false`); repeat for more.
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -64,8 +68,8 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 12] = [
-    "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "a1", "w1", "u1",
+const ALL: [&str; 13] = [
+    "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -115,8 +119,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut bench =
-            scenarios::Bench::new(args.quick, server_bin, args.target.clone(), server_core)?;
+        let mut bench = scenarios::Bench::new(
+            args.quick,
+            server_bin,
+            args.target.clone(),
+            server_core,
+            args.server_arg.clone(),
+        )?;
         println!("machine: {machine}");
         for s in &selected {
             let started = std::time::Instant::now();
@@ -130,6 +139,7 @@ fn main() -> anyhow::Result<()> {
                 "g6" => bench.g6().await,
                 "g7" => bench.g7().await,
                 "g8" => bench.g8().await,
+                "g8c" => bench.g1("g8c", scenarios::G8_IN_FLIGHT).await,
                 "a1" => bench.a1().await,
                 "w1" => bench.w1().await,
                 "u1" => bench.u1().await,

@@ -29,10 +29,13 @@ use crate::{
 pub const TOKEN: &str = "BENCH-TOKEN-0001-allowed";
 pub const TOKEN_KEY: &str = "bench-token-hash-key";
 const STATIONS: usize = 100;
-/// g8's calls outstanding at the client: twice what the server admits at once (8 connections of
-/// 256 streams), so the server always has the next call waiting. With 50,000 the load generator
+/// The calls g8 keeps in the server at once: its 8 connections of 256 streams each (the server's
+/// limit). g8c runs g1's closed loop at this concurrency, to show what it costs on its own.
+pub const G8_IN_FLIGHT: usize = 8 * 256;
+/// g8's calls outstanding at the client: twice what the server admits at once ([`G8_IN_FLIGHT`]),
+/// so the server always has the next call waiting. With 50,000 the load generator
 /// spent its core on calls parked in its own HTTP/2 queues and fed the server only half its knee.
-const OVERLOAD_IN_FLIGHT: usize = 4096;
+const OVERLOAD_IN_FLIGHT: usize = 2 * G8_IN_FLIGHT;
 
 pub fn station(i: usize) -> String {
     format!("00000000-0000-4000-8000-{i:012}")
@@ -58,6 +61,8 @@ pub struct Bench {
     pub target: Option<String>,
     pub work: tempfile::TempDir,
     pub server_core: Option<usize>,
+    /// Extra arguments for every chargegate the bench starts (`--server-arg`).
+    pub server_args: Vec<String>,
     pub results: serde_json::Map<String, Value>,
     pub plots: Distributions,
     echo_rps: Option<f64>,
@@ -71,6 +76,7 @@ impl Bench {
         server_bin: PathBuf,
         target: Option<String>,
         server_core: Option<usize>,
+        server_args: Vec<String>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             quick,
@@ -80,6 +86,7 @@ impl Bench {
                 .prefix("chargegate-bench")
                 .tempdir_in(std::env::temp_dir())?,
             server_core,
+            server_args,
             results: Default::default(),
             plots: Default::default(),
             echo_rps: None,
@@ -147,6 +154,7 @@ impl Bench {
             .arg(dir.join("data"))
             .arg("--acl-file")
             .arg(&acl)
+            .args(&self.server_args)
             .args(extra);
         ServerProcess::spawn(command, self.server_core)
     }
@@ -191,7 +199,7 @@ impl Bench {
         Ok([e, f, a])
     }
 
-    /// g1 / g1b: closed loop at concurrency `c`, echo against chargegate; between them, the
+    /// g1 / g1b / g8c: closed loop at concurrency `c`, echo against chargegate; between them, the
     /// durable-ack floor (echo plus one SQLite row per call and group commit) for reference.
     pub async fn g1(&mut self, key: &str, c: usize) -> anyhow::Result<()> {
         let k = 8.min(c);
