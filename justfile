@@ -17,7 +17,7 @@ lint:
 ci:
     bash .ci/run
 
-# The full benchmark (about ten minutes); writes bench/results/latest.json and .png.
+# The full benchmark (11–21 minutes here); writes bench/results/latest.json and .png.
 bench:
     cargo build --release
     target/release/chargegate-bench --json bench/results/latest.json
