@@ -202,6 +202,59 @@ async fn under_steady_load_the_wal_is_checkpointed_and_starts_over() {
     );
 }
 
+/// A WAL that grew past its size limit (an outside reader held it, so it could not start over) is
+/// cut back to the limit once it starts over, instead of keeping its size until shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_that_grew_past_its_limit_is_cut_back_when_it_starts_over() {
+    const LIMIT: u64 = 64 * 1024 * 1024;
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let wal = dir.data_dir().join("chargegate.db-wal");
+    let size = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    authorize(&mut server.client().await, STATION_A, TOKEN_GRANTED).await;
+    // The reader's snapshot keeps every page committed after it in the WAL.
+    let reader = rusqlite::Connection::open(dir.data_dir().join("chargegate.db")).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT count(*) FROM decisions", [], |r| r.get(0))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..16 {
+        let (mut client, stop) = (server.client().await, stop.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+            }
+        }));
+    }
+    let deadline = Instant::now() + 12 * PATIENCE;
+    while size() <= LIMIT + LIMIT / 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the WAL grew to only {} bytes",
+            size()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    let deadline = Instant::now() + 6 * PATIENCE;
+    while size() > LIMIT {
+        assert!(
+            Instant::now() < deadline,
+            "the WAL stayed at {} bytes",
+            size()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.expect("load task");
+    }
+    server.stop().await.expect("clean stop");
+}
+
 /// The store's background threads (checkpoints, the station index) yield to the runtime and the
 /// writer: a lower priority (nice) of their own, where threads have one.
 #[cfg(target_os = "linux")]
