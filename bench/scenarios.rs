@@ -29,9 +29,9 @@ use crate::{
 pub const TOKEN: &str = "BENCH-TOKEN-0001-allowed";
 pub const TOKEN_KEY: &str = "bench-token-hash-key";
 const STATIONS: usize = 100;
-/// The calls g8 keeps in the server at once: its 8 connections of 256 streams each (the server's
-/// limit). g8c runs g1's closed loop at this concurrency, to show what it costs on its own.
-pub const G8_IN_FLIGHT: usize = 8 * 256;
+/// The calls g8 keeps in the server at once: its 8 connections of as many streams each as the
+/// server admits. g8c runs g1's closed loop at this concurrency, to show what it costs on its own.
+pub const G8_IN_FLIGHT: usize = 8 * chargegate::server::STREAMS_PER_CONNECTION as usize;
 /// g8's calls outstanding at the client: twice what the server admits at once ([`G8_IN_FLIGHT`]),
 /// so the server always has the next call waiting. With 50,000 the load generator
 /// spent its core on calls parked in its own HTTP/2 queues and fed the server only half its knee.

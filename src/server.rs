@@ -47,7 +47,7 @@ const CALLS_PER_CONNECTION: usize = 256;
 /// Concurrent HTTP/2 streams per connection (decision streams included). Past it a client queues
 /// calls on its side, so overload costs the server nothing (HTTP/2 backpressure) instead of CPU
 /// spent refusing calls; a gateway with more stations names them in one subscription.
-const STREAMS_PER_CONNECTION: u32 = 256;
+pub const STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
