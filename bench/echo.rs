@@ -19,8 +19,9 @@ use chargegate::proto::{
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 
-/// A row for the durable floor's writer, and where its commit is answered.
-type Durable = tokio::sync::mpsc::Sender<(String, String, tokio::sync::oneshot::Sender<bool>)>;
+/// A row for the durable floor's writer (request id, station), and where its commit is answered.
+type Row = (String, String, tokio::sync::oneshot::Sender<bool>);
+type Durable = tokio::sync::mpsc::Sender<Row>;
 
 struct Echo {
     durable: Option<Durable>,
@@ -104,10 +105,7 @@ fn start_writer(dir: &Path) -> anyhow::Result<Durable> {
              accepted_at_us INTEGER NOT NULL
          );",
     )?;
-    let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<(String, String, tokio::sync::oneshot::Sender<bool>)>(
-            16 * 1024,
-        );
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Row>(16 * 1024);
     std::thread::Builder::new()
         .name("durable-echo-writer".into())
         .spawn(move || {
@@ -129,10 +127,7 @@ fn start_writer(dir: &Path) -> anyhow::Result<Durable> {
     Ok(tx)
 }
 
-fn commit<T>(
-    conn: &mut rusqlite::Connection,
-    rows: &[(String, String, T)],
-) -> rusqlite::Result<()> {
+fn commit(conn: &mut rusqlite::Connection, rows: &[Row]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(

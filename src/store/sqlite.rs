@@ -1083,13 +1083,7 @@ fn enqueue(
     queue_max: u64,
 ) -> rusqlite::Result<(EnqueueOutcome, Option<u64>)> {
     // A request decided at intake left its request_id in the decision log only.
-    if let Some(outcome) = seen(
-        tx,
-        SEEN_DECIDED,
-        &r.request_id,
-        &r.station_id,
-        &r.fingerprint,
-    )? {
+    if let Some(outcome) = seen(tx, SEEN_DECIDED, r.into())? {
         return Ok((outcome, None));
     }
     // The common case, a new request_id, costs one insert; a seen one is looked up afterwards.
@@ -1122,14 +1116,7 @@ fn enqueue(
         }
     }
     Ok((
-        seen(
-            tx,
-            SEEN_QUEUED,
-            &r.request_id,
-            &r.station_id,
-            &r.fingerprint,
-        )?
-        .unwrap_or(EnqueueOutcome::Full),
+        seen(tx, SEEN_QUEUED, r.into())?.unwrap_or(EnqueueOutcome::Full),
         None,
     ))
 }
@@ -1144,15 +1131,7 @@ fn enqueue_decided(
     chain: (&ChainKey, &mut Link),
 ) -> rusqlite::Result<(EnqueueOutcome, Option<RecordedDecision>)> {
     // The request_id of a request that went through the queue (decided or not) is kept there.
-    if queued_keys
-        && let Some(outcome) = seen(
-            tx,
-            SEEN_QUEUED,
-            &d.request_id,
-            &d.station_id,
-            &d.fingerprint,
-        )?
-    {
+    if queued_keys && let Some(outcome) = seen(tx, SEEN_QUEUED, d.into())? {
         return Ok((outcome, None));
     }
     let settled = record_decision(tx, d, log_id, chain)?;
@@ -1165,8 +1144,7 @@ fn enqueue_decided(
     }
     let earlier = &settled.decision.decision;
     let outcome = seen_before(
-        &d.station_id,
-        &d.fingerprint,
+        d.into(),
         (
             &earlier.station_id,
             earlier.fingerprint.as_str(),
@@ -1182,41 +1160,58 @@ const SEEN_QUEUED: &str =
 const SEEN_DECIDED: &str =
     "SELECT station_id, token_fp, accepted_at_us FROM decisions WHERE request_id = ?1";
 
+/// What makes a request the same one again: its request_id, with the station and the token it
+/// came with.
+#[derive(Clone, Copy)]
+struct RequestKey<'a> {
+    request_id: &'a str,
+    station_id: &'a str,
+    fingerprint: &'a Fingerprint,
+}
+
+impl<'a> From<&'a NewRequest> for RequestKey<'a> {
+    fn from(r: &'a NewRequest) -> Self {
+        Self {
+            request_id: &r.request_id,
+            station_id: &r.station_id,
+            fingerprint: &r.fingerprint,
+        }
+    }
+}
+
+impl<'a> From<&'a NewDecision> for RequestKey<'a> {
+    fn from(d: &'a NewDecision) -> Self {
+        Self {
+            request_id: &d.request_id,
+            station_id: &d.station_id,
+            fingerprint: &d.fingerprint,
+        }
+    }
+}
+
 /// The outcome for a request_id seen before (`query`: [`SEEN_QUEUED`] or [`SEEN_DECIDED`]), as
 /// [`seen_before`] gives it; `None` when it was not seen there.
 fn seen(
     tx: &Transaction<'_>,
     query: &str,
-    request_id: &str,
-    station_id: &str,
-    fingerprint: &Fingerprint,
+    key: RequestKey<'_>,
 ) -> rusqlite::Result<Option<EnqueueOutcome>> {
     let seen: Option<(String, String, i64)> = tx
         .prepare_cached(query)?
-        .query_row([request_id], |row| {
+        .query_row([key.request_id], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?))
         })
         .optional()?;
-    Ok(
-        seen.map(|(earlier_station, earlier_fingerprint, accepted_at)| {
-            seen_before(
-                station_id,
-                fingerprint,
-                (&earlier_station, &earlier_fingerprint, Micros(accepted_at)),
-            )
-        }),
-    )
+    Ok(seen.map(|(station_id, fingerprint, accepted_at)| {
+        seen_before(key, (&station_id, &fingerprint, Micros(accepted_at)))
+    }))
 }
 
 /// What a request gets when its request_id was recorded before with `earlier` (station, token
 /// fingerprint, acceptance time): the original acknowledgement for the same station and token,
 /// `Conflict` for another.
-fn seen_before(
-    station_id: &str,
-    fingerprint: &Fingerprint,
-    earlier: (&str, &str, Micros),
-) -> EnqueueOutcome {
-    if earlier.0 == station_id && earlier.1 == fingerprint.as_str() {
+fn seen_before(key: RequestKey<'_>, earlier: (&str, &str, Micros)) -> EnqueueOutcome {
+    if earlier.0 == key.station_id && earlier.1 == key.fingerprint.as_str() {
         EnqueueOutcome::Duplicate {
             accepted_at: earlier.2,
         }

@@ -156,21 +156,44 @@ fn wal_restarts(wal: &std::path::Path) -> Option<u32> {
     Some(u32::from_be_bytes(header.get(12..16)?.try_into().ok()?))
 }
 
+/// Clients calling `Authorize` back to back, each on its own connection, until [`Load::stop`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    async fn start(server: &TestServer, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            let (mut client, stop) = (server.client().await, stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+                }
+            }));
+        }
+        Self {
+            stop,
+            clients: tasks,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.expect("load client");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_steady_load_the_wal_is_checkpointed_and_starts_over() {
     let dir = TestDir::new();
     let server = TestServer::start(dir.config()).await;
     let wal = dir.data_dir().join("chargegate.db-wal");
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = Vec::new();
-    for _ in 0..16 {
-        let (mut client, stop) = (server.client().await, stop.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
-            }
-        }));
-    }
+    let load = Load::start(&server, 16).await;
     // With writes never pausing, the checkpoint thread never copies the WAL to its very end on
     // its own; the writer copies the rest, or the WAL would only grow.
     let first = loop {
@@ -187,10 +210,7 @@ async fn under_steady_load_the_wal_is_checkpointed_and_starts_over() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.expect("load task");
-    }
+    load.stop().await;
     // 4,000 pages between checkpoints, and what was committed while they ran.
     let size = std::fs::metadata(&wal).expect("WAL").len();
     assert!(size < 3 * 4000 * 4096, "the WAL grew to {size} bytes");
@@ -218,40 +238,22 @@ async fn a_wal_that_grew_past_its_limit_is_cut_back_when_it_starts_over() {
     let _: i64 = reader
         .query_row("SELECT count(*) FROM decisions", [], |r| r.get(0))
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = Vec::new();
-    for _ in 0..16 {
-        let (mut client, stop) = (server.client().await, stop.clone());
-        load.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
-            }
-        }));
-    }
-    let deadline = Instant::now() + 12 * PATIENCE;
-    while size() <= LIMIT + LIMIT / 8 {
-        assert!(
-            Instant::now() < deadline,
-            "the WAL grew to only {} bytes",
-            size()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let load = Load::start(&server, 16).await;
+    poll_until(
+        "a WAL past its limit",
+        || async { size() },
+        |&bytes| bytes > LIMIT + LIMIT / 8,
+    )
+    .await;
     reader.execute_batch("COMMIT").unwrap();
     drop(reader);
-    let deadline = Instant::now() + 6 * PATIENCE;
-    while size() > LIMIT {
-        assert!(
-            Instant::now() < deadline,
-            "the WAL stayed at {} bytes",
-            size()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.expect("load task");
-    }
+    poll_until(
+        "the WAL cut back",
+        || async { size() },
+        |&bytes| bytes <= LIMIT,
+    )
+    .await;
+    load.stop().await;
     server.stop().await.expect("clean stop");
 }
 
