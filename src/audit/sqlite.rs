@@ -141,10 +141,11 @@ impl AuditTrail for Database {
             let sql = match (&station, &one_status) {
                 (Some(_), _) => format!(
                     "SELECT {columns} FROM stations.decisions_by_station s JOIN decisions d ON d.seq = s.seq
-                     WHERE s.station_id = ?1 AND s.decided_at_us >= ?2 AND s.decided_at_us < ?3
+                     WHERE s.station_key = (SELECT key FROM stations.station_keys WHERE station_id = ?1)
+                       AND s.decided_at_us >= ?2 AND s.decided_at_us < ?3
                        AND (s.decided_at_us, s.seq) > (?4, ?5)
                        AND (?6 OR d.status IN (SELECT value FROM json_each(?7)))
-                     ORDER BY s.station_id, s.decided_at_us, s.seq LIMIT ?8"
+                     ORDER BY s.station_key, s.decided_at_us, s.seq LIMIT ?8"
                 ),
                 (None, Some(_)) => format!(
                     "SELECT {columns} FROM decisions d INDEXED BY decisions_by_status

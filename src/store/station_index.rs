@@ -25,14 +25,25 @@ use super::StoreError;
 /// Decisions indexed in one transaction.
 const INDEX_BATCH: i64 = 20_000;
 
+/// The layout of the index file (its `user_version`). A file of another layout is emptied and
+/// built again from the log.
+const LAYOUT: i64 = 1;
+
+/// Stations are numbered in the index: an entry is three integers, and its key compares as
+/// integers. Keyed by the station id's text, the file was three times the size and its catch-up
+/// took about 1.6 times the CPU.
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS station_keys (
+    key        INTEGER PRIMARY KEY,
+    station_id TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS decisions_by_station (
     seq           INTEGER PRIMARY KEY,
-    station_id    TEXT NOT NULL,
+    station_key   INTEGER NOT NULL,
     decided_at_us INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_by_station_time
-    ON decisions_by_station (station_id, decided_at_us);
+    ON decisions_by_station (station_key, decided_at_us);
 ";
 
 /// The index file next to the log at `log`.
@@ -64,7 +75,7 @@ impl StationIndex {
         // Lost on a power loss, the tail of the index is rebuilt from the log.
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -2048;")
             .map_err(StoreError::backend)?;
-        conn.execute_batch(SCHEMA).map_err(StoreError::backend)?;
+        migrate(&conn).map_err(StoreError::backend)?;
         conn.execute("ATTACH DATABASE ?1 AS log", [log.to_string_lossy()])
             .map_err(StoreError::backend)?;
         let (tx, rx) = std_mpsc::channel();
@@ -120,6 +131,22 @@ fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>) {
     }
 }
 
+/// Creates the index's tables; a file of an earlier layout is emptied first (its entries are
+/// derived from the log, and the first catch-up adds them again).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let layout: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if layout != LAYOUT {
+        conn.execute_batch(
+            "BEGIN;
+             DROP TABLE IF EXISTS decisions_by_station;
+             DROP TABLE IF EXISTS station_keys;
+             COMMIT;",
+        )?;
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "user_version", LAYOUT)
+}
+
 /// Adds what the log recorded since the newest indexed decision and drops entries of decisions
 /// that retention purged.
 fn index(conn: &mut Connection) -> rusqlite::Result<u64> {
@@ -129,13 +156,28 @@ fn index(conn: &mut Connection) -> rusqlite::Result<u64> {
         let through: i64 = tx
             .prepare_cached("SELECT coalesce(max(seq), 0) FROM decisions_by_station")?
             .query_row([], |r| r.get(0))?;
-        let n = tx
+        // The batch is the next INDEX_BATCH decisions of the log: seq in (through, upto].
+        let (n, upto): (i64, Option<i64>) = tx
             .prepare_cached(
-                "INSERT INTO decisions_by_station (seq, station_id, decided_at_us)
-                 SELECT seq, station_id, decided_at_us FROM log.decisions
-                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT count(*), max(seq) FROM
+                   (SELECT seq FROM log.decisions WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
             )?
-            .execute(params![through, INDEX_BATCH])? as i64;
+            .query_row(params![through, INDEX_BATCH], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let Some(upto) = upto else { break };
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO station_keys (station_id)
+             SELECT DISTINCT station_id FROM log.decisions WHERE seq > ?1 AND seq <= ?2",
+        )?
+        .execute(params![through, upto])?;
+        tx.prepare_cached(
+            "INSERT INTO decisions_by_station (seq, station_key, decided_at_us)
+             SELECT d.seq, k.key, d.decided_at_us
+             FROM log.decisions d CROSS JOIN station_keys k ON k.station_id = d.station_id
+             WHERE d.seq > ?1 AND d.seq <= ?2",
+        )?
+        .execute(params![through, upto])?;
         tx.commit()?;
         total += n as u64;
         if n < INDEX_BATCH {

@@ -563,3 +563,45 @@ async fn the_station_index_is_rebuilt_from_the_log_when_its_file_is_gone() {
     assert_eq!(ids(decisions(&server, query()).await), at_a);
     server.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_station_index_of_the_earlier_layout_is_built_again() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let mut client = server.client().await;
+    let granted = authorize(&mut client, STATION_A, TOKEN_GRANTED)
+        .await
+        .request_id;
+    authorize(&mut client, STATION_B, TOKEN_GRANTED).await;
+    let query = || QueryDecisionsRequest {
+        station_id: STATION_A.into(),
+        ..Default::default()
+    };
+    let ids = |ds: Vec<Decision>| ds.into_iter().map(|d| d.request_id).collect::<Vec<_>>();
+    poll_until(
+        "the decision at A",
+        || async { ids(decisions(&server, query()).await) },
+        |got| *got == [granted.clone()],
+    )
+    .await;
+    server.stop().await.expect("clean stop");
+
+    // The first layout keyed entries by the station id's text, with no layout number.
+    let index = dir.data_dir().join("chargegate.stations.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", index.display()));
+    }
+    let old = rusqlite::Connection::open(&index).expect("index file");
+    old.execute_batch(
+        "CREATE TABLE decisions_by_station (
+             seq INTEGER PRIMARY KEY, station_id TEXT NOT NULL, decided_at_us INTEGER NOT NULL);
+         CREATE INDEX decisions_by_station_time ON decisions_by_station (station_id, decided_at_us);
+         INSERT INTO decisions_by_station VALUES (1, 'stale', 0);",
+    )
+    .expect("the first layout");
+    drop(old);
+
+    let server = TestServer::start(dir.config()).await;
+    assert_eq!(ids(decisions(&server, query()).await), [granted]);
+    server.stop().await.expect("clean stop");
+}
