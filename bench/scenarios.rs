@@ -1174,20 +1174,13 @@ async fn seed_decisions(data: &std::path::Path, n: u64) -> anyhow::Result<i64> {
         )?;
         tx.commit()?;
         conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
-        // The index by station, in its own file (created by the store above).
-        conn.execute(
-            "ATTACH DATABASE ?1 AS stations",
-            [chargegate::store::station_index::path_for(&path).to_string_lossy()],
-        )?;
-        conn.execute_batch(
-            "PRAGMA stations.journal_mode = WAL;
-             INSERT INTO stations.decisions_by_station (seq, station_id, decided_at_us)
-                 SELECT seq, station_id, decided_at_us FROM decisions;
-             PRAGMA stations.wal_checkpoint(TRUNCATE);",
-        )?;
         Ok(())
     })
     .await??;
+    // The index by station catches up as the server's own thread does.
+    let (db, _, _) = open_seed_store(data)?;
+    chargegate::audit::AuditTrail::index_stations(&db).await?;
+    db.close().await;
     Ok(start)
 }
 
