@@ -135,16 +135,17 @@ fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>) {
 /// derived from the log, and the first catch-up adds them again).
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let layout: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if layout != LAYOUT {
-        conn.execute_batch(
-            "BEGIN;
-             DROP TABLE IF EXISTS decisions_by_station;
-             DROP TABLE IF EXISTS station_keys;
-             COMMIT;",
-        )?;
+    if layout == LAYOUT {
+        return conn.execute_batch(SCHEMA);
     }
-    conn.execute_batch(SCHEMA)?;
-    conn.pragma_update(None, "user_version", LAYOUT)
+    conn.execute_batch(&format!(
+        "BEGIN;
+         DROP TABLE IF EXISTS decisions_by_station;
+         DROP TABLE IF EXISTS station_keys;
+         {SCHEMA}
+         PRAGMA user_version = {LAYOUT};
+         COMMIT;"
+    ))
 }
 
 /// Adds what the log recorded since the newest indexed decision and drops entries of decisions
