@@ -27,6 +27,12 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(&runtime, *args),
         Some(command) => match runtime.block_on(chargegate::cli::run_client(command)) {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e)
+                if e.downcast_ref::<chargegate::cli::StdoutError>()
+                    .is_some_and(|e| e.reader_gone()) =>
+            {
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("chargegate: {e:#}");
                 ExitCode::FAILURE

@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context;
 use tokio_stream::StreamExt;
 
-use super::{AuditCommand, Format, Window, status_error};
+use super::{AuditCommand, Format, StdoutError, Window, status_error};
 use crate::{
     audit::chain,
     decision::Micros,
@@ -42,7 +42,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                 listing.format,
                 &DECISION_COLUMNS,
                 decisions.iter().map(decision_row),
-            );
+            )?;
             Ok(())
         }
         AuditCommand::Calls { method, listing } => {
@@ -62,7 +62,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             while let Some(call) = stream.next().await {
                 calls.push(call.map_err(status_error)?);
             }
-            print_rows(listing.format, &CALL_COLUMNS, calls.iter().map(call_row));
+            print_rows(listing.format, &CALL_COLUMNS, calls.iter().map(call_row))?;
             Ok(())
         }
         AuditCommand::Verify {
@@ -85,10 +85,10 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             let decisions = query_decisions(&server.server, request).await?;
             let found = anomalies(&decisions, timeouts, failing_share, min_decisions);
             if found.is_empty() {
-                println!("no anomalies in {} decisions", decisions.len());
+                out!("no anomalies in {} decisions", decisions.len());
             }
             for line in found {
-                println!("{line}");
+                out!("{line}");
             }
             Ok(())
         }
@@ -178,7 +178,7 @@ fn verify(data_dir: &Path, configured_key: Option<&str>) -> anyhow::Result<()> {
     let found = chain::verify(&conn, &fingerprinter.derive_key(chain::KEY_PURPOSE))?;
     match found.broken {
         None => {
-            println!(
+            out!(
                 "intact: {} decisions verified{}",
                 found.checked,
                 match found.unchained {
@@ -189,10 +189,12 @@ fn verify(data_dir: &Path, configured_key: Option<&str>) -> anyhow::Result<()> {
             Ok(())
         }
         Some(broken) => {
-            println!(
+            out!(
                 "BROKEN at decision {} (request_id {}): it, or the record before it, was changed, \
                  inserted or deleted after it was written; {} decisions before it verified",
-                broken.seq, broken.request_id, found.checked
+                broken.seq,
+                broken.request_id,
+                found.checked
             );
             std::process::exit(1);
         }
@@ -312,7 +314,11 @@ fn time_text(t: &Option<prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-fn print_rows(format: Format, columns: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+fn print_rows(
+    format: Format,
+    columns: &[&str],
+    rows: impl Iterator<Item = Vec<String>>,
+) -> Result<(), StdoutError> {
     match format {
         Format::Json => {
             for row in rows {
@@ -321,16 +327,17 @@ fn print_rows(format: Format, columns: &[&str], rows: impl Iterator<Item = Vec<S
                     .zip(row)
                     .map(|(c, v)| (c.to_string(), serde_json::Value::String(v)))
                     .collect();
-                println!("{}", serde_json::Value::Object(object));
+                out!("{}", serde_json::Value::Object(object));
             }
         }
         Format::Csv => {
+            let failed = |e: csv::Error| StdoutError(e.into());
             let mut out = csv::Writer::from_writer(std::io::stdout());
-            let _ = out.write_record(columns);
+            out.write_record(columns).map_err(failed)?;
             for row in rows {
-                let _ = out.write_record(&row);
+                out.write_record(&row).map_err(failed)?;
             }
-            let _ = out.flush();
+            out.flush().map_err(StdoutError)?;
         }
         Format::Table => {
             let rows: Vec<Vec<String>> = rows.collect();
@@ -346,14 +353,16 @@ fn print_rows(format: Format, columns: &[&str], rows: impl Iterator<Item = Vec<S
                     .zip(&widths)
                     .map(|(c, w)| format!("{c:<w$}"))
                     .collect();
-                println!("{}", padded.join("  ").trim_end());
+                out!("{}", padded.join("  ").trim_end());
+                Ok(())
             };
-            line(columns.to_vec());
+            line(columns.to_vec())?;
             for row in &rows {
-                line(row.iter().map(String::as_str).collect());
+                line(row.iter().map(String::as_str).collect())?;
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,6 +1,15 @@
 //! The command line: `chargegate` (= `chargegate serve`) and the client subcommands that talk to a
 //! running server. Flags and `CHARGEGATE_*` variables are gathered here; [`crate::config`] parses them.
 
+/// Prints a line on stdout, like `println!`, but a failed write ends the command with a
+/// [`StdoutError`] instead of a panic (a reader that went away: `chargegate audit query | head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::StdoutError)?
+    }};
+}
+
 mod audit;
 
 use std::{collections::BTreeMap, path::PathBuf};
@@ -198,6 +207,18 @@ pub enum GrantsCommand {
     Import { file: PathBuf },
 }
 
+/// Writing to stdout failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write to stdout")]
+pub struct StdoutError(#[source] pub std::io::Error);
+
+impl StdoutError {
+    /// The reader went away (`| head`): the output ends there, as with any Unix tool.
+    pub fn reader_gone(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
 macro_rules! serve_args {
     ($($field:ident, $env:literal, $help:literal;)*) => {
         /// Server flags: one per configuration key, each also read from `CHARGEGATE_<KEY>`.
@@ -345,7 +366,7 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
                 .into_inner()
                 .decision
                 .unwrap_or_default();
-            println!("{}", decision_json(&decision));
+            out!("{}", decision_json(&decision));
             Ok(())
         }
     }
@@ -363,7 +384,7 @@ async fn authorize(args: AuthorizeArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    println!(
+    out!(
         "{}",
         serde_json::json!({
             "request_id": ack.request_id,
@@ -385,7 +406,7 @@ async fn authorize(args: AuthorizeArgs) -> anyhow::Result<()> {
                 .decision
                 .unwrap_or_default();
             if decision.status() != DecisionStatus::Pending {
-                println!("{}", decision_json(&decision));
+                out!("{}", decision_json(&decision));
                 return Ok(());
             }
             tokio::time::sleep(delay).await;
@@ -407,9 +428,9 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         .into_inner();
     while let Some(item) = stream.next().await {
         match item.map_err(status_error)?.event {
-            Some(Event::Decision(d)) => println!("{}", decision_json(&d)),
+            Some(Event::Decision(d)) => out!("{}", decision_json(&d)),
             Some(Event::Heartbeat(h)) if args.heartbeats => {
-                println!("{}", serde_json::json!({ "heartbeat": h.cursor }))
+                out!("{}", serde_json::json!({ "heartbeat": h.cursor }))
             }
             _ => {}
         }
@@ -483,7 +504,7 @@ async fn grants(args: GrantsArgs) -> anyhow::Result<()> {
                 .into_inner()
                 .grant
                 .unwrap_or_default();
-            println!("{}", grant_json(&grant));
+            out!("{}", grant_json(&grant));
         }
         GrantsCommand::Delete { station, token } => {
             let deleted = client
@@ -495,7 +516,7 @@ async fn grants(args: GrantsArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner()
                 .deleted;
-            println!("{}", serde_json::json!({ "deleted": deleted }));
+            out!("{}", serde_json::json!({ "deleted": deleted }));
         }
         GrantsCommand::List { station } => {
             let grants = client
@@ -507,7 +528,7 @@ async fn grants(args: GrantsArgs) -> anyhow::Result<()> {
                 .into_inner()
                 .grants;
             for g in &grants {
-                println!("{}", grant_json(g));
+                out!("{}", grant_json(g));
             }
         }
         GrantsCommand::Import { file } => {
@@ -528,7 +549,7 @@ async fn grants(args: GrantsArgs) -> anyhow::Result<()> {
                     .await
                     .map_err(|s| anyhow::anyhow!("line {}: {}", row.line, s.message()))?;
             }
-            println!("{}", serde_json::json!({ "imported": count }));
+            out!("{}", serde_json::json!({ "imported": count }));
         }
     }
     Ok(())
@@ -560,7 +581,7 @@ async fn webhooks(args: WebhooksArgs) -> anyhow::Result<()> {
                 .into_inner()
                 .deliveries;
             for d in &deliveries {
-                println!("{}", delivery_json(d));
+                out!("{}", delivery_json(d));
             }
         }
         WebhooksCommand::Redrive { request_ids } => {
@@ -570,7 +591,7 @@ async fn webhooks(args: WebhooksArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner()
                 .redriven;
-            println!("{}", serde_json::json!({ "redriven": redriven }));
+            out!("{}", serde_json::json!({ "redriven": redriven }));
         }
     }
     Ok(())

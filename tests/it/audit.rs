@@ -402,6 +402,24 @@ async fn decision_queries_return_exactly_the_matching_records() {
     let table = cli("table");
     assert_eq!(table.lines().count(), 3, "{table}");
     assert!(wanted.iter().all(|id| table.contains(id.as_str())));
+
+    // A reader that went away (`| head`) ends the listing quietly, in every format.
+    for format in ["json", "csv", "table"] {
+        let (reader, writer) = std::io::pipe().expect("a pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_chargegate"))
+            .args(["audit", "query", "--server", &server.url(), "--since", "1h"])
+            .args(["--format", format])
+            .stdout(writer)
+            .output()
+            .expect("run the cli");
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{format}: {:?} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     server.stop().await.expect("clean stop");
 }
 
