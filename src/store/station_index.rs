@@ -157,28 +157,22 @@ fn index(conn: &mut Connection) -> rusqlite::Result<u64> {
         let through: i64 = tx
             .prepare_cached("SELECT coalesce(max(seq), 0) FROM decisions_by_station")?
             .query_row([], |r| r.get(0))?;
-        // The batch is the next INDEX_BATCH decisions of the log: seq in (through, upto].
-        let (n, upto): (i64, Option<i64>) = tx
-            .prepare_cached(
-                "SELECT count(*), max(seq) FROM
-                   (SELECT seq FROM log.decisions WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
-            )?
-            .query_row(params![through, INDEX_BATCH], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-        let Some(upto) = upto else { break };
+        // Both statements take the log's next INDEX_BATCH decisions: the same rows, as the
+        // transaction reads the log at one snapshot.
         tx.prepare_cached(
             "INSERT OR IGNORE INTO station_keys (station_id)
-             SELECT DISTINCT station_id FROM log.decisions WHERE seq > ?1 AND seq <= ?2",
+             SELECT DISTINCT station_id FROM
+               (SELECT station_id FROM log.decisions WHERE seq > ?1 ORDER BY seq LIMIT ?2)",
         )?
-        .execute(params![through, upto])?;
-        tx.prepare_cached(
-            "INSERT INTO decisions_by_station (seq, station_key, decided_at_us)
-             SELECT d.seq, k.key, d.decided_at_us
-             FROM log.decisions d CROSS JOIN station_keys k ON k.station_id = d.station_id
-             WHERE d.seq > ?1 AND d.seq <= ?2",
-        )?
-        .execute(params![through, upto])?;
+        .execute(params![through, INDEX_BATCH])?;
+        let n = tx
+            .prepare_cached(
+                "INSERT INTO decisions_by_station (seq, station_key, decided_at_us)
+                 SELECT d.seq, k.key, d.decided_at_us
+                 FROM log.decisions d CROSS JOIN station_keys k ON k.station_id = d.station_id
+                 WHERE d.seq > ?1 ORDER BY d.seq LIMIT ?2",
+            )?
+            .execute(params![through, INDEX_BATCH])? as i64;
         tx.commit()?;
         total += n as u64;
         if n < INDEX_BATCH {
