@@ -200,11 +200,19 @@ pub fn machine(data_dir: &Path) -> serde_json::Value {
         .unwrap_or_default()
         .trim()
         .to_owned();
-    let fs = Command::new("stat")
-        .args(["-f", "-c", "%T"])
-        .arg(data_dir)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    // The mount's own type: `stat -f` names ext4 "ext2/ext3" (the three share a magic number).
+    let output = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .arg(data_dir)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let fs = output("findmnt", &["-n", "-o", "FSTYPE", "--target"])
+        .or_else(|| output("stat", &["-f", "-c", "%T"]))
         .unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
