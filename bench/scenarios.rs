@@ -352,13 +352,13 @@ impl Bench {
             }),
         );
         // The plot shows every round's calls together.
-        let mut merged = runs.into_iter().reduce(|mut all, run| {
+        let merged = runs.into_iter().reduce(|mut all, run| {
             for (into, from) in all.iter_mut().zip(&run) {
                 into.hist.add(&from.hist).expect("histograms of one shape");
             }
             all
         });
-        if let Some([e, _, a]) = merged.take() {
+        if let Some([e, _, a]) = merged {
             self.plots.series.push(("echo ack (g3)".into(), e.hist));
             self.plots
                 .series
