@@ -54,6 +54,22 @@ pub(super) fn note_wal_pages(_: &Wal, pages: c_int) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Taken by the checkpoint thread for each checkpoint and by the station index for each catch-up
+/// (its one regular read of the log), so that the two take turns. A checkpoint that ran during a
+/// catch-up could copy only what the catch-up's snapshot did not need, and the WAL, not copied
+/// to its end, could not start over: it grew on to twice its threshold, and the next checkpoint
+/// copied twice as much.
+#[derive(Clone, Default)]
+pub(crate) struct LogReads(Arc<std::sync::Mutex<()>>);
+
+impl LogReads {
+    pub(crate) fn hold(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The writer's handle on the checkpoint thread.
 pub(super) struct Checkpointer {
     /// Holds at most one wake-up: one asked for while a checkpoint runs is not repeated.
@@ -68,14 +84,14 @@ pub(super) struct Checkpointer {
 
 impl Checkpointer {
     /// Starts the thread; `conn` is its own write connection to the log.
-    pub(super) fn start(conn: Connection) -> std::io::Result<Self> {
+    pub(super) fn start(conn: Connection, log_reads: LogReads) -> std::io::Result<Self> {
         let (wake, woken) = std_mpsc::sync_channel(1);
         let copied = Arc::new(AtomicI64::new(-1));
         let thread = {
             let copied = copied.clone();
             thread::Builder::new()
                 .name("sqlite-checkpoint".into())
-                .spawn(move || run(conn, woken, &copied))?
+                .spawn(move || run(conn, woken, &copied, &log_reads))?
         };
         Ok(Self {
             wake: Some(wake),
@@ -122,14 +138,17 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run(conn: Connection, woken: std_mpsc::Receiver<()>, copied: &AtomicI64) {
+fn run(conn: Connection, woken: std_mpsc::Receiver<()>, copied: &AtomicI64, log_reads: &LogReads) {
     super::background_priority();
     while woken.recv().is_ok() {
         // Each round copies what the writer committed during the round before; the writer
         // copies what it committed during the last one.
         let mut last = None;
         for _ in 0..ROUNDS {
-            let Some((in_wal, through)) = checkpoint(&conn, "thread") else {
+            let turn = log_reads.hold();
+            let checkpointed = checkpoint(&conn, "thread");
+            drop(turn);
+            let Some((in_wal, through)) = checkpointed else {
                 break;
             };
             copied.store(through, Ordering::Relaxed);

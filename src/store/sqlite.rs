@@ -343,7 +343,9 @@ impl Database {
         // a thread of its own does, with its own connection.
         conn.wal_hook(Some(checkpoint::note_wal_pages));
         let checkpoint_conn = open_connection(path, false).map_err(StoreError::backend)?;
-        let checkpointer = Checkpointer::start(checkpoint_conn).map_err(StoreError::backend)?;
+        let log_reads = checkpoint::LogReads::default();
+        let checkpointer =
+            Checkpointer::start(checkpoint_conn, log_reads.clone()).map_err(StoreError::backend)?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
             conn,
@@ -357,7 +359,7 @@ impl Database {
             chain_head,
             queued_keys,
         };
-        let stations = StationIndex::open(path)?;
+        let stations = StationIndex::open(path, log_reads)?;
         thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || writer.run(rx))

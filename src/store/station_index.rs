@@ -20,7 +20,7 @@ use std::{
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
-use super::StoreError;
+use super::{StoreError, checkpoint::LogReads};
 
 /// Decisions indexed in one transaction.
 const INDEX_BATCH: i64 = 20_000;
@@ -66,7 +66,7 @@ pub(crate) struct StationIndex {
 
 impl StationIndex {
     /// Creates the index file if needed and starts its thread. `log` is the decision log's file.
-    pub(crate) fn open(log: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open(log: &Path, log_reads: LogReads) -> Result<Self, StoreError> {
         let conn = Connection::open(path_for(log)).map_err(StoreError::backend)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(StoreError::backend)?;
@@ -81,7 +81,7 @@ impl StationIndex {
         let (tx, rx) = std_mpsc::channel();
         thread::Builder::new()
             .name("sqlite-stations".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, rx, &log_reads))
             .map_err(StoreError::backend)?;
         Ok(Self { requests: tx })
     }
@@ -105,7 +105,7 @@ impl StationIndex {
     }
 }
 
-fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>) {
+fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>, log_reads: &LogReads) {
     super::background_priority();
     while let Ok(first) = requests.recv() {
         // Everyone who asked while the last run was going is answered by this one.
@@ -118,7 +118,7 @@ fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>) {
             }
         }
         if stop.is_none() || !waiting.is_empty() {
-            let result = index(&mut conn).map_err(StoreError::backend);
+            let result = index(&mut conn, log_reads).map_err(StoreError::backend);
             for caller in waiting {
                 let _ = caller.send(result.clone());
             }
@@ -149,10 +149,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Adds what the log recorded since the newest indexed decision and drops entries of decisions
-/// that retention purged.
-fn index(conn: &mut Connection) -> rusqlite::Result<u64> {
+/// that retention purged. Each read of the log waits for a checkpoint that is running, and holds
+/// the next one back until it is done (see [`LogReads`]).
+fn index(conn: &mut Connection, log_reads: &LogReads) -> rusqlite::Result<u64> {
     let mut total = 0;
     loop {
+        let turn = log_reads.hold();
         let tx = conn.transaction()?;
         let through: i64 = tx
             .prepare_cached("SELECT coalesce(max(seq), 0) FROM decisions_by_station")?
@@ -174,11 +176,13 @@ fn index(conn: &mut Connection) -> rusqlite::Result<u64> {
             )?
             .execute(params![through, INDEX_BATCH])? as i64;
         tx.commit()?;
+        drop(turn);
         total += n as u64;
         if n < INDEX_BATCH {
             break;
         }
     }
+    let _turn = log_reads.hold();
     conn.prepare_cached(
         "DELETE FROM decisions_by_station
          WHERE seq <= (SELECT CAST(value AS INTEGER) FROM log.meta WHERE key = 'purged_through')",
