@@ -54,8 +54,8 @@ pub(super) fn note_wal_pages(_: &Wal, pages: c_int) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Taken by the checkpoint thread for each checkpoint and by the station index for each catch-up
-/// (its one regular read of the log), so that the two take turns. A checkpoint that ran during a
+/// Taken by the checkpoint thread for each checkpoint and by the station index for each of its
+/// catch-up's transactions (the one regular read of the log), so that the two take turns. A checkpoint that ran during a
 /// catch-up could copy only what the catch-up's snapshot did not need, and the WAL, not copied
 /// to its end, could not start over: it grew on to twice its threshold, and the next checkpoint
 /// copied twice as much.
