@@ -16,6 +16,9 @@
 //! over with the writer's next transaction. Without that, under steady load, it would
 //! never start over and only grow.
 //!
+//! The thread takes turns with the station index's catch-up, the log's one regular reader (see
+//! [`LogReads`]): a checkpoint during its read would stop short of the WAL's end.
+//!
 //! The thread runs at a lower priority than the runtime and the writer (see
 //! [`super::background_priority`]): on a busy core it copies in their idle moments.
 //!
@@ -55,10 +58,11 @@ pub(super) fn note_wal_pages(_: &Wal, pages: c_int) -> rusqlite::Result<()> {
 }
 
 /// Taken by the checkpoint thread for each checkpoint and by the station index for each of its
-/// catch-up's transactions (the one regular read of the log), so that the two take turns. A checkpoint that ran during a
-/// catch-up could copy only what the catch-up's snapshot did not need, and the WAL, not copied
-/// to its end, could not start over: it grew on to twice its threshold, and the next checkpoint
-/// copied twice as much.
+/// catch-up's transactions (the one regular read of the log), so that the two take turns. A
+/// checkpoint that ran during a catch-up could copy only what the catch-up's snapshot did not
+/// need, and the WAL, not copied to its end, could not start over: it grew on to twice its
+/// threshold, and the next checkpoint copied twice as much. The writer's own copies do not take
+/// it: the writer never waits for a background thread.
 #[derive(Clone, Default)]
 pub(crate) struct LogReads(Arc<std::sync::Mutex<()>>);
 
@@ -145,9 +149,10 @@ fn run(conn: Connection, woken: std_mpsc::Receiver<()>, copied: &AtomicI64, log_
         // copies what it committed during the last one.
         let mut last = None;
         for _ in 0..ROUNDS {
-            let turn = log_reads.hold();
-            let checkpointed = checkpoint(&conn, "thread");
-            drop(turn);
+            let checkpointed = {
+                let _turn = log_reads.hold();
+                checkpoint(&conn, "thread")
+            };
             let Some((in_wal, through)) = checkpointed else {
                 break;
             };

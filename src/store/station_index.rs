@@ -154,7 +154,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 fn index(conn: &mut Connection, log_reads: &LogReads) -> rusqlite::Result<u64> {
     let mut total = 0;
     loop {
-        let turn = log_reads.hold();
+        let _turn = log_reads.hold();
         let tx = conn.transaction()?;
         let through: i64 = tx
             .prepare_cached("SELECT coalesce(max(seq), 0) FROM decisions_by_station")?
@@ -176,7 +176,6 @@ fn index(conn: &mut Connection, log_reads: &LogReads) -> rusqlite::Result<u64> {
             )?
             .execute(params![through, INDEX_BATCH])? as i64;
         tx.commit()?;
-        drop(turn);
         total += n as u64;
         if n < INDEX_BATCH {
             break;
