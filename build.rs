@@ -1,7 +1,8 @@
 //! Compiles `proto/` with protox (no system `protoc` needed) into tonic/prost code, and writes the
-//! encoded descriptor set that server reflection serves.
+//! encoded descriptor set that server reflection serves; and names the git commit it builds
+//! (`CHARGEGATE_GIT_COMMIT`, for `chargegate --version`).
 
-use std::{env, path::PathBuf};
+use std::{env, path::PathBuf, process::Command};
 
 use prost::Message;
 
@@ -21,6 +22,7 @@ const REDACTED_DEBUG: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rustc-env=CHARGEGATE_GIT_COMMIT={}", git_commit());
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let fds = protox::Compiler::new(["proto"])?
         .include_imports(true)
@@ -35,4 +37,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip_debug(REDACTED_DEBUG)
         .compile_fds(fds)?;
     Ok(())
+}
+
+/// The commit being built (12 hex digits), or `unknown` outside a git checkout (a source
+/// tarball). Builds again when HEAD moves: a new commit, a checkout of another branch.
+fn git_commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
+        let dir = PathBuf::from(dir);
+        for watched in [PathBuf::from("HEAD"), PathBuf::from("packed-refs")]
+            .into_iter()
+            .chain(git(&["symbolic-ref", "-q", "HEAD"]).map(PathBuf::from))
+        {
+            let path = dir.join(watched);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
+        }
+    }
+    git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned())
 }

@@ -1,9 +1,10 @@
 //! Configuration: every key of CONTRACT §7, parsed once into types.
 //!
 //! Sources, strongest first: command-line flags, `CHARGEGATE_<KEY>` environment variables (both
-//! gathered by clap in [`crate::cli`]), the TOML file named by `--config`, then the defaults below.
-//! Every key is documented in `config.default.toml`. A bad value is a [`ConfigError`] naming the key;
-//! the binary exits 64 with it.
+//! gathered by clap in [`crate::cli`]), the TOML file named by `--config`, then the defaults. Every
+//! key, its range or choices, its default and its meaning are listed once, in [`crate::settings`];
+//! a test holds [`Config::for_data_dir`] and [`Config::from_values`] to that list. A bad value is a
+//! [`ConfigError`] naming the key; the binary exits 64 with it.
 
 use std::{
     collections::BTreeMap,
@@ -15,42 +16,7 @@ use std::{
 
 use url::Url;
 
-/// The keys of CONTRACT §7, in the order they are documented.
-pub const KEYS: &[&str] = &[
-    "listen",
-    "metrics_listen",
-    "data_dir",
-    "queue_url",
-    "store_url",
-    "workers",
-    "queue_max",
-    "authorizer",
-    "acl_file",
-    "authorizer_url",
-    "authorize_timeout_ms",
-    "authorizer_breaker_failures",
-    "authorizer_breaker_cooldown_ms",
-    "authorizer_cache_ttl_ms",
-    "webhook_secret",
-    "webhook_timeout_ms",
-    "webhook_max_attempts",
-    "webhook_backoff_base_ms",
-    "webhook_backoff_max_ms",
-    "webhook_max_age_ms",
-    "webhook_allow_private",
-    "webhook_concurrency",
-    "webhook_host_concurrency",
-    "heartbeat_interval_ms",
-    "audit_retention_days",
-    "audit_calls",
-    "token_hash_key",
-    "tls_cert",
-    "tls_key",
-    "tls_client_ca",
-    "clients_file",
-    "log_format",
-    "shutdown_grace_ms",
-];
+use crate::settings;
 
 /// A value that must never be printed (keys, secrets).
 #[derive(Clone, PartialEq, Eq)]
@@ -239,7 +205,11 @@ impl Config {
     }
 
     /// Builds a configuration from raw string values, one key at a time.
-    pub fn from_values(get: impl Fn(&'static str) -> Option<String>) -> Result<Self, ConfigError> {
+    pub fn from_values(
+        values: impl Fn(&'static str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        // Every key read here is one of the settings list (a test checks the converse).
+        let get = |key: &'static str| values(settings::get(key).key);
         let data_dir = get("data_dir")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("./data"));
@@ -272,10 +242,10 @@ impl Config {
                 };
         }
         if let Some(v) = get("workers") {
-            c.workers = parse_num("workers", &v, 1, 100_000)? as usize;
+            c.workers = parse_num("workers", &v)? as usize;
         }
         if let Some(v) = get("queue_max") {
-            c.queue_max = parse_num("queue_max", &v, 1, 1_000_000_000)?;
+            c.queue_max = parse_num("queue_max", &v)?;
         }
         let acl_file = get("acl_file").filter(|v| !v.is_empty()).map(PathBuf::from);
         let authorizer_url = get("authorizer_url").filter(|v| !v.is_empty());
@@ -293,29 +263,23 @@ impl Config {
                     })?;
                 AuthorizerConfig::Http { url }
             }
-            other => {
-                return Err(ConfigError::invalid(
-                    "authorizer",
-                    format!("must be \"acl\" or \"http\", not {other:?}"),
-                ));
-            }
+            other => return Err(not_a_choice("authorizer", other)),
         };
-        let ms = |key: &'static str, min: u64, max: u64| -> Result<Option<Duration>, ConfigError> {
+        let ms = |key: &'static str| -> Result<Option<Duration>, ConfigError> {
             get(key)
-                .map(|v| parse_num(key, &v, min, max).map(Duration::from_millis))
+                .map(|v| parse_num(key, &v).map(Duration::from_millis))
                 .transpose()
         };
-        const DAY_MS: u64 = 86_400_000;
-        if let Some(d) = ms("authorize_timeout_ms", 1, 600_000)? {
+        if let Some(d) = ms("authorize_timeout_ms")? {
             c.authorize_timeout = d;
         }
         if let Some(v) = get("authorizer_breaker_failures") {
-            c.breaker.failures = parse_num("authorizer_breaker_failures", &v, 1, 1_000_000)? as u32;
+            c.breaker.failures = parse_num("authorizer_breaker_failures", &v)? as u32;
         }
-        if let Some(d) = ms("authorizer_breaker_cooldown_ms", 1, DAY_MS)? {
+        if let Some(d) = ms("authorizer_breaker_cooldown_ms")? {
             c.breaker.cooldown = d;
         }
-        if let Some(d) = ms("authorizer_cache_ttl_ms", 0, DAY_MS)? {
+        if let Some(d) = ms("authorizer_cache_ttl_ms")? {
             c.authorizer_cache_ttl = (!d.is_zero()).then_some(d);
         }
         if let Some(v) = get("webhook_secret").filter(|v| !v.is_empty()) {
@@ -324,30 +288,30 @@ impl Config {
             }
             c.webhook.secret = Some(Secret::new(v));
         }
-        if let Some(d) = ms("webhook_timeout_ms", 1, 600_000)? {
+        if let Some(d) = ms("webhook_timeout_ms")? {
             c.webhook.timeout = d;
         }
         if let Some(v) = get("webhook_max_attempts") {
-            c.webhook.max_attempts = parse_num("webhook_max_attempts", &v, 1, 1000)? as u32;
+            c.webhook.max_attempts = parse_num("webhook_max_attempts", &v)? as u32;
         }
-        if let Some(d) = ms("webhook_backoff_base_ms", 1, DAY_MS)? {
+        if let Some(d) = ms("webhook_backoff_base_ms")? {
             c.webhook.backoff_base = d;
         }
-        if let Some(d) = ms("webhook_backoff_max_ms", 1, 7 * DAY_MS)? {
+        if let Some(d) = ms("webhook_backoff_max_ms")? {
             c.webhook.backoff_max = d;
         }
-        if let Some(d) = ms("webhook_max_age_ms", 1, 30 * DAY_MS)? {
+        if let Some(d) = ms("webhook_max_age_ms")? {
             c.webhook.max_age = d;
         }
         if let Some(v) = get("webhook_allow_private") {
             c.webhook.allow_private = parse_bool("webhook_allow_private", &v)?;
         }
         if let Some(v) = get("webhook_concurrency") {
-            c.webhook.concurrency = parse_num("webhook_concurrency", &v, 1, 100_000)? as usize;
+            c.webhook.concurrency = parse_num("webhook_concurrency", &v)? as usize;
         }
         if let Some(v) = get("webhook_host_concurrency") {
             c.webhook.host_concurrency =
-                parse_num("webhook_host_concurrency", &v, 1, 100_000)? as usize;
+                parse_num("webhook_host_concurrency", &v)? as usize;
         }
         if c.webhook.backoff_max < c.webhook.backoff_base {
             return Err(ConfigError::invalid(
@@ -355,11 +319,11 @@ impl Config {
                 "must not be less than webhook_backoff_base_ms",
             ));
         }
-        if let Some(d) = ms("heartbeat_interval_ms", 10, DAY_MS)? {
+        if let Some(d) = ms("heartbeat_interval_ms")? {
             c.heartbeat_interval = d;
         }
         if let Some(v) = get("audit_retention_days") {
-            c.audit_retention_days = parse_num("audit_retention_days", &v, 1, 36_500)? as u32;
+            c.audit_retention_days = parse_num("audit_retention_days", &v)? as u32;
         }
         if let Some(v) = get("token_hash_key") {
             if v.is_empty() {
@@ -399,15 +363,10 @@ impl Config {
             c.log_format = match v.as_str() {
                 "text" => LogFormat::Text,
                 "json" => LogFormat::Json,
-                other => {
-                    return Err(ConfigError::invalid(
-                        "log_format",
-                        format!("must be \"text\" or \"json\", not {other:?}"),
-                    ));
-                }
+                other => return Err(not_a_choice("log_format", other)),
             };
         }
-        if let Some(d) = ms("shutdown_grace_ms", 0, 3_600_000)? {
+        if let Some(d) = ms("shutdown_grace_ms")? {
             c.shutdown_grace = d;
         }
         // Defaults that depend on data_dir follow it unless set explicitly.
@@ -481,7 +440,7 @@ fn read_toml(path: &Path) -> Result<BTreeMap<&'static str, String>, ConfigError>
         .map_err(|e: toml::de::Error| file_err(e.message().to_owned()))?;
     let mut values = BTreeMap::new();
     for (key, value) in table {
-        let Some(&known) = KEYS.iter().find(|k| **k == key) else {
+        let Some(known) = settings::find(&key).map(|s| s.key) else {
             return Err(file_err(format!("unknown key `{key}`")));
         };
         let value = match value {
@@ -512,7 +471,11 @@ fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError>
     })
 }
 
-fn parse_num(key: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+/// A whole number within the key's range in [`settings::SETTINGS`].
+fn parse_num(key: &'static str, value: &str) -> Result<u64, ConfigError> {
+    let (min, max) = settings::get(key)
+        .range()
+        .unwrap_or_else(|| panic!("`{key}` is not a number in settings::SETTINGS"));
     let n: u64 = value.trim().replace('_', "").parse().map_err(|_| {
         ConfigError::invalid(key, format!("expected a whole number, got {value:?}"))
     })?;
@@ -523,6 +486,19 @@ fn parse_num(key: &'static str, value: &str, min: u64, max: u64) -> Result<u64, 
         ));
     }
     Ok(n)
+}
+
+/// A word that is not one of the key's choices in [`settings::SETTINGS`].
+fn not_a_choice(key: &'static str, value: &str) -> ConfigError {
+    let words: Vec<String> = settings::get(key)
+        .choices()
+        .iter()
+        .map(|w| format!("{w:?}"))
+        .collect();
+    ConfigError::invalid(
+        key,
+        format!("must be one of {}, not {value:?}", words.join(", ")),
+    )
 }
 
 fn parse_bool(key: &'static str, value: &str) -> Result<bool, ConfigError> {
@@ -635,6 +611,49 @@ mod tests {
         std::fs::write(&file, "wokers = 8\n").unwrap();
         let err = Config::resolve(&BTreeMap::new(), Some(&file)).unwrap_err();
         assert!(err.to_string().contains("wokers"), "{err}");
+    }
+
+    #[test]
+    fn every_setting_is_read_and_the_listed_defaults_are_the_defaults() {
+        let read = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let defaults = Config::from_values(|key| {
+            read.borrow_mut().insert(key);
+            None
+        })
+        .unwrap();
+        let listed: std::collections::BTreeSet<_> =
+            settings::SETTINGS.iter().map(|s| s.key).collect();
+        assert_eq!(*read.borrow(), listed, "keys read against keys listed");
+        // Each default written out in the list means what the typed defaults say.
+        let written = Config::from_values(|key| match settings::get(key).default {
+            settings::Default::Value(v) => Some(v.to_owned()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(written, defaults);
+        assert_eq!(defaults, Config::for_data_dir("./data"));
+    }
+
+    #[test]
+    fn ranges_come_from_the_settings_list() {
+        for s in settings::SETTINGS {
+            let Some((min, max)) = s.range() else {
+                continue;
+            };
+            // The backoff's cap may not be below its base: give the other one room.
+            let room = match s.key {
+                "webhook_backoff_base_ms" => ("webhook_backoff_max_ms", "604800000"),
+                _ => ("webhook_backoff_base_ms", "1"),
+            };
+            let with = |n: u64| resolve(&[(s.key, &n.to_string()), room]);
+            assert!(with(min).is_ok(), "{} at its least", s.key);
+            assert!(with(max).is_ok(), "{} at its most", s.key);
+            let over = with(max + 1).unwrap_err();
+            assert!(over.to_string().contains(s.key), "{over}");
+            if min > 0 {
+                assert!(with(min - 1).is_err(), "{} below its least", s.key);
+            }
+        }
     }
 
     #[test]

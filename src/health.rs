@@ -23,8 +23,17 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Health {
     reporter: HealthReporter,
     ready: Arc<AtomicBool>,
+    /// The status last reported (`None` before the first), behind the lock every report takes:
+    /// a probe's SERVING cannot land after shutdown's NOT_SERVING, and an unchanged status is
+    /// not sent again (each send wakes every `Watch` stream with a repeat).
+    reported: Arc<tokio::sync::Mutex<Reported>>,
+}
+
+#[derive(Default)]
+struct Reported {
+    serving: Option<bool>,
     /// Set once shutdown starts; nothing turns the server SERVING again after that.
-    stopping: Arc<AtomicBool>,
+    stopping: bool,
 }
 
 impl Health {
@@ -32,7 +41,7 @@ impl Health {
         Self {
             reporter,
             ready: Arc::new(AtomicBool::new(false)),
-            stopping: Arc::new(AtomicBool::new(false)),
+            reported: Arc::default(),
         }
     }
 
@@ -40,12 +49,14 @@ impl Health {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Reports the store's state; ignored once shutdown has started.
+    /// Reports the store's state when it changed; ignored once shutdown has started.
     pub async fn set(&self, serving: bool) {
-        if self.stopping.load(Ordering::Acquire) {
+        let mut reported = self.reported.lock().await;
+        if reported.stopping || reported.serving == Some(serving) {
             return;
         }
         self.report(serving).await;
+        reported.serving = Some(serving);
     }
 
     async fn report(&self, serving: bool) {
@@ -66,8 +77,10 @@ impl Health {
 
     /// NOT_SERVING for good.
     pub async fn stop(&self) {
-        self.stopping.store(true, Ordering::Release);
+        let mut reported = self.reported.lock().await;
+        reported.stopping = true;
         self.report(false).await;
+        reported.serving = Some(false);
     }
 
     /// Ends every `Watch` stream (each first delivers the NOT_SERVING it has not seen yet), so

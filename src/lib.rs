@@ -15,10 +15,20 @@
 //! - [`api`]: the gRPC services and the mapping of errors to `tonic::Status`.
 //! - [`audit`]: the record of every RPC (a tower layer) and the tamper-evident decision log.
 //!
-//! Around them: [`config`] (every key, parsed once), [`server`] (wiring and ordered shutdown),
+//! Around them: [`settings`] (the one list of keys, defaults and meanings), [`config`] (every
+//! key, parsed once into types), [`server`] (wiring and ordered shutdown),
 //! [`health`] (grpc.health.v1 and readiness), [`telemetry`] (logs, Prometheus), [`cli`] (the
 //! command line), [`token`] (driver tokens and their fingerprints), [`cursor`] (opaque log
 //! positions), [`decision`] (statuses, reasons, records) and [`proto`] (generated code).
+
+/// The version and the commit it was built from, as `chargegate --version` prints it and the
+/// server logs it at start.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CHARGEGATE_GIT_COMMIT"),
+    ")"
+);
 
 pub mod api;
 pub mod audit;
@@ -34,6 +44,7 @@ pub mod intake;
 pub mod proto;
 pub mod queue;
 pub mod server;
+pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod token;

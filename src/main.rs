@@ -3,10 +3,9 @@
 use std::process::ExitCode;
 
 use chargegate::{
-    cli::{Cli, Command},
-    config::Config,
+    cli::{Cli, Command, ConfigCommand},
     server::{self, ServeError},
-    telemetry,
+    settings, telemetry,
 };
 use clap::Parser;
 
@@ -25,6 +24,22 @@ fn main() -> ExitCode {
     match cli.command {
         None => serve(&runtime, cli.serve),
         Some(Command::Serve(args)) => serve(&runtime, *args),
+        Some(Command::Config(args)) => match args.command {
+            ConfigCommand::Defaults => {
+                print!("{}", settings::default_toml());
+                ExitCode::SUCCESS
+            }
+            ConfigCommand::Check(args) => match args.resolve() {
+                Ok(config) => {
+                    println!("{config:#?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("chargegate: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            },
+        },
         Some(command) => match runtime.block_on(chargegate::cli::run_client(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e)
@@ -42,7 +57,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(runtime: &tokio::runtime::Runtime, args: chargegate::cli::ServeArgs) -> ExitCode {
-    let config = match Config::resolve(&args.overrides(), args.config.as_deref()) {
+    let config = match args.resolve() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("chargegate: {e}");

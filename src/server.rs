@@ -105,6 +105,11 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let config = self.config;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            commit = env!("CHARGEGATE_GIT_COMMIT"),
+            "chargegate starting"
+        );
         config.check_supported()?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| ServeError::DataDir(config.data_dir.display().to_string(), e))?;

@@ -49,34 +49,203 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// What kind of series a metric is.
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// The series a metric starts with, before anything has happened.
+enum Series {
+    /// One series, no labels.
+    One,
+    /// One series per value of the label.
+    Label(&'static str, &'static [&'static str]),
+    /// `chargegate_grpc_requests_total`: each served method with code `OK`.
+    Methods,
+}
+
+/// One exported metric: its `# HELP` line says what it counts and in which unit.
+struct Metric {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    series: Series,
+}
+
+/// Every metric the service exports (CONTRACT §9 and this service's own). Each is described and
+/// registered when the recorder is installed, so a fresh server's first scrape already has every
+/// series an alert names, at 0; a test scrapes one.
+const METRICS: &[Metric] = &[
+    Metric {
+        name: "chargegate_requests_total",
+        kind: Kind::Counter,
+        help: "Authorize calls answered, by outcome (calls).",
+        series: Series::Label(
+            "outcome",
+            &[
+                "accepted",
+                "duplicate",
+                "invalid_argument",
+                "conflict",
+                "queue_full",
+                "unavailable",
+            ],
+        ),
+    },
+    Metric {
+        name: "chargegate_decisions_total",
+        kind: Kind::Counter,
+        help: "Decisions recorded, by status (decisions).",
+        series: Series::Label(
+            "status",
+            &["allowed", "not_allowed", "unknown", "invalid"],
+        ),
+    },
+    Metric {
+        name: "chargegate_authorization_duration_seconds",
+        kind: Kind::Histogram,
+        help: "Time the authorizer took to answer, per decision (seconds).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_decision_latency_seconds",
+        kind: Kind::Histogram,
+        help: "Time from a request's acceptance to its recorded decision (seconds).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_queue_depth",
+        kind: Kind::Gauge,
+        help: "Requests queued or being decided (requests).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_subscribers",
+        kind: Kind::Gauge,
+        help: "Open SubscribeDecisions streams (streams).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_subscriber_catchups_total",
+        kind: Kind::Counter,
+        help: "Times a lagging subscriber left the live path to catch up from the decision log (catch-ups).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_webhook_deliveries_total",
+        kind: Kind::Counter,
+        help: "Webhook attempts, by outcome: delivered, retry (failed, tried again later), dead (attempts).",
+        series: Series::Label("outcome", &["delivered", "retry", "dead"]),
+    },
+    Metric {
+        name: "chargegate_webhook_delivery_duration_seconds",
+        kind: Kind::Histogram,
+        help: "Time one webhook attempt took, connecting included (seconds).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_audit_records_total",
+        kind: Kind::Counter,
+        help: "Call records written to the audit trail (records).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_audit_records_dropped_total",
+        kind: Kind::Counter,
+        help: "Call records dropped because the recorder's buffer was full or its write failed (records).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_authorizer_circuit_state",
+        kind: Kind::Gauge,
+        help: "The remote authorizer's circuit: 0 closed, 1 open, 2 half-open (state).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_grpc_requests_total",
+        kind: Kind::Counter,
+        help: "RPCs ended, by method and gRPC code; streams count when they close (calls).",
+        series: Series::Methods,
+    },
+    Metric {
+        name: "chargegate_acl_reloads_total",
+        kind: Kind::Counter,
+        help: "Reloads of the access-list file, by outcome: ok, or error (the previous list stays) (reloads).",
+        series: Series::Label("outcome", &["ok", "error"]),
+    },
+    Metric {
+        name: "chargegate_store_commit_seconds",
+        kind: Kind::Histogram,
+        help: "Time one group commit of the embedded store took, fsync included (seconds).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_store_commit_writes",
+        kind: Kind::Histogram,
+        help: "Writes in one group commit of the embedded store (writes).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_store_checkpoint_seconds",
+        kind: Kind::Histogram,
+        help: "Time one WAL checkpoint took, by who copied: the checkpoint thread or the writer (seconds).",
+        series: Series::Label("on", &["thread", "writer"]),
+    },
+    Metric {
+        name: "chargegate_decisions_unknown_share",
+        kind: Kind::Gauge,
+        help: "Share of the last 15 minutes' decisions that were UNKNOWN (0 to 1).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_decision_timeouts_last_hour",
+        kind: Kind::Gauge,
+        help: "Decisions UNKNOWN/timeout in the last hour (decisions).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_failing_stations",
+        kind: Kind::Gauge,
+        help: "Stations with at least 10 decisions in the last 15 minutes, more than half UNKNOWN or INVALID (stations).",
+        series: Series::One,
+    },
+];
+
+/// Describes every metric and registers its first series at 0.
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!("chargegate_requests_total", "Authorize calls by outcome.");
-    describe_counter!(
-        "chargegate_decisions_total",
-        "Decisions recorded, by status."
-    );
-    describe_histogram!(
-        "chargegate_authorization_duration_seconds",
-        "Time the authorizer took per decision."
-    );
-    describe_histogram!(
-        "chargegate_decision_latency_seconds",
-        "Time from acceptance to recorded decision."
-    );
-    describe_gauge!(
-        "chargegate_queue_depth",
-        "Requests queued or being decided."
-    );
-    describe_gauge!("chargegate_subscribers", "Open SubscribeDecisions streams.");
-    describe_counter!(
-        "chargegate_subscriber_catchups_total",
-        "Times a lagging subscriber left the live path to catch up from the decision log."
-    );
-    describe_counter!(
-        "chargegate_acl_reloads_total",
-        "Access-list reloads by outcome."
-    );
+    for m in METRICS {
+        let labels: Vec<Vec<(&'static str, &'static str)>> = match m.series {
+            Series::One => vec![vec![]],
+            Series::Label(label, values) => values.iter().map(|v| vec![(label, *v)]).collect(),
+            Series::Methods => crate::audit::layer::METHODS
+                .iter()
+                .filter(|method| method.starts_with('/'))
+                .map(|method| vec![("method", *method), ("code", "OK")])
+                .collect(),
+        };
+        match m.kind {
+            Kind::Counter => {
+                metrics::describe_counter!(m.name, m.help);
+                for l in &labels {
+                    metrics::counter!(m.name, l).increment(0);
+                }
+            }
+            Kind::Gauge => {
+                metrics::describe_gauge!(m.name, m.help);
+                for l in &labels {
+                    metrics::gauge!(m.name, l).increment(0.0);
+                }
+            }
+            Kind::Histogram => {
+                metrics::describe_histogram!(m.name, m.help);
+                for l in &labels {
+                    let _ = metrics::histogram!(m.name, l);
+                }
+            }
+        }
+    }
 }
 
 /// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (SERVING) until `shutdown`.

@@ -25,7 +25,7 @@ use crate::decision::Micros;
 
 /// Every method served. Anything else is recorded and counted as `unknown`: a caller choosing
 /// paths must not be able to grow the metric's label set or fill records with long paths.
-const METHODS: [&str; 16] = [
+pub(crate) const METHODS: [&str; 16] = [
     "/chargegate.v1.ChargingAuthorization/Authorize",
     "/chargegate.v1.ChargingAuthorization/SubscribeDecisions",
     "/chargegate.v1.ChargingAuthorization/GetDecision",

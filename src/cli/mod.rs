@@ -27,7 +27,7 @@ use crate::proto::{
 #[derive(Debug, Parser)]
 #[command(
     name = "chargegate",
-    version,
+    version = crate::VERSION,
     about = "Asynchronous authorization of EV-charging sessions over gRPC"
 )]
 #[command(args_conflicts_with_subcommands = true)]
@@ -55,6 +55,23 @@ pub enum Command {
     Webhooks(WebhooksArgs),
     /// Query the audit trail, check its hash chain, look for anomalies.
     Audit(AuditArgs),
+    /// Print the defaults file, or check a configuration without starting the server.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub command: ConfigCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print every key with its default and meaning, as a TOML file to start from.
+    Defaults,
+    /// Resolve flags, environment and `--config` as `serve` would; exit 64 naming the key at
+    /// fault, or print the configuration (secrets redacted) and exit 0.
+    Check(Box<ServeArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -219,69 +236,72 @@ impl StdoutError {
     }
 }
 
-macro_rules! serve_args {
-    ($($field:ident, $env:literal, $help:literal;)*) => {
-        /// Server flags: one per configuration key, each also read from `CHARGEGATE_<KEY>`.
-        #[derive(Debug, Clone, Default, Args)]
-        pub struct ServeArgs {
-            /// TOML file with the same keys as the flags (flags and environment win over it).
-            #[arg(long, env = "CHARGEGATE_CONFIG", value_name = "FILE")]
-            pub config: Option<PathBuf>,
-            $(
-                #[arg(long, env = $env, value_name = "VALUE", help = $help, hide_env_values = true)]
-                pub $field: Option<String>,
-            )*
-        }
-
-        impl ServeArgs {
-            /// The keys set by a flag or the environment.
-            pub fn overrides(&self) -> BTreeMap<&'static str, String> {
-                let mut set = BTreeMap::new();
-                $(
-                    if let Some(value) = &self.$field {
-                        set.insert(stringify!($field), value.clone());
-                    }
-                )*
-                set
-            }
-        }
-    };
+/// Server flags: `--config` and one flag per key of [`crate::settings::SETTINGS`], each also read
+/// from its `CHARGEGATE_<KEY>` variable. Built from the list, so a key cannot lack its flag.
+#[derive(Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TOML file with the same keys as the flags (flags and environment win over it).
+    pub config: Option<PathBuf>,
+    /// The keys set by a flag or the environment.
+    values: BTreeMap<&'static str, String>,
 }
 
-serve_args! {
-    listen, "CHARGEGATE_LISTEN", "gRPC address [default: 127.0.0.1:50051]";
-    metrics_listen, "CHARGEGATE_METRICS_LISTEN", "HTTP address of /metrics, /healthz, /readyz, or off [default: 127.0.0.1:9464]";
-    data_dir, "CHARGEGATE_DATA_DIR", "Directory of the embedded store and generated keys [default: ./data]";
-    queue_url, "CHARGEGATE_QUEUE_URL", "Queue backend [default: sqlite://<data_dir>/chargegate.db]";
-    store_url, "CHARGEGATE_STORE_URL", "Store backend [default: sqlite://<data_dir>/chargegate.db]";
-    workers, "CHARGEGATE_WORKERS", "Decisions in flight at once [default: 64]";
-    queue_max, "CHARGEGATE_QUEUE_MAX", "Pending requests before RESOURCE_EXHAUSTED [default: 1000000]";
-    authorizer, "CHARGEGATE_AUTHORIZER", "acl or http [default: acl]";
-    acl_file, "CHARGEGATE_ACL_FILE", "Access-list CSV (station_id,driver_token[,expires_at][,blocked])";
-    authorizer_url, "CHARGEGATE_AUTHORIZER_URL", "URL of the remote authorizer (authorizer = http)";
-    authorize_timeout_ms, "CHARGEGATE_AUTHORIZE_TIMEOUT_MS", "Deadline of one decision; past it UNKNOWN/timeout [default: 3000]";
-    authorizer_breaker_failures, "CHARGEGATE_AUTHORIZER_BREAKER_FAILURES", "Consecutive failures that open the circuit [default: 5]";
-    authorizer_breaker_cooldown_ms, "CHARGEGATE_AUTHORIZER_BREAKER_COOLDOWN_MS", "How long the circuit stays open [default: 30000]";
-    authorizer_cache_ttl_ms, "CHARGEGATE_AUTHORIZER_CACHE_TTL_MS", "Cache of remote answers, 0 = off [default: 0]";
-    webhook_secret, "CHARGEGATE_WEBHOOK_SECRET", "whsec_<base64 key> to sign webhooks";
-    webhook_timeout_ms, "CHARGEGATE_WEBHOOK_TIMEOUT_MS", "Per-attempt webhook timeout [default: 10000]";
-    webhook_max_attempts, "CHARGEGATE_WEBHOOK_MAX_ATTEMPTS", "Webhook attempts before dead [default: 10]";
-    webhook_backoff_base_ms, "CHARGEGATE_WEBHOOK_BACKOFF_BASE_MS", "First webhook retry delay [default: 1000]";
-    webhook_backoff_max_ms, "CHARGEGATE_WEBHOOK_BACKOFF_MAX_MS", "Longest webhook retry delay [default: 600000]";
-    webhook_max_age_ms, "CHARGEGATE_WEBHOOK_MAX_AGE_MS", "Give up on a webhook older than this [default: 3600000]";
-    webhook_allow_private, "CHARGEGATE_WEBHOOK_ALLOW_PRIVATE", "Allow private webhook destinations [default: false]";
-    webhook_concurrency, "CHARGEGATE_WEBHOOK_CONCURRENCY", "Webhook attempts in flight at once [default: 256]";
-    webhook_host_concurrency, "CHARGEGATE_WEBHOOK_HOST_CONCURRENCY", "Webhook attempts in flight to one host:port [default: 16]";
-    heartbeat_interval_ms, "CHARGEGATE_HEARTBEAT_INTERVAL_MS", "Heartbeat on idle decision streams [default: 15000]";
-    audit_retention_days, "CHARGEGATE_AUDIT_RETENTION_DAYS", "Retention of decisions and call records [default: 730]";
-    audit_calls, "CHARGEGATE_AUDIT_CALLS", "Record every RPC in the audit trail [default: true]";
-    token_hash_key, "CHARGEGATE_TOKEN_HASH_KEY", "Key of token fingerprints [default: generated into the data dir]";
-    tls_cert, "CHARGEGATE_TLS_CERT", "TLS certificate (PEM)";
-    tls_key, "CHARGEGATE_TLS_KEY", "TLS private key (PEM)";
-    tls_client_ca, "CHARGEGATE_TLS_CLIENT_CA", "CA of client certificates (mutual TLS)";
-    clients_file, "CHARGEGATE_CLIENTS_FILE", "Client identities (TOML)";
-    log_format, "CHARGEGATE_LOG_FORMAT", "text or json [default: text]";
-    shutdown_grace_ms, "CHARGEGATE_SHUTDOWN_GRACE_MS", "Time to drain at SIGTERM [default: 10000]";
+impl ServeArgs {
+    /// The keys set by a flag or the environment.
+    pub fn overrides(&self) -> BTreeMap<&'static str, String> {
+        self.values.clone()
+    }
+
+    /// The configuration these flags, their environment and their file resolve to.
+    pub fn resolve(&self) -> Result<crate::config::Config, crate::config::ConfigError> {
+        crate::config::Config::resolve(&self.values, self.config.as_deref())
+    }
+}
+
+impl clap::Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, value_parser};
+        cmd.arg(
+            Arg::new("config")
+                .long("config")
+                .env("CHARGEGATE_CONFIG")
+                .value_name("FILE")
+                .value_parser(value_parser!(PathBuf))
+                .help("TOML file with the same keys as the flags (flags and environment win over it)"),
+        )
+        .args(crate::settings::SETTINGS.iter().map(|s| {
+            Arg::new(s.key)
+                .long(s.flag())
+                .env(s.env())
+                .value_name("VALUE")
+                .help(s.help())
+                .hide_env_values(true)
+        }))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = Self::default();
+        args.update_from_arg_matches(matches)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        if let Some(file) = matches.get_one::<PathBuf>("config") {
+            self.config = Some(file.clone());
+        }
+        for s in crate::settings::SETTINGS {
+            if let Some(value) = matches.get_one::<String>(s.key) {
+                self.values.insert(s.key, value.clone());
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -349,7 +369,7 @@ async fn connect(
 /// Runs a client subcommand.
 pub async fn run_client(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) => unreachable!("serve is run by main"),
+        Command::Serve(_) | Command::Config(_) => unreachable!("serve and config are run by main"),
         Command::Authorize(args) => authorize(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Grants(args) => grants(args).await,

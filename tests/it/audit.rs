@@ -348,7 +348,7 @@ async fn decision_queries_return_exactly_the_matching_records() {
 
     // The command line prints the same records as a table, as JSON lines and as CSV.
     let cli = |format: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_chargegate"))
+        let out = crate::support::binary::chargegate()
             .args([
                 "audit",
                 "query",
@@ -407,7 +407,7 @@ async fn decision_queries_return_exactly_the_matching_records() {
     for format in ["json", "csv", "table"] {
         let (reader, writer) = std::io::pipe().expect("a pipe");
         drop(reader);
-        let out = Command::new(env!("CARGO_BIN_EXE_chargegate"))
+        let out = crate::support::binary::chargegate()
             .args(["audit", "query", "--server", &server.url(), "--since", "1h"])
             .args(["--format", format])
             .stdout(writer)
@@ -443,7 +443,7 @@ async fn verify_passes_on_an_intact_log_and_names_an_edited_record() {
     server.stop().await.expect("clean stop");
 
     let verify = || {
-        Command::new(env!("CARGO_BIN_EXE_chargegate"))
+        crate::support::binary::chargegate()
             .args([
                 "audit",
                 "verify",
@@ -481,7 +481,7 @@ async fn verify_passes_on_an_intact_log_and_names_an_edited_record() {
     );
 
     // A wrong key cannot vouch for anything.
-    let wrong = Command::new(env!("CARGO_BIN_EXE_chargegate"))
+    let wrong = crate::support::binary::chargegate()
         .args([
             "audit",
             "verify",

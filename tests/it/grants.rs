@@ -160,7 +160,7 @@ async fn the_cli_imports_an_access_list() {
     let csv = dir.path().join("import.csv");
     std::fs::write(&csv, standard_acl()).unwrap();
     let server = TestServer::start(config).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chargegate"))
+    let out = tokio::process::Command::from(crate::support::binary::chargegate())
         .args(["grants", "--server", &server.url(), "import"])
         .arg(&csv)
         .output()
@@ -172,7 +172,7 @@ async fn the_cli_imports_an_access_list() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"imported\":5"));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_chargegate"))
+    let out = tokio::process::Command::from(crate::support::binary::chargegate())
         .args(["grants", "--server", &server.url(), "list"])
         .output()
         .await

@@ -169,20 +169,24 @@ async fn the_breaker_opens_refuses_without_calling_and_recovers() {
     let fake = FakeAuthorizer::start(Behaviour::Answer(500, String::new())).await;
     let (_dir, server) = server_for(fake.url(), |c| {
         c.breaker.failures = 3;
-        c.breaker.cooldown = Duration::from_millis(400);
+        // Long enough that five decisions fit in it on a loaded machine.
+        c.breaker.cooldown = Duration::from_millis(1500);
         c.workers = 1;
     })
     .await;
     let mut client = server.client().await;
     let mut stream = subscribe(&mut client, &[STATION_A], "").await;
+    // Taken before the failure that opens the circuit, so that the probe's wait is measured
+    // from no later than the opening.
+    let mut opened = std::time::Instant::now();
     for _ in 0..3 {
+        opened = std::time::Instant::now();
         assert_eq!(
             decide(&mut client, &mut stream, TOKEN_GRANTED).await.reason,
             "authorizer_error"
         );
     }
     assert_eq!(fake.calls(), 3);
-    let opened = std::time::Instant::now();
     for _ in 0..5 {
         assert_eq!(
             decide(&mut client, &mut stream, TOKEN_GRANTED).await.reason,
@@ -190,7 +194,7 @@ async fn the_breaker_opens_refuses_without_calling_and_recovers() {
         );
     }
     assert!(
-        opened.elapsed() < Duration::from_millis(400),
+        opened.elapsed() < Duration::from_millis(1500),
         "the test outran the cooldown"
     );
     assert_eq!(fake.calls(), 3, "no call while the circuit is open");
@@ -206,7 +210,7 @@ async fn the_breaker_opens_refuses_without_calling_and_recovers() {
     )
     .await;
     assert!(
-        opened.elapsed() >= Duration::from_millis(400),
+        opened.elapsed() >= Duration::from_millis(1500),
         "the probe waited for the cooldown"
     );
     assert_eq!(fake.calls(), 4, "exactly one probe");
@@ -222,22 +226,24 @@ async fn the_breaker_opens_refuses_without_calling_and_recovers() {
 async fn the_cache_answers_until_its_ttl_then_asks_again() {
     let fake = FakeAuthorizer::start(Behaviour::Answer(200, ALLOWED.into())).await;
     let (_dir, server) = server_for(fake.url(), |c| {
-        c.authorizer_cache_ttl = Some(Duration::from_millis(500))
+        // Long enough that two decisions fit in it on a loaded machine.
+        c.authorizer_cache_ttl = Some(Duration::from_millis(1500))
     })
     .await;
     let mut client = server.client().await;
     let mut stream = subscribe(&mut client, &[STATION_A], "").await;
+    // Taken before the answer is cached, so that the expiry is measured from no later than that.
+    let cached_at = std::time::Instant::now();
     assert_eq!(
         decide(&mut client, &mut stream, TOKEN_GRANTED).await.reason,
         "granted"
     );
-    let cached_at = std::time::Instant::now();
     assert_eq!(
         decide(&mut client, &mut stream, TOKEN_GRANTED).await.reason,
         "cached"
     );
     assert!(
-        cached_at.elapsed() < Duration::from_millis(500),
+        cached_at.elapsed() < Duration::from_millis(1500),
         "the test outran the TTL"
     );
     assert_eq!(fake.calls(), 1, "a hit makes no call");
@@ -259,7 +265,7 @@ async fn the_cache_answers_until_its_ttl_then_asks_again() {
         "the cache never expired",
     )
     .await;
-    assert!(cached_at.elapsed() >= Duration::from_millis(500));
+    assert!(cached_at.elapsed() >= Duration::from_millis(1500));
     server.stop().await.expect("clean stop");
 }
 

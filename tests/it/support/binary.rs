@@ -9,9 +9,25 @@ use std::{
     time::Duration,
 };
 
+/// The `chargegate` binary, with none of the `CHARGEGATE_*` variables of the shell that runs the
+/// tests: a developer's exported settings must not change what a test starts.
+pub fn chargegate() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chargegate"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("CHARGEGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
 pub struct ChildServer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The metrics listener's address, when started with one ([`ChildServer::start_with_metrics`]).
+    pub metrics: Option<SocketAddr>,
+    /// The lines logged until it served (the rest come through `log`).
+    pub start_log: Vec<String>,
     /// Every line the child logged, for scans.
     pub log: mpsc::Receiver<String>,
 }
@@ -19,13 +35,22 @@ pub struct ChildServer {
 impl ChildServer {
     /// Starts the binary with `args` and waits until it logs the address it serves on.
     pub fn start(data_dir: &Path, acl: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chargegate"))
+        Self::start_as(data_dir, acl, extra, "off")
+    }
+
+    /// Like [`ChildServer::start`], with the metrics listener on an ephemeral port.
+    pub fn start_with_metrics(data_dir: &Path, acl: &Path, extra: &[&str]) -> Self {
+        Self::start_as(data_dir, acl, extra, "127.0.0.1:0")
+    }
+
+    fn start_as(data_dir: &Path, acl: &Path, extra: &[&str], metrics_listen: &str) -> Self {
+        let mut child = chargegate()
             .args([
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
                 "--metrics-listen",
-                "off",
+                metrics_listen,
             ])
             .arg("--data-dir")
             .arg(data_dir)
@@ -54,22 +79,29 @@ impl ChildServer {
             });
         }
         let deadline = std::time::Instant::now() + super::PATIENCE;
+        let mut metrics = None;
+        let mut start_log = Vec::new();
+        let address = |line: &str, field: &str| -> Option<SocketAddr> {
+            let value = line.split(field).nth(1)?.split_whitespace().next()?;
+            Some(value.parse().expect("an address"))
+        };
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let line = rx.recv_timeout(left).unwrap_or_else(|_| {
                 let status = child.try_wait();
                 panic!("chargegate did not report its address (exit: {status:?})")
             });
-            if let Some(addr) = line.split("listen=").nth(1) {
-                let addr = addr
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .parse()
-                    .expect("listen address");
+            if line.contains("metrics listening") {
+                metrics = address(&line, "addr=");
+            }
+            let served = address(&line, "listen=");
+            start_log.push(line);
+            if let Some(addr) = served {
                 return Self {
                     child,
                     addr,
+                    metrics,
+                    start_log,
                     log: rx,
                 };
             }

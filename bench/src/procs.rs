@@ -236,7 +236,7 @@ pub fn machine(data_dir: &Path) -> serde_json::Value {
 
 /// A package's version from the Cargo.lock this bench was built with.
 fn locked_version(name: &str) -> String {
-    const LOCK: &str = include_str!("../Cargo.lock");
+    const LOCK: &str = include_str!("../../Cargo.lock");
     let needle = format!("name = \"{name}\"\nversion = \"");
     LOCK.split("[[package]]")
         .find_map(|block| {
