@@ -310,8 +310,7 @@ impl Config {
             c.webhook.concurrency = parse_num("webhook_concurrency", &v)? as usize;
         }
         if let Some(v) = get("webhook_host_concurrency") {
-            c.webhook.host_concurrency =
-                parse_num("webhook_host_concurrency", &v)? as usize;
+            c.webhook.host_concurrency = parse_num("webhook_host_concurrency", &v)? as usize;
         }
         if c.webhook.backoff_max < c.webhook.backoff_base {
             return Err(ConfigError::invalid(

@@ -37,11 +37,20 @@ pub enum Kind {
     /// A URL with one of these schemes.
     Url(&'static [&'static str]),
     /// A whole number in a range.
-    Count { min: u64, max: u64 },
+    Count {
+        min: u64,
+        max: u64,
+    },
     /// Milliseconds in a range.
-    Millis { min: u64, max: u64 },
+    Millis {
+        min: u64,
+        max: u64,
+    },
     /// Days in a range.
-    Days { min: u64, max: u64 },
+    Days {
+        min: u64,
+        max: u64,
+    },
     Bool,
     /// One of these words.
     Choice(&'static [&'static str]),
@@ -56,7 +65,10 @@ pub enum Default {
     Value(&'static str),
     /// Follows from other keys or is made at start; the words say how. The defaults file shows
     /// the example commented out.
-    Derived { words: &'static str, example: &'static str },
+    Derived {
+        words: &'static str,
+        example: &'static str,
+    },
     /// Off until set; the defaults file shows the example commented out.
     Unset { example: &'static str },
 }
@@ -193,7 +205,10 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         key: "workers",
-        kind: Kind::Count { min: 1, max: 100_000 },
+        kind: Kind::Count {
+            min: 1,
+            max: 100_000,
+        },
         default: Default::Value("64"),
         meaning: "queued requests decided at once (calls to the remote authorizer in flight)",
         group: "Decisions",
@@ -387,7 +402,10 @@ pub const SETTINGS: &[Setting] = &[
     },
     Setting {
         key: "audit_retention_days",
-        kind: Kind::Days { min: 1, max: 36_500 },
+        kind: Kind::Days {
+            min: 1,
+            max: 36_500,
+        },
         default: Default::Value("730"),
         meaning: "decisions (with their request ids and deliveries) and call records older than this are purged, at start-up and hourly",
         group: "Audit",
@@ -612,7 +630,10 @@ mod tests {
         const END: &str = "<!-- settings: end -->";
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
         let readme = std::fs::read_to_string(path).expect("README.md");
-        let start = readme.find(BEGIN).expect("the README marks its settings table") + BEGIN.len();
+        let start = readme
+            .find(BEGIN)
+            .expect("the README marks its settings table")
+            + BEGIN.len();
         let end = start + readme[start..].find(END).expect("the table's end marker");
         let expected = markdown_table();
         check_file("README.md", &expected, &readme[start..end], |text| {
@@ -630,10 +651,18 @@ mod tests {
                 "{}: keys are lower-case words joined by _",
                 s.key
             );
-            assert!(!s.meaning.is_empty() && !s.meaning.ends_with('.'), "{}", s.key);
+            assert!(
+                !s.meaning.is_empty() && !s.meaning.ends_with('.'),
+                "{}",
+                s.key
+            );
             if let (Default::Value(v), Some((min, max))) = (s.default, s.range()) {
                 let v: u64 = v.parse().expect("a number default");
-                assert!((min..=max).contains(&v), "{}: default outside its range", s.key);
+                assert!(
+                    (min..=max).contains(&v),
+                    "{}: default outside its range",
+                    s.key
+                );
             }
             if let (Default::Value(v), Kind::Choice(words)) = (s.default, s.kind) {
                 assert!(words.contains(&v), "{}: default is not a choice", s.key);

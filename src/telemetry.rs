@@ -98,10 +98,7 @@ const METRICS: &[Metric] = &[
         name: "chargegate_decisions_total",
         kind: Kind::Counter,
         help: "Decisions recorded, by status (decisions).",
-        series: Series::Label(
-            "status",
-            &["allowed", "not_allowed", "unknown", "invalid"],
-        ),
+        series: Series::Label("status", &["allowed", "not_allowed", "unknown", "invalid"]),
     },
     Metric {
         name: "chargegate_authorization_duration_seconds",

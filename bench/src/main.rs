@@ -1,5 +1,5 @@
 //! `chargegate-bench`: holds chargegate against the bare-metal limits of this machine, side by
-//! side in one run. See the README's "Performance" section for what each scenario measures.
+//! side in one run. See bench/README.md for the method and what each scenario measures.
 
 mod authorizer;
 mod echo;

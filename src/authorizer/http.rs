@@ -94,7 +94,7 @@ impl HttpAuthorizer {
             "driver_token": request.token.expose(),
             "request_id": request.request_id,
         });
-        let response = self
+        let mut response = self
             .client
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -111,12 +111,17 @@ impl HttpAuthorizer {
         {
             return Err(CallError::Answer);
         }
-        let bytes = response
-            .bytes()
+        // Read chunk by chunk: an answer of no announced length stops at the limit.
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| CallError::Transport(transport_class(&e)))?;
-        if bytes.len() > MAX_ANSWER_BYTES {
-            return Err(CallError::Answer);
+            .map_err(|e| CallError::Transport(transport_class(&e)))?
+        {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(CallError::Answer);
+            }
+            bytes.extend_from_slice(&chunk);
         }
         let answer: Answer = serde_json::from_slice(&bytes).map_err(|_| CallError::Answer)?;
         map_answer(answer.allowed).ok_or(CallError::Answer)

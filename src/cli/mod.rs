@@ -267,7 +267,9 @@ impl clap::Args for ServeArgs {
                 .env("CHARGEGATE_CONFIG")
                 .value_name("FILE")
                 .value_parser(value_parser!(PathBuf))
-                .help("TOML file with the same keys as the flags (flags and environment win over it)"),
+                .help(
+                    "TOML file with the same keys as the flags (flags and environment win over it)",
+                ),
         )
         .args(crate::settings::SETTINGS.iter().map(|s| {
             Arg::new(s.key)

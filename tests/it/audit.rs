@@ -1,7 +1,7 @@
 //! The audit trail: call records from the RPC layer, decision queries in every shape and format,
 //! the hash chain against an edited row, retention of call records, and no token anywhere.
 
-use std::{collections::BTreeSet, process::Command};
+use std::collections::BTreeSet;
 
 use chargegate::{
     decision::Micros,

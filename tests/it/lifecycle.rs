@@ -371,10 +371,7 @@ fn the_version_and_commit_are_printed_and_logged_at_start() {
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!(
-            "chargegate {} (commit {commit})",
-            env!("CARGO_PKG_VERSION")
-        )
+        format!("chargegate {} (commit {commit})", env!("CARGO_PKG_VERSION"))
     );
 
     let dir = TestDir::new();
@@ -411,20 +408,56 @@ fn a_fresh_server_exports_every_metric_at_zero_with_its_help() {
     });
     // CONTRACT §9, and a series of each that an alert would name.
     let expected: &[(&str, &str)] = &[
-        ("chargegate_requests_total", "chargegate_requests_total{outcome=\"accepted\"} 0"),
-        ("chargegate_requests_total", "chargegate_requests_total{outcome=\"queue_full\"} 0"),
-        ("chargegate_decisions_total", "chargegate_decisions_total{status=\"allowed\"} 0"),
-        ("chargegate_decisions_total", "chargegate_decisions_total{status=\"not_allowed\"} 0"),
-        ("chargegate_decisions_total", "chargegate_decisions_total{status=\"unknown\"} 0"),
-        ("chargegate_decisions_total", "chargegate_decisions_total{status=\"invalid\"} 0"),
-        ("chargegate_authorization_duration_seconds", "chargegate_authorization_duration_seconds_count 0"),
-        ("chargegate_decision_latency_seconds", "chargegate_decision_latency_seconds_count 0"),
+        (
+            "chargegate_requests_total",
+            "chargegate_requests_total{outcome=\"accepted\"} 0",
+        ),
+        (
+            "chargegate_requests_total",
+            "chargegate_requests_total{outcome=\"queue_full\"} 0",
+        ),
+        (
+            "chargegate_decisions_total",
+            "chargegate_decisions_total{status=\"allowed\"} 0",
+        ),
+        (
+            "chargegate_decisions_total",
+            "chargegate_decisions_total{status=\"not_allowed\"} 0",
+        ),
+        (
+            "chargegate_decisions_total",
+            "chargegate_decisions_total{status=\"unknown\"} 0",
+        ),
+        (
+            "chargegate_decisions_total",
+            "chargegate_decisions_total{status=\"invalid\"} 0",
+        ),
+        (
+            "chargegate_authorization_duration_seconds",
+            "chargegate_authorization_duration_seconds_count 0",
+        ),
+        (
+            "chargegate_decision_latency_seconds",
+            "chargegate_decision_latency_seconds_count 0",
+        ),
         ("chargegate_queue_depth", "chargegate_queue_depth 0"),
         ("chargegate_subscribers", "chargegate_subscribers 0"),
-        ("chargegate_webhook_deliveries_total", "chargegate_webhook_deliveries_total{outcome=\"delivered\"} 0"),
-        ("chargegate_webhook_deliveries_total", "chargegate_webhook_deliveries_total{outcome=\"dead\"} 0"),
-        ("chargegate_audit_records_total", "chargegate_audit_records_total 0"),
-        ("chargegate_authorizer_circuit_state", "chargegate_authorizer_circuit_state 0"),
+        (
+            "chargegate_webhook_deliveries_total",
+            "chargegate_webhook_deliveries_total{outcome=\"delivered\"} 0",
+        ),
+        (
+            "chargegate_webhook_deliveries_total",
+            "chargegate_webhook_deliveries_total{outcome=\"dead\"} 0",
+        ),
+        (
+            "chargegate_audit_records_total",
+            "chargegate_audit_records_total 0",
+        ),
+        (
+            "chargegate_authorizer_circuit_state",
+            "chargegate_authorizer_circuit_state 0",
+        ),
         (
             "chargegate_grpc_requests_total",
             "chargegate_grpc_requests_total{method=\"/chargegate.v1.ChargingAuthorization/Authorize\",code=\"OK\"} 0",
@@ -441,13 +474,18 @@ fn a_fresh_server_exports_every_metric_at_zero_with_its_help() {
             "the HELP line names its unit: {help}"
         );
         assert!(
-            lines.iter().any(|l| l.starts_with(&format!("# TYPE {name} "))),
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("# TYPE {name} "))),
             "no TYPE for {name}"
         );
         assert!(lines.contains(series), "no `{series}` in:\n{text}");
     }
     // Every metric exported has its HELP line, not only those of the contract.
-    for line in lines.iter().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in lines
+        .iter()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let name = line.split(['{', ' ']).next().unwrap();
         let base = ["_bucket", "_sum", "_count"]
             .iter()
@@ -510,7 +548,10 @@ fn config_defaults_and_check_speak_for_the_settings_list() {
         &[("CHARGEGATE_HEARTBEAT_INTERVAL_MS", "1")],
     );
     assert_eq!(code, Some(64));
-    assert!(err.contains("heartbeat_interval_ms") && err.contains("between 10 and"), "{err}");
+    assert!(
+        err.contains("heartbeat_interval_ms") && err.contains("between 10 and"),
+        "{err}"
+    );
 }
 
 /// While the store cannot commit (here: an outside connection holds SQLite's write lock, as a
@@ -745,4 +786,87 @@ fn sighup_reloads_the_access_list() {
         );
     }
     assert_eq!(decide(TOKEN_GRANTED), "no_grant");
+}
+
+/// The backup the README describes — `VACUUM INTO` from an outside connection while the server
+/// serves — holds every decision committed before it; restored alone into a fresh data dir (the
+/// station index is rebuilt), it serves them again, knows nothing of what came after, and
+/// verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_serving_restores_and_verifies() {
+    use chargegate::proto::GetDecisionRequest;
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let mut client = server.client().await;
+    let mut before = Vec::new();
+    for token in [TOKEN_GRANTED, TOKEN_UNKNOWN, TOKEN_BLOCKED] {
+        before.push(authorize(&mut client, STATION_A, token).await.request_id);
+    }
+    let backup = dir.path().join("backup.db");
+    rusqlite::Connection::open(dir.data_dir().join("chargegate.db"))
+        .expect("open the store from outside")
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .expect("VACUUM INTO");
+    let after = authorize(&mut client, STATION_A, TOKEN_GRANTED)
+        .await
+        .request_id;
+    server.stop().await.expect("clean stop");
+
+    let restored = TestDir::new();
+    std::fs::create_dir_all(restored.data_dir()).unwrap();
+    std::fs::copy(&backup, restored.data_dir().join("chargegate.db")).unwrap();
+    let server = TestServer::start(restored.config()).await;
+    let mut client = server.client().await;
+    let mut reasons = Vec::new();
+    for request_id in &before {
+        let d = client
+            .get_decision(GetDecisionRequest {
+                request_id: request_id.clone(),
+            })
+            .await
+            .expect("a decision from before the backup")
+            .into_inner()
+            .decision
+            .unwrap();
+        reasons.push(d.reason);
+    }
+    assert_eq!(reasons, ["granted", "no_grant", "blocked"]);
+    let missing = client
+        .get_decision(GetDecisionRequest { request_id: after })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    // The restored log takes new decisions, and a query by station sees old and new alike.
+    let new = authorize(&mut client, STATION_A, TOKEN_GRANTED)
+        .await
+        .request_id;
+    let mut audit = chargegate::proto::audit_client::AuditClient::new(server.channel().await);
+    let mut listed = Vec::new();
+    let mut stream = audit
+        .query_decisions(chargegate::proto::QueryDecisionsRequest {
+            station_id: STATION_A.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    while let Some(d) = stream.next().await {
+        listed.push(d.expect("a decision").request_id);
+    }
+    let mut expected = before.clone();
+    expected.push(new);
+    assert_eq!(listed, expected);
+    server.stop().await.expect("clean stop");
+
+    let verify = crate::support::binary::chargegate()
+        .args(["audit", "verify", "--token-hash-key", "test-token-hash-key"])
+        .arg("--data-dir")
+        .arg(restored.data_dir())
+        .output()
+        .expect("run verify");
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success() && said.contains("intact: 4 decisions"),
+        "{said}"
+    );
 }

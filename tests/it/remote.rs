@@ -111,6 +111,14 @@ async fn every_answer_shape_maps_to_its_status_and_reason() {
             "{status} {body}"
         );
     }
+    // An answer of no announced length is read up to its limit, not until the deadline.
+    fake.set(Behaviour::Endless);
+    let d = decide(&mut client, &mut stream, TOKEN_GRANTED).await;
+    assert_eq!(
+        (d.status(), d.reason.as_str()),
+        (DecisionStatus::Unknown, "authorizer_error"),
+        "an endless answer"
+    );
     // The authorizer was asked with the contract's body.
     let body = fake.last_body().expect("a JSON body");
     assert_eq!(body["station_id"], STATION_A);

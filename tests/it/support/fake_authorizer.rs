@@ -20,6 +20,8 @@ pub enum Behaviour {
     Slow(Duration, String),
     /// Alternate through these, one per call.
     Cycle(Vec<Behaviour>),
+    /// 200 with a body of no announced length that never ends (1 KiB a millisecond).
+    Endless,
 }
 
 #[derive(Default)]
@@ -73,7 +75,8 @@ impl Drop for FakeAuthorizer {
     }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, body: String) -> (StatusCode, String) {
+async fn handle(State(shared): State<Arc<Shared>>, body: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let n = shared.calls.fetch_add(1, Ordering::SeqCst);
     *shared.last_body.lock().unwrap() = serde_json::from_str(&body).ok();
     let mut behaviour = shared
@@ -86,11 +89,26 @@ async fn handle(State(shared): State<Arc<Shared>>, body: String) -> (StatusCode,
         behaviour = list[n as usize % list.len()].clone();
     }
     match behaviour {
-        Behaviour::Answer(status, body) => (StatusCode::from_u16(status).unwrap(), body),
+        Behaviour::Answer(status, body) => {
+            (StatusCode::from_u16(status).unwrap(), body).into_response()
+        }
         Behaviour::Slow(delay, body) => {
             tokio::time::sleep(delay).await;
-            (StatusCode::OK, body)
+            (StatusCode::OK, body).into_response()
         }
-        Behaviour::Cycle(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+        Behaviour::Cycle(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Behaviour::Endless => {
+            let first = futures::stream::once(async {
+                Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(
+                    b"{\"allowed\": \"ALLOWED\"",
+                ))
+            });
+            let padding = futures::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Some((Ok(bytes::Bytes::from(vec![b' '; 1024])), ()))
+            });
+            let body = axum::body::Body::from_stream(futures::StreamExt::chain(first, padding));
+            (StatusCode::OK, body).into_response()
+        }
     }
 }
