@@ -284,6 +284,7 @@ impl Server {
             list: access_list,
             fingerprinter: fingerprinter.clone(),
             read_only_reason,
+            writing: Default::default(),
         };
 
         let local = listener.local_addr().ok();

@@ -26,6 +26,9 @@ pub struct GrantsService {
     pub fingerprinter: Fingerprinter,
     /// Why writes are refused when `store` is `None`.
     pub read_only_reason: &'static str,
+    /// Held from a write's commit through its update of `list`, so that two writes of one grant
+    /// reach the list in the order they reached the store.
+    pub writing: tokio::sync::Mutex<()>,
 }
 
 /// Both fields, reporting each bad one.
@@ -62,6 +65,7 @@ impl grants_server::Grants for GrantsService {
             expires_at: request.expires_at.as_ref().map(Micros::from_proto),
             blocked: request.blocked,
         };
+        let _writing = self.writing.lock().await;
         store
             .put_grant(stored.clone())
             .await
@@ -89,6 +93,7 @@ impl grants_server::Grants for GrantsService {
         let (station_id, token) = station_and_token(&request.station_id, &request.driver_token)?;
         let store = self.store()?;
         let fingerprint = self.fingerprinter.fingerprint(&token);
+        let _writing = self.writing.lock().await;
         let deleted = store
             .delete_grant(&station_id, &fingerprint)
             .await
@@ -131,5 +136,103 @@ fn to_proto(g: &StoredGrant) -> Grant {
         driver_token_fingerprint: g.fingerprint.as_str().to_owned(),
         expires_at: g.expires_at.map(Micros::to_proto),
         blocked: g.blocked,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeSet,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::{proto::grants_server::Grants, store::StoreError, token::Fingerprint};
+
+    /// Grants in memory; a put holds after it has "committed" until `release` is notified.
+    #[derive(Default)]
+    struct GatedStore {
+        grants: Mutex<BTreeSet<(String, String)>>,
+        put_committed: Notify,
+        release: Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl GrantStore for GatedStore {
+        async fn put_grant(&self, grant: StoredGrant) -> Result<(), StoreError> {
+            let key = (grant.station_id, grant.fingerprint.as_str().to_owned());
+            self.grants.lock().unwrap().insert(key);
+            self.put_committed.notify_one();
+            self.release.notified().await;
+            Ok(())
+        }
+        async fn delete_grant(
+            &self,
+            station_id: &str,
+            fingerprint: &Fingerprint,
+        ) -> Result<bool, StoreError> {
+            let key = (station_id.to_owned(), fingerprint.as_str().to_owned());
+            Ok(self.grants.lock().unwrap().remove(&key))
+        }
+        async fn list_grants(&self) -> Result<Vec<StoredGrant>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    /// A delete that runs while a put of the same grant is between its commit and its update of
+    /// the list in force: the list must end as the store does.
+    #[tokio::test]
+    async fn a_delete_racing_a_put_leaves_the_list_as_the_store() {
+        const STATION: &str = "6f1c2d3e-4a5b-4c6d-8e7f-0123456789ab";
+        const TOKEN: &str = "TOKEN-granted-0001-f3a9c2";
+        let store = Arc::new(GatedStore::default());
+        let service = Arc::new(GrantsService {
+            store: Some(store.clone()),
+            list: Arc::new(AccessList::empty()),
+            fingerprinter: Fingerprinter::new(b"test-key").unwrap(),
+            read_only_reason: "",
+            writing: Default::default(),
+        });
+        let put = tokio::spawn({
+            let service = service.clone();
+            async move {
+                service
+                    .put_grant(Request::new(PutGrantRequest {
+                        station_id: STATION.into(),
+                        driver_token: TOKEN.into(),
+                        ..Default::default()
+                    }))
+                    .await
+            }
+        });
+        store.put_committed.notified().await;
+        let delete = tokio::spawn({
+            let service = service.clone();
+            async move {
+                service
+                    .delete_grant(Request::new(DeleteGrantRequest {
+                        station_id: STATION.into(),
+                        driver_token: TOKEN.into(),
+                    }))
+                    .await
+            }
+        });
+        // Without serialised writes the delete finishes here, inside the put; with them it
+        // waits for the put, and this bounded wait simply ends.
+        let mut delete = delete;
+        let finished_early = tokio::time::timeout(Duration::from_millis(200), &mut delete)
+            .await
+            .is_ok();
+        store.release.notify_one();
+        put.await.unwrap().expect("put");
+        if !finished_early {
+            delete.await.unwrap().expect("delete");
+        }
+        let stored = !store.grants.lock().unwrap().is_empty();
+        let in_force = !service.list.grants().is_empty();
+        assert_eq!(in_force, stored, "the list in force against the store");
     }
 }

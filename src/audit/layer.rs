@@ -95,7 +95,12 @@ struct Call {
 
 impl Call {
     fn record(&self, code: Code, event: StreamEvent, messages: u64) {
-        let (station_id, request_id) = self.slot.take();
+        // A stream's open leaves the station and request for its close to record too.
+        let (station_id, request_id) = if event == StreamEvent::Open {
+            self.slot.peek()
+        } else {
+            self.slot.take()
+        };
         let code_name = code_name(code);
         if event != StreamEvent::Open {
             metrics::counter!("chargegate_grpc_requests_total", "method" => self.method, "code" => code_name)

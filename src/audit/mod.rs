@@ -95,6 +95,11 @@ impl AuditSlot {
         std::mem::take(&mut *self.noted.lock().expect("audit slot lock"))
     }
 
+    /// What was noted, kept for a later record (a stream's close after its open).
+    fn peek(&self) -> (String, String) {
+        self.noted.lock().expect("audit slot lock").clone()
+    }
+
     /// Notes a station already in canonical form and a valid request id (an accepted call).
     pub fn note_canonical(&self, station_id: &str, request_id: &str) {
         let mut noted = self.noted.lock().expect("audit slot lock");

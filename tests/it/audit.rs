@@ -190,6 +190,10 @@ async fn every_call_is_recorded_with_its_code_and_stream_events() {
         (stream[1].stream_event.as_str(), stream[1].code.as_str()),
         ("close", "CANCELLED")
     );
+    assert_eq!(
+        stream[1].station_id, STATION_A,
+        "the close keeps its station"
+    );
     assert!(
         stream[1].messages_sent >= 1,
         "the decision was sent: {:?}",
