@@ -4,8 +4,9 @@
 use url::Url;
 
 use crate::{
-    decision::Micros,
+    decision::{Micros, NewDecision},
     proto,
+    queue::EnqueueOutcome,
     token::{DriverToken, Fingerprint, Fingerprinter},
 };
 
@@ -42,6 +43,59 @@ pub struct NewRequest {
     pub fingerprint: Fingerprint,
     pub callback_url: Option<String>,
     pub accepted_at: Micros,
+}
+
+/// What makes a request the same one again: its request_id, with the station and the token it
+/// came with. Every backend answers a request_id seen before by [`RequestKey::outcome_after`].
+#[derive(Clone, Copy, Debug)]
+pub struct RequestKey<'a> {
+    pub request_id: &'a str,
+    pub station_id: &'a str,
+    pub fingerprint: &'a Fingerprint,
+}
+
+/// What a backend kept of the request that first used a request_id.
+#[derive(Clone, Copy, Debug)]
+pub struct EarlierRequest<'a> {
+    pub station_id: &'a str,
+    /// As stored (see [`Fingerprint::as_str`]).
+    pub fingerprint: &'a str,
+    pub accepted_at: Micros,
+}
+
+impl RequestKey<'_> {
+    /// What this request gets when its request_id was accepted before as `earlier`: the original
+    /// acknowledgement for the same station and token, `Conflict` for another.
+    pub fn outcome_after(self, earlier: EarlierRequest<'_>) -> EnqueueOutcome {
+        if earlier.station_id == self.station_id && earlier.fingerprint == self.fingerprint.as_str()
+        {
+            EnqueueOutcome::Duplicate {
+                accepted_at: earlier.accepted_at,
+            }
+        } else {
+            EnqueueOutcome::Conflict
+        }
+    }
+}
+
+impl<'a> From<&'a NewRequest> for RequestKey<'a> {
+    fn from(r: &'a NewRequest) -> Self {
+        Self {
+            request_id: &r.request_id,
+            station_id: &r.station_id,
+            fingerprint: &r.fingerprint,
+        }
+    }
+}
+
+impl<'a> From<&'a NewDecision> for RequestKey<'a> {
+    fn from(d: &'a NewDecision) -> Self {
+        Self {
+            request_id: &d.request_id,
+            station_id: &d.station_id,
+            fingerprint: &d.fingerprint,
+        }
+    }
 }
 
 /// A request that failed validation: each bad field, and what the caller sent as station and
@@ -197,6 +251,33 @@ mod tests {
             .into_iter()
             .map(|v| v.field)
             .collect()
+    }
+
+    #[test]
+    fn a_request_id_seen_before_is_a_duplicate_only_with_its_station_and_token() {
+        let fp = Fingerprinter::new(b"k").unwrap();
+        let r = validate(request(STATION, "AB12CD34", "", "r-1"), &fp).unwrap();
+        let at = Micros(42);
+        let earlier = |station_id, fingerprint| EarlierRequest {
+            station_id,
+            fingerprint,
+            accepted_at: at,
+        };
+        let key = RequestKey::from(&r);
+        let same = r.fingerprint.as_str();
+        assert_eq!(
+            key.outcome_after(earlier(&r.station_id, same)),
+            EnqueueOutcome::Duplicate { accepted_at: at }
+        );
+        let other_token = fp.fingerprint(&DriverToken::new("AB12CD35"));
+        assert_eq!(
+            key.outcome_after(earlier(&r.station_id, other_token.as_str())),
+            EnqueueOutcome::Conflict
+        );
+        assert_eq!(
+            key.outcome_after(earlier("another-station", same)),
+            EnqueueOutcome::Conflict
+        );
     }
 
     #[test]

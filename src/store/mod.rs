@@ -1,9 +1,7 @@
 //! The store port: the decision log (and, as they arrive, audit records, grants and the webhook
 //! outbox). [`sqlite`] is the embedded backend; a PostgreSQL backend implements the same trait.
 
-mod checkpoint;
 pub mod sqlite;
-pub mod station_index;
 
 use std::sync::Arc;
 

@@ -20,7 +20,8 @@ use std::{
 use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 
-use super::{StoreError, checkpoint::LogReads};
+use super::checkpoint::LogReads;
+use crate::store::StoreError;
 
 /// Decisions indexed in one transaction.
 const INDEX_BATCH: i64 = 20_000;
@@ -106,7 +107,7 @@ impl StationIndex {
 }
 
 fn run(mut conn: Connection, requests: std_mpsc::Receiver<Request>, log_reads: &LogReads) {
-    super::background_priority();
+    crate::store::background_priority();
     while let Ok(first) = requests.recv() {
         // Everyone who asked while the last run was going is answered by this one.
         let mut waiting = Vec::new();

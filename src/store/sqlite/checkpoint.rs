@@ -20,7 +20,7 @@
 //! [`LogReads`]): a checkpoint during its read would stop short of the WAL's end.
 //!
 //! The thread runs at a lower priority than the runtime and the writer (see
-//! [`super::background_priority`]): on a busy core it copies in their idle moments.
+//! [`crate::store::background_priority`]): on a busy core it copies in their idle moments.
 //!
 //! At shutdown the writer stops this thread, then checkpoints and truncates the WAL itself.
 
@@ -143,7 +143,7 @@ impl Drop for Checkpointer {
 }
 
 fn run(conn: Connection, woken: std_mpsc::Receiver<()>, copied: &AtomicI64, log_reads: &LogReads) {
-    super::background_priority();
+    crate::store::background_priority();
     while woken.recv().is_ok() {
         // Each round copies what the writer committed during the round before; the writer
         // copies what it committed during the last one.

@@ -1,0 +1,192 @@
+//! The schema of the embedded store, its migration, and how its connections are opened.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use super::station_index;
+
+/// The size the WAL file is cut back to when the WAL starts over, in bytes. Under steady load the
+/// WAL stays well below it (checkpoints every 4,000 pages, see `checkpoint`); under overload the
+/// checkpoints fall behind and the file grew to 210–280 MB (g8), and kept that size until
+/// shutdown. With the limit it gives the space back once the WAL has been copied.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+const SCHEMA_VERSION: i64 = 4;
+const WRITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
+/// Page cache per connection, in KiB (as a negative `cache_size`).
+const WRITE_CACHE_KIB: i64 = -4096;
+const READ_CACHE_KIB: i64 = -1024;
+const READ_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id     TEXT NOT NULL UNIQUE,
+    station_id     TEXT NOT NULL,
+    token_fp       TEXT NOT NULL,
+    callback_url   TEXT,
+    accepted_at_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue (
+    seq          INTEGER PRIMARY KEY,
+    driver_token TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id     TEXT NOT NULL UNIQUE,
+    station_id     TEXT NOT NULL,
+    token_fp       TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    authorizer     TEXT NOT NULL,
+    accepted_at_us INTEGER NOT NULL,
+    decided_at_us  INTEGER NOT NULL,
+    processing_ms  INTEGER NOT NULL,
+    chain          BLOB
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id      TEXT NOT NULL UNIQUE,
+    station_id      TEXT NOT NULL,
+    callback_url    TEXT NOT NULL,
+    host            TEXT NOT NULL,
+    driver_token    TEXT,
+    status          TEXT NOT NULL,
+    reason          TEXT NOT NULL,
+    decided_at_us   INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_us INTEGER,
+    age_from_us     INTEGER NOT NULL,
+    finished_at_us  INTEGER,
+    last_error      TEXT NOT NULL DEFAULT '',
+    history         TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_us) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (seq) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (decided_at_us);
+CREATE INDEX IF NOT EXISTS decisions_by_status ON decisions (status, decided_at_us);
+CREATE TABLE IF NOT EXISTS calls (
+    seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_us         INTEGER NOT NULL,
+    method        TEXT NOT NULL,
+    peer          TEXT NOT NULL,
+    client        TEXT NOT NULL,
+    station_id    TEXT NOT NULL,
+    request_id    TEXT NOT NULL,
+    code          TEXT NOT NULL,
+    latency_us    INTEGER NOT NULL,
+    stream_event  TEXT NOT NULL,
+    messages_sent INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_by_time ON calls (at_us);
+DROP INDEX IF EXISTS calls_by_method;
+CREATE TABLE IF NOT EXISTS grants (
+    station_id    TEXT NOT NULL,
+    token_fp      TEXT NOT NULL,
+    expires_at_us INTEGER,
+    blocked       INTEGER NOT NULL,
+    PRIMARY KEY (station_id, token_fp)
+) WITHOUT ROWID;
+";
+
+pub(super) fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    // The file belongs to this process, so only an outside tool (a backup, an operator's shell) can
+    // hold its write lock. The writer gives up quickly so callers see UNAVAILABLE and health turns
+    // NOT_SERVING instead of every call hanging; readers are never blocked in WAL mode.
+    conn.busy_timeout(if read_only {
+        READ_BUSY_TIMEOUT
+    } else {
+        WRITE_BUSY_TIMEOUT
+    })?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    }
+    // The query planner stability guarantee: plans never depend on bound values. Without it, a
+    // query on a table with partial indexes is prepared again each time its parameters change.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         PRAGMA secure_delete = ON;
+         PRAGMA foreign_keys = OFF;",
+    )?;
+    // Page caches bound the memory the store may hold: the writer's covers the hot tail of every
+    // table; readers mostly stream through the log once.
+    conn.pragma_update(
+        None,
+        "cache_size",
+        if read_only {
+            READ_CACHE_KIB
+        } else {
+            WRITE_CACHE_KIB
+        },
+    )?;
+    Ok(conn)
+}
+
+/// A read connection of the log, with the index by station attached as `stations`.
+pub(super) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = open_connection(path, true)?;
+    conn.execute(
+        "ATTACH DATABASE ?1 AS stations",
+        [station_index::path_for(path).to_string_lossy()],
+    )?;
+    Ok(conn)
+}
+
+/// Creates or checks the schema; returns the log id.
+pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the database schema is version {version}; this chargegate knows up to {SCHEMA_VERSION}"
+        )));
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    // Logs created before the hash chain get the column; their records stay unchained.
+    let chained: bool = tx
+        .prepare("SELECT 1 FROM pragma_table_info('decisions') WHERE name = 'chain'")?
+        .exists([])?;
+    if !chained {
+        tx.execute_batch("ALTER TABLE decisions ADD COLUMN chain BLOB;")?;
+    }
+    // Version 3 kept the index by station in this file; it has a file of its own now.
+    tx.execute_batch("DROP TABLE IF EXISTS decisions_by_station;")?;
+    let existing: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let log_id = match existing.and_then(|v| v.parse().ok()) {
+        Some(id) => id,
+        None => {
+            let id: u32 = rand::random();
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('log_id', ?1)",
+                [id.to_string()],
+            )?;
+            id
+        }
+    };
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(log_id)
+}
