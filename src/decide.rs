@@ -78,13 +78,12 @@ impl Pipeline {
                 }
             }
             for (claim, permit) in claims.into_iter().zip(held) {
-                let queue = self.queue.clone();
                 let authorizer = self.authorizer.clone();
                 let stop = stop.clone();
                 let timeout = self.timeout;
                 let signals = self.signals.clone();
                 tasks.spawn(async move {
-                    decide_and_record(queue, authorizer, timeout, claim, stop, &signals).await;
+                    decide_and_record(authorizer, timeout, claim, stop, &signals).await;
                     drop(permit);
                 });
             }
@@ -95,7 +94,6 @@ impl Pipeline {
 
 #[tracing::instrument(level = "debug", skip_all, fields(request_id = %claim.request.request_id, station_id = %claim.request.station_id))]
 async fn decide_and_record(
-    queue: Arc<dyn Queue>,
     authorizer: Arc<dyn Authorizer>,
     timeout: Duration,
     claim: Claim,
@@ -107,7 +105,7 @@ async fn decide_and_record(
     let mut claim = claim;
     let mut backoff = SETTLE_BACKOFF.0;
     loop {
-        match queue.settle(claim, decision.clone()).await {
+        match claim.ack(decision.clone()).await {
             Ok(settled) => {
                 if settled.first {
                     recorded(&settled.decision.decision, signals);
@@ -117,7 +115,7 @@ async fn decide_and_record(
             Err((returned, e)) => {
                 if stop.is_cancelled() {
                     tracing::warn!(error = %e, "could not record a decision before shutdown; the request stays queued");
-                    queue.release(returned);
+                    returned.nack().await;
                     return;
                 }
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "recording a decision failed");

@@ -192,7 +192,8 @@ impl Server {
             db.clone(),
             config.authorize_timeout + LEASE_MARGIN,
         ));
-        tracing::info!(path = %db_path.display(), pending = queue.depth(), "store opened");
+        let pending = queue.depth().await?;
+        tracing::info!(path = %db_path.display(), pending, "store opened");
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter);

@@ -1273,14 +1273,8 @@ async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::R
                 accepted_at: claim.request.accepted_at,
                 decided_at: Micros::now(),
             };
-            let queue = queue.clone();
-            in_flight.spawn(async move {
-                queue
-                    .settle(claim, decision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|(_, e)| e)
-            });
+            in_flight
+                .spawn(async move { claim.ack(decision).await.map(|_| ()).map_err(|(_, e)| e) });
             settled += 1;
         }
         while let Some(r) = in_flight.join_next().await {

@@ -1,12 +1,15 @@
 //! The queue port: where an acknowledged request waits, durable, until it is decided.
 //!
 //! A request decided as it arrived skips the queue ([`Queue::enqueue_decided`]). Delivery
-//! semantics show in the types: [`Queue::claim`] hands out [`Claim`]s; a claim is consumed
-//! by [`Queue::settle`] (record the decision, then complete the entry) or by [`Queue::release`] (back
-//! to the queue). A claim that is neither (the process died) returns to the queue when its lease
-//! ends — at the next start for the embedded queue.
+//! semantics show in the types: [`Queue::claim`] hands out [`Claim`]s, each holding its backend's
+//! handle on the entry (a SQLite row, a PostgreSQL row under a lease, a Redis stream entry). A
+//! claim is consumed by [`Claim::ack`] (record the decision, then complete the entry) or by
+//! [`Claim::nack`] (back to the queue). A claim that is neither (the process died) returns to the
+//! queue when its lease ends — at the next start for the embedded queue.
 
 pub mod sqlite;
+
+use std::fmt;
 
 use async_trait::async_trait;
 
@@ -75,12 +78,59 @@ impl From<NewRequest> for QueuedRequest {
     }
 }
 
-/// A request handed to one worker. Consume it with `settle` or `release`.
-#[derive(Debug)]
+/// A request handed to one worker. Consume it with [`Claim::ack`] or [`Claim::nack`].
 pub struct Claim {
     pub request: QueuedRequest,
-    /// The backend's handle on the entry (the SQLite row, a Redis stream entry id).
-    pub(crate) position: u64,
+    handle: Box<dyn ClaimHandle>,
+}
+
+/// A backend's hold on one claimed entry: its position type is the backend's own.
+#[async_trait]
+pub trait ClaimHandle: Send + Sync + 'static {
+    /// Records `decision` in the decision log idempotently by request_id, then completes the
+    /// entry and erases its token. A single-system backend does both in one transaction; a
+    /// two-system backend records first and acknowledges second, so a crash between the two
+    /// re-delivers a request whose decision already exists, and settling it again records nothing
+    /// new.
+    async fn ack(
+        &self,
+        request: &QueuedRequest,
+        decision: NewDecision,
+    ) -> Result<Settled, StoreError>;
+
+    /// Returns the entry to the queue for another worker.
+    async fn nack(self: Box<Self>, request: QueuedRequest);
+}
+
+impl Claim {
+    pub fn new(request: QueuedRequest, handle: impl ClaimHandle) -> Self {
+        Self {
+            request,
+            handle: Box::new(handle),
+        }
+    }
+
+    /// Records the decision and completes the entry; on failure the claim comes back, to retry
+    /// or to hand back.
+    pub async fn ack(self, decision: NewDecision) -> Result<Settled, (Claim, StoreError)> {
+        match self.handle.ack(&self.request, decision).await {
+            Ok(settled) => Ok(settled),
+            Err(e) => Err((self, e)),
+        }
+    }
+
+    /// Hands the request back to the queue.
+    pub async fn nack(self) {
+        self.handle.nack(self.request).await
+    }
+}
+
+impl fmt::Debug for Claim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claim")
+            .field("request_id", &self.request.request_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The outcome of settling a claim.
@@ -113,19 +163,6 @@ pub trait Queue: Send + Sync + 'static {
     /// Resolves when `claim` may find something.
     async fn work_available(&self);
 
-    /// Records `decision` in the decision log idempotently by request_id, then completes the entry
-    /// and erases its token. The embedded backend does both in one transaction; a two-system backend
-    /// records first and acknowledges second, so a crash between the two re-delivers a request
-    /// whose decision already exists, and settling it again records nothing new.
-    async fn settle(
-        &self,
-        claim: Claim,
-        decision: NewDecision,
-    ) -> Result<Settled, (Claim, StoreError)>;
-
-    /// Returns the claim to the queue for another worker.
-    fn release(&self, claim: Claim);
-
-    /// Requests waiting or being decided.
-    fn depth(&self) -> u64;
+    /// Requests waiting or being decided (approximate where instances share the queue).
+    async fn depth(&self) -> Result<u64, StoreError>;
 }

@@ -10,14 +10,14 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 
-use super::{Claim, EnqueueOutcome, Queue, QueuedRequest, Settled};
+use super::{Claim, ClaimHandle, EnqueueOutcome, Queue, QueuedRequest, Settled};
 use crate::{
     decision::{Micros, NewDecision, RecordedDecision, Verdict},
     intake::NewRequest,
@@ -26,6 +26,11 @@ use crate::{
 };
 
 pub struct SqliteQueue {
+    inner: Arc<Inner>,
+}
+
+/// What the queue and its claims share.
+struct Inner {
     db: Database,
     lease: Duration,
     state: Mutex<ClaimState>,
@@ -50,14 +55,18 @@ impl SqliteQueue {
     pub fn new(db: Database, lease: Duration) -> Self {
         let enqueue_head = db.enqueue_head();
         Self {
-            db,
-            lease,
-            state: Mutex::new(ClaimState::default()),
-            released: Notify::new(),
-            enqueue_head,
+            inner: Arc::new(Inner {
+                db,
+                lease,
+                state: Mutex::new(ClaimState::default()),
+                released: Notify::new(),
+                enqueue_head,
+            }),
         }
     }
+}
 
+impl Inner {
     /// Entries whose lease ran out go back to the front of the queue. Their rows are read again,
     /// since the claim (with its token) is still with the worker that let the lease lapse.
     async fn reclaim_expired(&self) -> Result<(), StoreError> {
@@ -101,7 +110,7 @@ impl SqliteQueue {
 #[async_trait]
 impl Queue for SqliteQueue {
     async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
-        self.db.enqueue(request).await
+        self.inner.db.enqueue(request).await
     }
 
     async fn enqueue_decided(
@@ -111,10 +120,74 @@ impl Queue for SqliteQueue {
     ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError> {
         let request = QueuedRequest::from(request);
         let decision = request.decision(verdict, Micros::now());
-        self.db.enqueue_decided(decision, request.callback()).await
+        self.inner
+            .db
+            .enqueue_decided(decision, request.callback())
+            .await
     }
 
     async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError> {
+        let taken = self.inner.claim(max).await?;
+        Ok(taken
+            .into_iter()
+            .map(|(position, request)| {
+                let handle = RowClaim {
+                    queue: self.inner.clone(),
+                    position,
+                };
+                Claim::new(request, handle)
+            })
+            .collect())
+    }
+
+    async fn work_available(&self) {
+        self.inner.work_available().await
+    }
+
+    async fn depth(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.db.pending())
+    }
+}
+
+/// A claimed row of the `queue` table, leased in memory.
+struct RowClaim {
+    queue: Arc<Inner>,
+    position: u64,
+}
+
+#[async_trait]
+impl ClaimHandle for RowClaim {
+    async fn ack(
+        &self,
+        request: &QueuedRequest,
+        decision: NewDecision,
+    ) -> Result<Settled, StoreError> {
+        let settled = self
+            .queue
+            .db
+            .settle(self.position, decision, request.callback())
+            .await?;
+        self.queue
+            .state
+            .lock()
+            .expect("claim state lock")
+            .leased
+            .remove(&self.position);
+        Ok(settled)
+    }
+
+    async fn nack(self: Box<Self>, request: QueuedRequest) {
+        let mut state = self.queue.state.lock().expect("claim state lock");
+        state.leased.remove(&self.position);
+        state.redeliver.push_back((self.position, request));
+        drop(state);
+        self.queue.released.notify_one();
+    }
+}
+
+impl Inner {
+    /// Up to `max` entries with their positions, each leased until settled or released.
+    async fn claim(&self, max: usize) -> Result<Vec<(u64, QueuedRequest)>, StoreError> {
         self.reclaim_expired().await?;
         let mut claims = Vec::with_capacity(max);
         {
@@ -123,7 +196,7 @@ impl Queue for SqliteQueue {
                 let Some((position, request)) = state.redeliver.pop_front() else {
                     break;
                 };
-                claims.push(Claim { request, position });
+                claims.push((position, request));
             }
         }
         while claims.len() < max {
@@ -141,7 +214,7 @@ impl Queue for SqliteQueue {
                             Some((p, _)) if *p == state.scanned_through + 1 => {
                                 let (position, request) = hot.pop_front().expect("front exists");
                                 state.scanned_through = position;
-                                claims.push(Claim { request, position });
+                                claims.push((position, request));
                             }
                             Some((p, _)) => {
                                 gap_before = Some(*p);
@@ -174,13 +247,13 @@ impl Queue for SqliteQueue {
             }
             for (position, request) in fresh {
                 state.scanned_through = state.scanned_through.max(position);
-                claims.push(Claim { request, position });
+                claims.push((position, request));
             }
         }
         let until = Instant::now() + self.lease;
         let mut state = self.state.lock().expect("claim state lock");
-        for claim in &claims {
-            state.leased.insert(claim.position, until);
+        for (position, _) in &claims {
+            state.leased.insert(*position, until);
         }
         Ok(claims)
     }
@@ -203,36 +276,5 @@ impl Queue for SqliteQueue {
             _ = self.released.notified() => {}
             _ = lease_check => {}
         }
-    }
-
-    async fn settle(
-        &self,
-        claim: Claim,
-        decision: NewDecision,
-    ) -> Result<Settled, (Claim, StoreError)> {
-        let callback = claim.request.callback();
-        match self.db.settle(claim.position, decision, callback).await {
-            Ok(settled) => {
-                self.state
-                    .lock()
-                    .expect("claim state lock")
-                    .leased
-                    .remove(&claim.position);
-                Ok(settled)
-            }
-            Err(e) => Err((claim, e)),
-        }
-    }
-
-    fn release(&self, claim: Claim) {
-        let mut state = self.state.lock().expect("claim state lock");
-        state.leased.remove(&claim.position);
-        state.redeliver.push_back((claim.position, claim.request));
-        drop(state);
-        self.released.notify_one();
-    }
-
-    fn depth(&self) -> u64 {
-        self.db.pending()
     }
 }

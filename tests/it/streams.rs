@@ -308,7 +308,7 @@ async fn a_cursor_older_than_retention_is_out_of_range() {
                 accepted_at: three_days_ago,
                 decided_at: three_days_ago,
             };
-            cursors.push(queue.settle(claim, decision).await.unwrap().decision.cursor);
+            cursors.push(claim.ack(decision).await.unwrap().decision.cursor);
         }
         db.close().await;
         cursors
