@@ -1,6 +1,7 @@
 //! Health: `grpc.health.v1` for `""` and `chargegate.v1.ChargingAuthorization`, and the readiness
-//! behind `/readyz`. SERVING while the queue and the store answer; NOT_SERVING when one does not
-//! (checked every second) and from the first moment of shutdown.
+//! behind `/readyz`. SERVING while every system the ports live on answers its [`Probe`];
+//! NOT_SERVING while one does not (each is checked every second) and from the first moment of
+//! shutdown.
 
 use std::{
     sync::{
@@ -10,10 +11,19 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{proto::AUTHORIZATION_SERVICE, store::DecisionLog};
+use crate::{proto::AUTHORIZATION_SERVICE, store::StoreError};
+
+/// A system a port lives on (a database file, a PostgreSQL server, a Redis server), as health
+/// checks it.
+#[async_trait]
+pub trait Probe: Send + Sync + 'static {
+    /// Succeeds while the system accepts writes.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,10 +102,10 @@ impl Health {
         reporter.clear_service_status(AUTHORIZATION_SERVICE).await;
     }
 
-    /// Probes the store (which also holds the embedded queue) until `shutdown`.
+    /// Probes each system every second until `shutdown`: SERVING while all answer in time.
     pub fn monitor(
         self,
-        store: Arc<dyn DecisionLog>,
+        probes: Vec<(&'static str, Arc<dyn Probe>)>,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
@@ -106,15 +116,81 @@ impl Health {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let ok = matches!(
-                    tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await,
-                    Ok(Ok(()))
-                );
-                if !ok {
-                    tracing::warn!("the store did not answer its health probe");
+                let answers = futures::future::join_all(
+                    probes
+                        .iter()
+                        .map(|(_, probe)| tokio::time::timeout(PROBE_TIMEOUT, probe.ping())),
+                )
+                .await;
+                let mut ok = true;
+                for ((name, _), answer) in probes.iter().zip(answers) {
+                    match answer {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            ok = false;
+                            tracing::warn!(backend = name, error = %e, "a backend failed its health probe");
+                        }
+                        Err(_) => {
+                            ok = false;
+                            tracing::warn!(
+                                backend = name,
+                                "a backend did not answer its health probe in time"
+                            );
+                        }
+                    }
                 }
                 self.set(ok).await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// A system that answers while `up` is set.
+    struct Switch(AtomicBool);
+
+    #[async_trait]
+    impl Probe for Switch {
+        async fn ping(&self) -> Result<(), StoreError> {
+            if self.0.load(Ordering::Acquire) {
+                Ok(())
+            } else {
+                Err(StoreError::Closed)
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_system_that_stops_answering_turns_health_not_serving() {
+        let (reporter, _service) = tonic_health::server::health_reporter();
+        let health = Health::new(reporter);
+        let (store, queue) = (
+            Arc::new(Switch(AtomicBool::new(true))),
+            Arc::new(Switch(AtomicBool::new(true))),
+        );
+        let stop = CancellationToken::new();
+        let task = health.clone().monitor(
+            vec![("store", store.clone()), ("queue", queue.clone())],
+            stop.clone(),
+        );
+        let after_a_probe = || tokio::time::sleep(PROBE_INTERVAL * 2);
+        after_a_probe().await;
+        assert!(health.is_ready(), "both answer");
+        queue.0.store(false, Ordering::Release);
+        after_a_probe().await;
+        assert!(!health.is_ready(), "the queue's system does not answer");
+        queue.0.store(true, Ordering::Release);
+        after_a_probe().await;
+        assert!(health.is_ready(), "it answers again");
+        store.0.store(false, Ordering::Release);
+        after_a_probe().await;
+        assert!(!health.is_ready(), "the store's system does not answer");
+        stop.cancel();
+        task.await.unwrap();
     }
 }

@@ -16,7 +16,8 @@
 //! - [`audit`]: the record of every RPC (a tower layer) and the tamper-evident decision log.
 //!
 //! Around them: [`settings`] (the one list of keys, defaults and meanings), [`config`] (every
-//! key, parsed once into types), [`server`] (wiring and ordered shutdown),
+//! key, parsed once into types), [`backends`] (the ports' backends, chosen from the config),
+//! [`server`] (wiring and ordered shutdown),
 //! [`health`] (grpc.health.v1 and readiness), [`telemetry`] (logs, Prometheus), [`cli`] (the
 //! command line), [`token`] (driver tokens and their fingerprints), [`cursor`] (opaque log
 //! positions), [`decision`] (statuses, reasons, records) and [`proto`] (generated code).
@@ -33,6 +34,7 @@ pub const VERSION: &str = concat!(
 pub mod api;
 pub mod audit;
 pub mod authorizer;
+pub mod backends;
 pub mod cli;
 pub mod config;
 pub mod cursor;

@@ -16,8 +16,9 @@ use crate::{
         audit::AuditService, authorization::AuthorizationService, grants::GrantsService,
         webhooks::WebhooksService,
     },
-    audit::{self, AuditTrail, CallSink, layer::AuditLayer, signals::Signals},
+    audit::{self, CallSink, layer::AuditLayer, signals::Signals},
     authorizer::{Authorizer, acl::AccessList, http::HttpAuthorizer},
+    backends::Backends,
     config::{AuthorizerConfig, Config, ConfigError},
     decide::Pipeline,
     fanout::Hub,
@@ -27,12 +28,10 @@ use crate::{
         charging_authorization_server::ChargingAuthorizationServer, grants_server::GrantsServer,
         webhooks_server::WebhooksServer,
     },
-    queue::{Queue, sqlite::SqliteQueue},
-    store::{self, DecisionLog, GrantStore, StoreError, sqlite::Database},
+    store::{self, GrantStore, StoreError},
     telemetry,
     token::{Fingerprinter, KeyError},
     webhook::{
-        WebhookOutbox,
         deliver::{self, Deliverer},
         guard::Guard,
         policy::RetryPolicy,
@@ -124,16 +123,13 @@ impl Server {
         let streams = CancellationToken::new();
 
         let hub = Arc::new(Hub::new());
-        let db_path = config
-            .sqlite_path()
-            .expect("refused by check_supported")
-            .to_owned();
-        let db = Database::open(
-            &db_path,
-            config.queue_max,
+        let backends = Backends::open(
+            &config,
             hub.clone(),
-            fingerprinter.derive_key(audit::chain::KEY_PURPOSE),
-        )?;
+            &fingerprinter,
+            config.authorize_timeout + LEASE_MARGIN,
+        )
+        .await?;
 
         // The access list in force, and whether the Grants service may write to the store.
         let (access_list, grant_store, read_only_reason): (
@@ -153,13 +149,15 @@ impl Server {
                 )
             }
             AuthorizerConfig::Acl { file: None } => {
-                let list = Arc::new(AccessList::from_stored(db.list_grants().await?));
+                let list = Arc::new(AccessList::from_stored(
+                    backends.grants.list_grants().await?,
+                ));
                 if list.is_empty() {
                     tracing::warn!(
                         "no grants yet: every well-formed token is NOT_ALLOWED/no_grant until one is put"
                     );
                 }
-                (list, Some(Arc::new(db.clone()) as Arc<dyn GrantStore>), "")
+                (list, Some(backends.grants.clone()), "")
             }
             AuthorizerConfig::Http { .. } => (
                 Arc::new(AccessList::empty()),
@@ -187,22 +185,20 @@ impl Server {
                 )
             }
         };
-        let log: Arc<dyn DecisionLog> = Arc::new(db.clone());
-        let queue: Arc<dyn Queue> = Arc::new(SqliteQueue::new(
-            db.clone(),
-            config.authorize_timeout + LEASE_MARGIN,
-        ));
+        let (log, queue) = (backends.log.clone(), backends.queue.clone());
         let pending = queue.depth().await?;
-        tracing::info!(path = %db_path.display(), pending, "store opened");
+        tracing::info!(store = %backends.location, pending, "store opened");
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter);
         health.set(true).await;
-        let health_monitor = health.clone().monitor(log.clone(), background.clone());
+        let health_monitor = health
+            .clone()
+            .monitor(backends.probes.clone(), background.clone());
         let retention = Duration::from_secs(u64::from(config.audit_retention_days) * 86_400);
         let retention_task = tokio::spawn(store::run_retention(
             log.clone(),
-            Arc::new(db.clone()),
+            backends.audit.clone(),
             retention,
             background.clone(),
         ));
@@ -234,7 +230,7 @@ impl Server {
         };
         let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
 
-        let outbox: Arc<dyn WebhookOutbox> = Arc::new(db.clone());
+        let outbox = backends.outbox.clone();
         let webhook = &config.webhook;
         let delivery_settings = deliver::Settings {
             policy: RetryPolicy {
@@ -258,7 +254,7 @@ impl Server {
             outbox.clone(),
             deliver::client(&delivery_settings).map_err(ServeError::HttpClient)?,
             delivery_settings,
-            db.outbox_wake(),
+            backends.outbox_wake.clone(),
         );
         let deliveries_stop = CancellationToken::new();
         let mut deliveries_task = tokio::spawn(deliverer.run(deliveries_stop.clone()));
@@ -295,7 +291,7 @@ impl Server {
         // calls in flight, the excess refused at once (RESOURCE_EXHAUSTED), never queued without bound.
         // Every call is recorded by one layer around every service (unless turned off).
         let (call_sink, call_records) = CallSink::new();
-        let audit_trail: Arc<dyn AuditTrail> = Arc::new(db.clone());
+        let audit_trail = backends.audit.clone();
         let recorder = tokio::spawn(audit::run_recorder(audit_trail.clone(), call_records));
         let station_indexer = tokio::spawn(audit::run_station_indexer(
             audit_trail.clone(),
@@ -387,7 +383,7 @@ impl Server {
         {
             tracing::warn!("call records still buffered at shutdown were not written");
         }
-        db.close().await;
+        backends.close().await;
         tracing::info!("shutdown complete");
         result
     }

@@ -88,9 +88,6 @@ pub trait DecisionLog: Send + Sync + 'static {
     /// Pending or decided; `None` for a request_id never accepted (or no longer retained).
     async fn request_state(&self, request_id: &str) -> Result<Option<RequestState>, StoreError>;
 
-    /// Succeeds while the store accepts writes.
-    async fn ping(&self) -> Result<(), StoreError>;
-
     /// Deletes up to `max` of the oldest decisions decided before `cutoff`, with their request
     /// keys, raising [`LogBounds::floor`]. Returns how many were deleted.
     async fn purge_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError>;

@@ -13,6 +13,7 @@ use super::{
 };
 use crate::{
     decision::{Micros, RecordedDecision},
+    health::Probe,
     store::{DecisionLog, LogBounds, RequestState, StationFilter, StoreError},
     token::Fingerprint,
 };
@@ -105,7 +106,11 @@ impl DecisionLog for Database {
         let (tx, rx) = oneshot::channel();
         self.write(WriteOp::Purge(cutoff, max, tx), rx).await
     }
+}
 
+#[async_trait]
+impl Probe for Database {
+    /// A real write: it needs the write lock and the disk, as enqueueing does.
     async fn ping(&self) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         self.write(WriteOp::Ping(tx), rx).await
