@@ -138,6 +138,8 @@ enum Progress {
     Rewind,
 }
 
+/// Time beyond the attempts for recording them, in a claim's lease.
+const RECORD_MARGIN: Duration = Duration::from_secs(30);
 /// Pending deliveries read at once from the outbox.
 const READ_BATCH: usize = 128;
 /// Deliveries held per host (ready in memory or being sent), as a multiple of its concurrency.
@@ -220,6 +222,12 @@ impl Dispatch {
 }
 
 impl Deliverer {
+    /// How long a claimed delivery stays this engine's: it may wait behind a host's whole buffer
+    /// (each in flight for at most the attempt deadline) and then for its record to commit.
+    fn lease(&self) -> Duration {
+        self.settings.timeout * HOST_BUFFER_FACTOR as u32 + RECORD_MARGIN
+    }
+
     pub fn new(
         outbox: Arc<dyn WebhookOutbox>,
         client: Client,
@@ -276,7 +284,11 @@ impl Deliverer {
                 d.stale = false;
                 let full = d.full_hosts(host_buffer);
                 d.passed_over.extend(full.iter().cloned());
-                match this.outbox.pending(full, d.cursor, READ_BATCH).await {
+                match this
+                    .outbox
+                    .claim_due(full, d.cursor, READ_BATCH, this.lease())
+                    .await
+                {
                     Ok(rows) => {
                         let now = Micros::now();
                         let read = rows.len();

@@ -17,6 +17,8 @@ pub mod policy;
 pub mod signer;
 pub mod sqlite;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use serde::Serialize;
 
@@ -161,14 +163,17 @@ pub struct DeliveryView {
 /// that records their decision; this port is what the engine and the `Webhooks` service need.
 #[async_trait]
 pub trait WebhookOutbox: Send + Sync + 'static {
-    /// Pending deliveries in the order they are due (including ones not due yet, so the caller
-    /// learns when to look again), after `after` (a `(next_attempt_at, seq)` position), leaving
-    /// out the hosts named.
-    async fn pending(
+    /// Claims the deliveries due now, in the order they are due, after `after` (a
+    /// `(next_attempt_at, seq)` position), leaving out the hosts named. A claimed delivery is this
+    /// caller's until its attempt is recorded or `lease` ends, so two instances never send one
+    /// delivery at once. The answer also holds pending deliveries not due yet, unclaimed, so the
+    /// caller learns when to look again.
+    async fn claim_due(
         &self,
         skip_hosts: Vec<String>,
         after: Option<(Micros, i64)>,
         limit: usize,
+        lease: Duration,
     ) -> Result<Vec<DueDelivery>, StoreError>;
 
     /// Records attempts and what follows each, in one write. Delivered erases the token.

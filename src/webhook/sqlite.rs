@@ -9,11 +9,13 @@
 //!   `driver_token` is the plain token, NULL once no longer needed.
 //!   `history` is every attempt, one JSON array per line (`[at_us, outcome, http_status,
 //!   latency_ms, error_class]`), appended to by the update that records it.
-//! - The hot read, [`WebhookOutbox::pending`], runs on the writer's connection (see
+//! - The hot read, [`WebhookOutbox::claim_due`], runs on the writer's connection (see
 //!   `Database::read_on_writer`).
 //!
 //! One row per delivery and few indexes on purpose: each table or index is another page written
 //! by every attempt's commit.
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::params;
@@ -30,11 +32,15 @@ use crate::{
 
 #[async_trait]
 impl WebhookOutbox for Database {
-    async fn pending(
+    /// The file belongs to this process (it is locked), so a claim needs no row update: the
+    /// delivery engine, the only one, keeps what it took in memory until the attempt is recorded,
+    /// and a restart is the end of every lease.
+    async fn claim_due(
         &self,
         skip_hosts: Vec<String>,
         after: Option<(Micros, i64)>,
         limit: usize,
+        _lease: Duration,
     ) -> Result<Vec<DueDelivery>, StoreError> {
         let (after_at, after_seq) = after.map_or((i64::MIN, i64::MIN), |(at, seq)| (at.0, seq));
         let hosts = serde_json::to_string(&skip_hosts).expect("strings serialize");
