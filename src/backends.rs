@@ -10,8 +10,8 @@ use crate::{
     config::{Config, QueueBackend, StoreBackend},
     fanout::Hub,
     health::Probe,
-    queue::{Queue, sqlite::SqliteQueue},
-    store::{DecisionLog, GrantStore, StoreError, sqlite::Database},
+    queue::{Queue, postgres::PostgresQueue, sqlite::SqliteQueue},
+    store::{DecisionLog, GrantStore, StoreError, postgres::Postgres, sqlite::Database},
     token::Fingerprinter,
     webhook::WebhookOutbox,
 };
@@ -35,6 +35,7 @@ pub struct Backends {
 
 enum Kind {
     Sqlite(Database),
+    Postgres(Postgres),
 }
 
 impl Backends {
@@ -66,6 +67,26 @@ impl Backends {
                     kind: Kind::Sqlite(db),
                 })
             }
+            (StoreBackend::Postgres { url }, QueueBackend::Postgres) => {
+                let pg = Postgres::open(
+                    url,
+                    config.queue_max,
+                    hub,
+                    fingerprinter.derive_key(chain::KEY_PURPOSE),
+                )
+                .await?;
+                Ok(Self {
+                    log: Arc::new(pg.clone()),
+                    queue: Arc::new(PostgresQueue::new(pg.clone(), lease)),
+                    audit: Arc::new(pg.clone()),
+                    grants: Arc::new(pg.clone()),
+                    outbox: Arc::new(pg.clone()),
+                    outbox_wake: pg.wakes().outbox.clone(),
+                    probes: vec![("postgres", Arc::new(pg.clone()))],
+                    location: redacted(url),
+                    kind: Kind::Postgres(pg),
+                })
+            }
             _ => Err(StoreError::backend(std::io::Error::other(
                 "this combination of queue_url and store_url is refused by the configuration check",
             ))),
@@ -76,6 +97,28 @@ impl Backends {
     pub async fn close(&self) {
         match &self.kind {
             Kind::Sqlite(db) => db.close().await,
+            Kind::Postgres(pg) => pg.close().await,
         }
+    }
+
+    /// The PostgreSQL store, when that is the backend (its grants change under other instances).
+    pub fn postgres(&self) -> Option<&Postgres> {
+        match &self.kind {
+            Kind::Postgres(pg) => Some(pg),
+            Kind::Sqlite(_) => None,
+        }
+    }
+}
+
+/// A URL without its password, for logs.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(unparsable URL)".into(),
     }
 }

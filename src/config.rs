@@ -44,6 +44,8 @@ pub enum QueueBackend {
     Sqlite { path: PathBuf },
     /// Redis Streams (scale-out).
     Redis { url: String },
+    /// The `queue` table of the PostgreSQL store (`store_url = postgres://…`, `queue_url` unset).
+    Postgres,
 }
 
 /// Where the decision log, audit records, grants and webhook outbox live.
@@ -369,13 +371,16 @@ impl Config {
             c.shutdown_grace = d;
         }
         // Defaults that depend on data_dir follow it unless set explicitly.
-        if get("queue_url").is_none() {
-            c.queue = QueueBackend::Sqlite {
+        if get("store_url").is_none() {
+            c.store = StoreBackend::Sqlite {
                 path: default_db.clone(),
             };
         }
-        if get("store_url").is_none() {
-            c.store = StoreBackend::Sqlite { path: default_db };
+        if get("queue_url").is_none() {
+            c.queue = match c.store {
+                StoreBackend::Sqlite { .. } => QueueBackend::Sqlite { path: default_db },
+                StoreBackend::Postgres { .. } => QueueBackend::Postgres,
+            };
         }
         c.check_supported()?;
         Ok(c)
@@ -391,18 +396,31 @@ impl Config {
                     "the embedded queue must live in the same SQLite file as store_url",
                 ));
             }
+            (QueueBackend::Sqlite { .. }, StoreBackend::Postgres { .. }) => {
+                return Err(ConfigError::invalid(
+                    "queue_url",
+                    "the embedded queue needs store_url on SQLite; leave queue_url unset to queue in PostgreSQL",
+                ));
+            }
             (QueueBackend::Redis { .. }, _) => {
                 return Err(ConfigError::invalid(
                     "queue_url",
                     "the Redis Streams queue is not available in this build yet",
                 ));
             }
-            (_, StoreBackend::Postgres { .. }) => {
+            (QueueBackend::Postgres, StoreBackend::Postgres { .. }) => {}
+            (QueueBackend::Postgres, StoreBackend::Sqlite { .. }) => {
                 return Err(ConfigError::invalid(
-                    "store_url",
-                    "the PostgreSQL store is not available in this build yet",
+                    "queue_url",
+                    "the PostgreSQL queue needs store_url on PostgreSQL",
                 ));
             }
+        }
+        if matches!(self.store, StoreBackend::Postgres { .. }) && self.token_hash_key.is_none() {
+            return Err(ConfigError::invalid(
+                "token_hash_key",
+                "must be set when store_url is PostgreSQL: every instance must fingerprint tokens alike",
+            ));
         }
         if self.tls.is_some() {
             return Err(ConfigError::invalid(

@@ -157,6 +157,22 @@ impl Server {
                         "no grants yet: every well-formed token is NOT_ALLOWED/no_grant until one is put"
                     );
                 }
+                if let Some(pg) = backends.postgres() {
+                    // Other instances write grants too.
+                    let (version, written) = (pg.clone(), pg.clone());
+                    tokio::spawn(list.clone().follow_store(
+                        backends.grants.clone(),
+                        move || {
+                            let pg = version.clone();
+                            async move { pg.grants_version().await }
+                        },
+                        move || {
+                            let pg = written.clone();
+                            async move { pg.grants_written().await }
+                        },
+                        background.clone(),
+                    ));
+                }
                 (list, Some(backends.grants.clone()), "")
             }
             AuthorizerConfig::Http { .. } => (

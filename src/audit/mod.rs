@@ -13,6 +13,7 @@
 
 pub mod chain;
 pub mod layer;
+pub mod postgres;
 pub mod signals;
 pub mod sqlite;
 

@@ -52,6 +52,25 @@ pub struct AclError {
     pub message: String,
 }
 
+/// How often grants shared with other instances are checked for changes.
+const GRANTS_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The grant table of grants as the store keeps them.
+fn table_of_stored(grants: Vec<crate::store::StoredGrant>) -> GrantTable {
+    grants
+        .into_iter()
+        .map(|g| {
+            (
+                (g.station_id, g.fingerprint),
+                Grant {
+                    expires_at: g.expires_at,
+                    blocked: g.blocked,
+                },
+            )
+        })
+        .collect()
+}
+
 /// The access list in force. Lookups take a read lock for a moment; a reload swaps the table.
 pub struct AccessList {
     table: RwLock<Arc<GrantTable>>,
@@ -75,20 +94,43 @@ impl AccessList {
 
     /// An access list of the grants kept in the store.
     pub fn from_stored(grants: Vec<crate::store::StoredGrant>) -> Self {
-        Self::new(
-            grants
-                .into_iter()
-                .map(|g| {
-                    (
-                        (g.station_id, g.fingerprint),
-                        Grant {
-                            expires_at: g.expires_at,
-                            blocked: g.blocked,
-                        },
-                    )
-                })
-                .collect(),
-        )
+        Self::new(table_of_stored(grants))
+    }
+
+    /// Follows the grants of a store that other instances write too: reloads them when
+    /// `written` says so or, at the latest, when `version` has changed at the next poll
+    /// (every second), until `stop`.
+    pub async fn follow_store<V, W>(
+        self: Arc<Self>,
+        store: Arc<dyn crate::store::GrantStore>,
+        version: impl Fn() -> V,
+        written: impl Fn() -> W,
+        stop: CancellationToken,
+    ) where
+        V: std::future::Future<Output = Result<i64, crate::store::StoreError>>,
+        W: std::future::Future<Output = ()>,
+    {
+        let mut seen = None;
+        loop {
+            // The version is read before the grants: a write committed after the read changes
+            // it, and the next round reloads.
+            match version().await {
+                Ok(v) if seen != Some(v) => match store.list_grants().await {
+                    Ok(grants) => {
+                        self.replace(table_of_stored(grants));
+                        seen = Some(v);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reloading the grants failed"),
+                },
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the grants version failed"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = written() => {}
+                _ = tokio::time::sleep(GRANTS_POLL) => {}
+            }
+        }
     }
 
     /// Adds or replaces one grant (copy-on-write: grants change rarely, decisions read often).

@@ -7,6 +7,7 @@
 //! [`Claim::nack`] (back to the queue). A claim that is neither (the process died) returns to the
 //! queue when its lease ends — at the next start for the embedded queue.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;

@@ -1,6 +1,7 @@
 //! The store port: the decision log (and, as they arrive, audit records, grants and the webhook
 //! outbox). [`sqlite`] is the embedded backend; a PostgreSQL backend implements the same trait.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;

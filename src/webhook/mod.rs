@@ -14,6 +14,7 @@
 pub mod deliver;
 pub mod guard;
 pub mod policy;
+pub mod postgres;
 pub mod signer;
 pub mod sqlite;
 
@@ -192,4 +193,36 @@ pub trait WebhookOutbox: Send + Sync + 'static {
 
     /// Erases the tokens of deliveries that died before `before`. Returns how many.
     async fn erase_dead_tokens(&self, before: Micros) -> Result<u64, StoreError>;
+}
+
+/// The `history` column: one `[at_us, outcome, http_status, latency_ms, error_class]` per line.
+pub(crate) fn parse_history(lines: &str) -> Option<Vec<Attempt>> {
+    type Row = (i64, String, Option<u16>, u32, String);
+    lines
+        .lines()
+        .map(|line| {
+            let (at, outcome, http_status, latency_ms, error_class): Row =
+                serde_json::from_str(line).ok()?;
+            Some(Attempt {
+                at: Micros(at),
+                outcome,
+                http_status,
+                latency_ms,
+                error_class,
+            })
+        })
+        .collect()
+}
+
+/// A `history` line for `attempt`.
+pub(crate) fn history_line(a: &Attempt) -> String {
+    serde_json::to_string(&(
+        a.at.0,
+        &a.outcome,
+        a.http_status,
+        a.latency_ms,
+        &a.error_class,
+    ))
+    .expect("a tuple serializes")
+        + "\n"
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::params;
 
-use super::{Attempt, DeliveryState, DeliveryView, DueDelivery, Next, Outcome, WebhookOutbox};
+use super::{DeliveryState, DeliveryView, DueDelivery, Next, Outcome, WebhookOutbox};
 use crate::{
     decision::{Micros, Reason, Status},
     store::{
@@ -96,21 +96,13 @@ impl WebhookOutbox for Database {
                     Next::RetryAt(at) => (DeliveryState::Pending, Some(at.0), None),
                     Next::Dead(_) => (DeliveryState::Dead, None, Some(a.at.0)),
                 };
-                let line = serde_json::to_string(&(
-                    a.at.0,
-                    &a.outcome,
-                    a.http_status,
-                    a.latency_ms,
-                    &a.error_class,
-                ))
-                .expect("a tuple serializes");
                 update.execute(params![
                     o.seq,
                     state.as_str(),
                     next_at,
                     finished_at,
                     o.last_error,
-                    line + "\n",
+                    super::history_line(a),
                 ])?;
             }
             Ok(())
@@ -151,7 +143,7 @@ impl WebhookOutbox for Database {
                     state: DeliveryState::parse(&state).ok_or_else(|| bad(3, "state"))?,
                     next_attempt_at: r.get::<_, Option<i64>>(4)?.map(Micros),
                     last_error: r.get(5)?,
-                    history: parse_history(&history).ok_or_else(|| bad(6, "history"))?,
+                    history: super::parse_history(&history).ok_or_else(|| bad(6, "history"))?,
                 })
             })?;
             rows.collect()
@@ -194,25 +186,6 @@ impl WebhookOutbox for Database {
         })
         .await
     }
-}
-
-/// The `history` column: one `[at_us, outcome, http_status, latency_ms, error_class]` per line.
-fn parse_history(lines: &str) -> Option<Vec<Attempt>> {
-    type Row = (i64, String, Option<u16>, u32, String);
-    lines
-        .lines()
-        .map(|line| {
-            let (at, outcome, http_status, latency_ms, error_class): Row =
-                serde_json::from_str(line).ok()?;
-            Some(Attempt {
-                at: Micros(at),
-                outcome,
-                http_status,
-                latency_ms,
-                error_class,
-            })
-        })
-        .collect()
 }
 
 fn bad(i: usize, what: &str) -> rusqlite::Error {

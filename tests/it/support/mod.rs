@@ -17,6 +17,7 @@ use chargegate::{
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Streaming, transport::Channel};
 
+pub mod backend;
 pub mod binary;
 pub mod fake_authorizer;
 pub mod receiver;
@@ -49,12 +50,20 @@ pub fn standard_acl() -> String {
 /// A fresh data dir with the standard access list, ready to configure further.
 pub struct TestDir {
     pub dir: tempfile::TempDir,
+    /// The test's own database, when the suite runs on PostgreSQL.
+    pub database: Option<backend::TestDatabase>,
 }
 
 impl TestDir {
     pub fn new() -> Self {
+        let database = backend::on_postgres().then(|| {
+            let url = backend::postgres_url()
+                .expect("CHARGEGATE_TEST_BACKEND=postgres needs CHARGEGATE_TEST_POSTGRES_URL");
+            backend::TestDatabase::create(&url)
+        });
         Self {
             dir: tempfile::tempdir().expect("temp dir"),
+            database,
         }
     }
 
@@ -86,6 +95,12 @@ impl TestDir {
             file: Some(self.write_acl(&standard_acl())),
         };
         config.shutdown_grace = Duration::from_secs(5);
+        if let Some(db) = &self.database {
+            config.store = chargegate::config::StoreBackend::Postgres {
+                url: db.url.clone(),
+            };
+            config.queue = chargegate::config::QueueBackend::Postgres;
+        }
         config
     }
 }

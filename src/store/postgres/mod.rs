@@ -1,0 +1,281 @@
+//! The PostgreSQL backend: any number of identical instances share one database.
+//!
+//! Each job has its file:
+//! - [`schema`]: the migrations, applied under an advisory lock;
+//! - [`writer`]: group commit of the hot path (enqueues, decisions at intake, settles), one
+//!   transaction per batch of concurrent calls, one statement per kind of row;
+//! - [`log`]: the decision log's reads, and retention (one instance at a time);
+//! - [`tailer`]: cross-instance fan-out: the shared log, read in position order, feeds the hub;
+//! - [`listen`]: the `LISTEN` connection that wakes the tailer, the queue, the outbox and the
+//!   grants on commits of any instance;
+//! - [`grants`]: the grants, and their version that other instances poll.
+//!
+//! Positions are dense and in commit order: every transaction that records decisions locks the
+//! one `log_head` row last, takes the next positions and the chain link from it, and writes it
+//! back. A transaction that took position 41 has committed before another can take 42, so a
+//! reader past 42 never skips 41 (CONTRACT §10). The chain is linear for the same reason.
+//!
+//! Tokens: the plain token lives in the pending `queue` row and the pending delivery only, and
+//! is deleted (queue) or set NULL (delivery) when they finish.
+
+mod grants;
+pub(crate) mod listen;
+mod log;
+pub mod schema;
+mod tailer;
+mod writer;
+
+use std::{
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use self::{listen::Wakes, writer::WriteOp};
+use super::StoreError;
+use crate::{
+    audit::chain::ChainKey,
+    cursor::Cursor,
+    decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
+    fanout::Hub,
+    intake::NewRequest,
+    queue::{EnqueueOutcome, Settled},
+    token::Fingerprint,
+    webhook::Callback,
+};
+
+/// Connections each instance keeps to PostgreSQL (the writer and the listener have their own).
+const POOL_SIZE: usize = 16;
+/// How long a call waits for a pooled connection, or for a new one, before it fails.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+/// Writes waiting for the writer before callers wait for room (backpressure).
+const WRITE_QUEUE: usize = 16 * 1024;
+
+/// A handle on the shared database. Cheap to clone.
+#[derive(Clone)]
+pub struct Postgres {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    writer: mpsc::Sender<WriteOp>,
+    log_id: u32,
+    /// Rung by commits of any instance (through `LISTEN`, and at once for this instance's own).
+    wakes: Arc<Wakes>,
+    /// The newest position seen in `log_head`, and its floor (kept by the tailer).
+    head: AtomicU64,
+    floor: AtomicU64,
+    /// Stops the writer, the tailer and the listener.
+    stop: CancellationToken,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// A database that cannot be reached or refused a statement.
+fn db(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::backend(e)
+}
+
+/// A PostgreSQL connection configuration from a `postgres://` URL.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config = tokio_postgres::Config::from_str(url).map_err(db)?;
+    config.application_name("chargegate");
+    config.connect_timeout(POOL_WAIT);
+    Ok(config)
+}
+
+impl Postgres {
+    /// Connects, applies the migrations the database lacks and starts the writer, the listener
+    /// and the tailer. `hub` receives every instance's decisions in log order.
+    pub async fn open(
+        url: &str,
+        queue_max: u64,
+        hub: Arc<Hub>,
+        chain_key: [u8; 32],
+    ) -> Result<Self, StoreError> {
+        let config = parse_url(url)?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .recycle_timeout(Some(POOL_WAIT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(db)?;
+        let mut client = connect(&config).await?;
+        let (_, log_id) = schema::migrate(&mut client).await?;
+        let (head, floor): (i64, i64) = {
+            let row = client
+                .query_one("SELECT position, floor FROM log_head", &[])
+                .await
+                .map_err(db)?;
+            (row.get(0), row.get(1))
+        };
+        hub.set_head(head as u64);
+
+        let stop = CancellationToken::new();
+        let wakes = Arc::new(Wakes::default());
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let inner = Arc::new(Inner {
+            pool,
+            writer: tx,
+            log_id,
+            wakes: wakes.clone(),
+            head: AtomicU64::new(head as u64),
+            floor: AtomicU64::new(floor as u64),
+            stop: stop.clone(),
+            tasks: Default::default(),
+        });
+        drop(client);
+        let writer = writer::Writer {
+            client: None,
+            pool: inner.pool.clone(),
+            log_id,
+            queue_max,
+            chain_key: ChainKey::new(&chain_key),
+            wakes: wakes.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(writer.run(rx)),
+            tokio::spawn(listen::run(config, wakes, stop.clone())),
+            tokio::spawn(tailer::run(
+                Self {
+                    inner: inner.clone(),
+                },
+                hub,
+                stop,
+            )),
+        ];
+        *inner.tasks.lock().expect("tasks lock") = tasks;
+        Ok(Self { inner })
+    }
+
+    /// Finishes the writes queued, then stops the background tasks.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.writer.send(WriteOp::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        self.inner.stop.cancel();
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    pub(crate) fn wakes(&self) -> &Arc<Wakes> {
+        &self.inner.wakes
+    }
+
+    /// A pooled connection.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.pool.get().await.map_err(db)
+    }
+
+    pub(crate) async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Enqueue(request, tx), rx).await
+    }
+
+    pub(crate) async fn enqueue_decided(
+        &self,
+        decision: NewDecision,
+        callback: Option<Callback>,
+    ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::EnqueueDecided(decision, callback, tx), rx)
+            .await
+    }
+
+    /// Records the decision for queue row `id` (idempotently by request_id) and deletes the row.
+    pub(crate) async fn settle(
+        &self,
+        id: i64,
+        decision: NewDecision,
+        callback: Option<Callback>,
+    ) -> Result<Settled, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.write(WriteOp::Settle(id, decision, callback, tx), rx)
+            .await
+    }
+
+    async fn write<T>(
+        &self,
+        op: WriteOp,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.inner
+            .writer
+            .send(op)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn log_id(&self) -> u32 {
+        self.inner.log_id
+    }
+
+    /// Notes the head and floor read from `log_head`.
+    fn note_bounds(&self, head: u64, floor: u64) {
+        self.inner.head.fetch_max(head, Ordering::AcqRel);
+        self.inner.floor.fetch_max(floor, Ordering::AcqRel);
+    }
+}
+
+/// A connection of its own (the writer's, the listener's), driven by a task until it closes.
+pub(crate) async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, StoreError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(db)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "a PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The columns [`decision_row`] reads, in order.
+pub(crate) const DECISION_COLUMNS: &str =
+    "position, request_id, station_id, token_fp, reason, authorizer, accepted_at_us, decided_at_us";
+
+/// A decision from a row of [`DECISION_COLUMNS`].
+pub(crate) fn decision_row(
+    r: &tokio_postgres::Row,
+    log_id: u32,
+) -> Result<RecordedDecision, StoreError> {
+    let bad = |what: &str| StoreError::backend(std::io::Error::other(format!("unknown {what}")));
+    let reason: &str = r.try_get(4).map_err(db)?;
+    let authorizer: &str = r.try_get(5).map_err(db)?;
+    let position: i64 = r.try_get(0).map_err(db)?;
+    Ok(RecordedDecision {
+        cursor: Cursor::new(log_id, position as u64),
+        decision: NewDecision {
+            request_id: r.try_get(1).map_err(db)?,
+            station_id: r.try_get(2).map_err(db)?,
+            fingerprint: Fingerprint::from_stored(r.try_get(3).map_err(db)?),
+            verdict: Verdict::new(
+                Reason::parse(reason).ok_or_else(|| bad("reason"))?,
+                DecidedBy::parse(authorizer).ok_or_else(|| bad("authorizer"))?,
+            ),
+            accepted_at: Micros(r.try_get(6).map_err(db)?),
+            decided_at: Micros(r.try_get(7).map_err(db)?),
+        },
+    })
+}
