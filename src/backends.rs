@@ -1,7 +1,7 @@
 //! The backends a server runs on, chosen in one place from the configuration's `queue_url` and
 //! `store_url`. The server wires the [`Backends`] value and knows no backend by name.
 
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio::sync::Notify;
 
@@ -35,7 +35,8 @@ pub struct Backends {
 
 enum Kind {
     Sqlite(Database),
-    Postgres(Postgres),
+    /// With the lock that keeps the data dir (and its claimant name) to this process.
+    Postgres(Postgres, #[allow(dead_code)] std::fs::File),
 }
 
 impl Backends {
@@ -68,11 +69,13 @@ impl Backends {
                 })
             }
             (StoreBackend::Postgres { url }, QueueBackend::Postgres) => {
+                let (claimant, lock) = claimant(&config.data_dir)?;
                 let pg = Postgres::open(
                     url,
                     config.queue_max,
                     hub,
                     fingerprinter.derive_key(chain::KEY_PURPOSE),
+                    claimant,
                 )
                 .await?;
                 Ok(Self {
@@ -84,7 +87,7 @@ impl Backends {
                     outbox_wake: pg.wakes().outbox.clone(),
                     probes: vec![("postgres", Arc::new(pg.clone()))],
                     location: redacted(url),
-                    kind: Kind::Postgres(pg),
+                    kind: Kind::Postgres(pg, lock),
                 })
             }
             _ => Err(StoreError::backend(std::io::Error::other(
@@ -97,17 +100,47 @@ impl Backends {
     pub async fn close(&self) {
         match &self.kind {
             Kind::Sqlite(db) => db.close().await,
-            Kind::Postgres(pg) => pg.close().await,
+            Kind::Postgres(pg, _) => pg.close().await,
         }
     }
 
     /// The PostgreSQL store, when that is the backend (its grants change under other instances).
     pub fn postgres(&self) -> Option<&Postgres> {
         match &self.kind {
-            Kind::Postgres(pg) => Some(pg),
+            Kind::Postgres(pg, _) => Some(pg),
             Kind::Sqlite(_) => None,
         }
     }
+}
+
+/// The name this instance puts on its claims in a shared store, kept in `<data_dir>/claimant`
+/// so that a restart in place takes back at once what the process before it held (instances
+/// that do not come back lose their claims when the leases end), and the lock that keeps the
+/// data dir to this process: two instances never share a name.
+fn claimant(data_dir: &Path) -> Result<(String, std::fs::File), StoreError> {
+    std::fs::create_dir_all(data_dir).map_err(StoreError::backend)?;
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("claimant.lock"))
+        .map_err(StoreError::backend)?;
+    lock.try_lock().map_err(|_| {
+        StoreError::backend(std::io::Error::other(format!(
+            "{} is in use by another chargegate process",
+            data_dir.display()
+        )))
+    })?;
+    let path = data_dir.join("claimant");
+    let name = match std::fs::read_to_string(&path) {
+        Ok(name) if !name.trim().is_empty() => name.trim().to_owned(),
+        _ => {
+            let name = uuid::Uuid::now_v7().to_string();
+            std::fs::write(&path, &name).map_err(StoreError::backend)?;
+            name
+        }
+    };
+    Ok((name, lock))
 }
 
 /// A URL without its password, for logs.

@@ -59,7 +59,7 @@ impl Queue for PostgresQueue {
         let client = self.db.client().await?;
         let stmt = client
             .prepare_cached(
-                "UPDATE queue q SET claimed_until_us = $2, claims = q.claims + 1
+                "UPDATE queue q SET claimed_until_us = $2, claimed_by = $4, claims = q.claims + 1
                  FROM (SELECT id FROM queue
                        WHERE claimed_until_us IS NULL OR claimed_until_us < $1
                        ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
@@ -70,7 +70,7 @@ impl Queue for PostgresQueue {
             .await
             .map_err(db)?;
         let mut rows = client
-            .query(&stmt, &[&now, &until, &(max as i64)])
+            .query(&stmt, &[&now, &until, &(max as i64), &self.db.instance()])
             .await
             .map_err(db)?;
         rows.sort_by_key(|r| r.get::<_, i64>(0));
@@ -137,7 +137,7 @@ impl ClaimHandle for LeasedRow {
             let client = self.db.client().await?;
             client
                 .execute(
-                    "UPDATE queue SET claimed_until_us = NULL
+                    "UPDATE queue SET claimed_until_us = NULL, claimed_by = NULL
                      WHERE id = $1 AND claimed_until_us = $2",
                     &[&self.id, &self.until],
                 )

@@ -68,7 +68,7 @@ impl WebhookOutbox for Postgres {
                        AND (next_attempt_us, seq) > ($2, $3) AND NOT (host = ANY($4))
                      ORDER BY next_attempt_us, seq LIMIT $5
                      FOR UPDATE SKIP LOCKED)
-                 UPDATE deliveries d SET next_attempt_us = $6 FROM due WHERE d.seq = due.seq
+                 UPDATE deliveries d SET next_attempt_us = $6, claimed_by = $7 FROM due WHERE d.seq = due.seq
                  RETURNING {}, due.was",
                 DUE_COLUMNS
                     .split(", ")
@@ -81,7 +81,15 @@ impl WebhookOutbox for Postgres {
         let mut rows = tx
             .query(
                 &claim,
-                &[&now, &after_at, &after_seq, &skip_hosts, &limit, &until],
+                &[
+                    &now,
+                    &after_at,
+                    &after_seq,
+                    &skip_hosts,
+                    &limit,
+                    &until,
+                    &self.instance(),
+                ],
             )
             .await
             .map_err(db)?;
@@ -120,6 +128,7 @@ impl WebhookOutbox for Postgres {
                 "UPDATE deliveries
                  SET attempts = attempts + 1, state = $2, next_attempt_us = $3,
                      finished_at_us = $4, last_error = $5, history = history || $6,
+                     claimed_by = NULL,
                      driver_token = CASE WHEN $2 = 'delivered' THEN NULL ELSE driver_token END
                  WHERE seq = $1 AND state = 'pending'",
             )

@@ -166,7 +166,7 @@ fn start(dir: &TestDir, extra: &[&str]) -> ChildServer {
     let acl = dir.write_acl(&standard_acl());
     let mut args = vec!["--heartbeat-interval-ms", "300"];
     args.extend_from_slice(extra);
-    ChildServer::start(&dir.data_dir(), &acl, &args)
+    ChildServer::start(dir, &acl, &args)
 }
 
 #[test]

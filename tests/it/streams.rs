@@ -269,8 +269,6 @@ async fn a_cursor_older_than_retention_is_out_of_range() {
         decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
         fanout::Hub,
         intake::NewRequest,
-        queue::{Queue, sqlite::SqliteQueue},
-        store::sqlite::Database,
         token::{DriverToken, Fingerprinter},
     };
     let dir = TestDir::new();
@@ -279,14 +277,15 @@ async fn a_cursor_older_than_retention_is_out_of_range() {
     let cursors = {
         std::fs::create_dir_all(dir.data_dir()).unwrap();
         let fingerprinter = Fingerprinter::new(b"test-token-hash-key").unwrap();
-        let db = Database::open(
-            &dir.data_dir().join("chargegate.db"),
-            1000,
+        let backends = chargegate::backends::Backends::open(
+            &dir.config(),
             std::sync::Arc::new(Hub::new()),
-            fingerprinter.derive_key(chargegate::audit::chain::KEY_PURPOSE),
+            &fingerprinter,
+            Duration::from_secs(60),
         )
+        .await
         .unwrap();
-        let queue = SqliteQueue::new(db.clone(), Duration::from_secs(60));
+        let queue = backends.queue.clone();
         let mut cursors = Vec::new();
         for i in 0..3 {
             let token = DriverToken::new(TOKEN_GRANTED);
@@ -310,7 +309,7 @@ async fn a_cursor_older_than_retention_is_out_of_range() {
             };
             cursors.push(claim.ack(decision).await.unwrap().decision.cursor);
         }
-        db.close().await;
+        backends.close().await;
         cursors
     };
     let mut config = dir.config();

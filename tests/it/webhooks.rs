@@ -17,6 +17,7 @@ use sha2::Sha256;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use crate::support::backend::Value;
 use crate::support::{
     PATIENCE, STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_UNKNOWN, TestDir, TestServer,
     binary::ChildServer,
@@ -311,25 +312,15 @@ async fn a_dead_delivery_keeps_its_token_only_for_its_redrive_window() {
     wait_deliveries(&server.url(), DeliveryState::Dead, |d| d.len() == 1).await;
     // Past the window the token is erased (read from the store itself, which the server shares
     // with readers), and a redrive can no longer send the delivery.
-    let db = dir.data_dir().join("chargegate.db");
     let id = ack.request_id.clone();
     poll_until(
         "the token's erasure",
         || {
-            let (db, id) = (db.clone(), id.clone());
-            async move {
-                let conn = rusqlite::Connection::open_with_flags(
-                    &db,
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                )
-                .unwrap();
-                conn.query_row(
-                    "SELECT driver_token IS NULL FROM deliveries WHERE request_id = ?1",
-                    [&id],
-                    |r| r.get::<_, bool>(0),
-                )
-                .unwrap()
-            }
+            let erased = dir.sql_bool(
+                "SELECT driver_token IS NULL FROM deliveries WHERE request_id = $1",
+                &[Value::Text(id.clone())],
+            );
+            async move { erased }
         },
         |erased| *erased,
     )
@@ -447,8 +438,11 @@ async fn deliveries_survive_a_receiver_outage_and_kill_9() {
         "20",
         "--webhook-backoff-max-ms",
         "200",
+        // None may die while the others wait for their first attempt, however slow the store.
+        "--webhook-max-attempts",
+        "1000",
     ];
-    let mut server = ChildServer::start(&dir.data_dir(), &acl, &flags);
+    let mut server = ChildServer::start(&dir, &acl, &flags);
     let mut client =
         chargegate::proto::charging_authorization_client::ChargingAuthorizationClient::connect(
             server.url(),
@@ -487,7 +481,7 @@ async fn deliveries_survive_a_receiver_outage_and_kill_9() {
     server.signal("KILL");
     server.wait(PATIENCE);
     let receiver = WebhookReceiver::start_at(addr, Reply::Status(200)).await;
-    let server = ChildServer::start(&dir.data_dir(), &acl, &flags);
+    let server = ChildServer::start(&dir, &acl, &flags);
 
     let deadline = std::time::Instant::now() + PATIENCE;
     let mut n = 20;

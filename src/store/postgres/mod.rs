@@ -69,6 +69,8 @@ struct Inner {
     pool: Pool,
     writer: mpsc::Sender<WriteOp>,
     log_id: u32,
+    /// This instance's name on its claims.
+    instance: String,
     /// Rung by commits of any instance (through `LISTEN`, and at once for this instance's own).
     wakes: Arc<Wakes>,
     /// The newest position seen in `log_head`, and its floor (kept by the tailer).
@@ -100,6 +102,7 @@ impl Postgres {
         queue_max: u64,
         hub: Arc<Hub>,
         chain_key: [u8; 32],
+        instance: String,
     ) -> Result<Self, StoreError> {
         let config = parse_url(url)?;
         let manager = Manager::from_config(
@@ -127,6 +130,30 @@ impl Postgres {
             (row.get(0), row.get(1))
         };
         hub.set_head(head as u64);
+        // What this instance held when it last stopped (or died) is free at once; what other
+        // instances hold waits for their leases.
+        let queued = client
+            .execute(
+                "UPDATE queue SET claimed_until_us = NULL, claimed_by = NULL WHERE claimed_by = $1",
+                &[&instance],
+            )
+            .await
+            .map_err(db)?;
+        let delivering = client
+            .execute(
+                "UPDATE deliveries SET next_attempt_us = $2, claimed_by = NULL
+                 WHERE claimed_by = $1 AND state = 'pending'",
+                &[&instance, &Micros::now().0],
+            )
+            .await
+            .map_err(db)?;
+        if queued + delivering > 0 {
+            tracing::info!(
+                requests = queued,
+                deliveries = delivering,
+                "took back the claims this instance held before it restarted"
+            );
+        }
 
         let stop = CancellationToken::new();
         let wakes = Arc::new(Wakes::default());
@@ -135,6 +162,7 @@ impl Postgres {
             pool,
             writer: tx,
             log_id,
+            instance,
             wakes: wakes.clone(),
             head: AtomicU64::new(head as u64),
             floor: AtomicU64::new(floor as u64),
@@ -176,6 +204,11 @@ impl Postgres {
         for task in tasks {
             let _ = task.await;
         }
+    }
+
+    /// The name this instance puts on its claims.
+    pub(crate) fn instance(&self) -> &str {
+        &self.inner.instance
     }
 
     pub(crate) fn wakes(&self) -> &Arc<Wakes> {

@@ -36,6 +36,7 @@ CREATE TABLE queue (
     accepted_at_us   bigint NOT NULL,
     driver_token     text NOT NULL,
     claimed_until_us bigint,
+    claimed_by       text,
     claims           integer NOT NULL DEFAULT 0
 );
 -- The newest position and chain link: locked last by every transaction that records decisions,
@@ -81,7 +82,8 @@ CREATE TABLE deliveries (
     age_from_us     bigint NOT NULL,
     finished_at_us  bigint,
     last_error      text NOT NULL DEFAULT '',
-    history         text NOT NULL DEFAULT ''
+    history         text NOT NULL DEFAULT '',
+    claimed_by      text
 );
 CREATE INDEX deliveries_due ON deliveries (next_attempt_us, seq) WHERE state = 'pending';
 CREATE INDEX deliveries_dead ON deliveries (seq) WHERE state = 'dead';

@@ -183,3 +183,94 @@ impl Drop for TestDatabase {
         );
     }
 }
+
+/// A value bound to a statement run on either backend (`$1`, `$2`… work on both).
+#[derive(Clone, Debug)]
+pub enum Value {
+    Int(i64),
+    Text(String),
+}
+
+impl super::TestDir {
+    /// Runs `sql` on the test's store, from outside the server (as an operator's shell would).
+    pub fn sql_execute(&self, sql: &str, params: &[Value]) {
+        self.sql_query(sql, params, false);
+    }
+
+    /// The first column of the first row of `sql`, as a boolean.
+    pub fn sql_bool(&self, sql: &str, params: &[Value]) -> bool {
+        self.sql_query(sql, params, true).unwrap_or(false)
+    }
+
+    fn sql_query(&self, sql: &str, params: &[Value], read: bool) -> Option<bool> {
+        match &self.database {
+            Some(db) => {
+                let (sql, params) = (sql.to_owned(), params.to_vec());
+                blocking(
+                    move |c| {
+                        Box::pin(async move {
+                            let bound: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> =
+                                params
+                                    .into_iter()
+                                    .map(|p| match p {
+                                        Value::Int(i) => Box::new(i) as Box<_>,
+                                        Value::Text(s) => Box::new(s) as Box<_>,
+                                    })
+                                    .collect();
+                            let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = bound
+                                .iter()
+                                .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                                .collect();
+                            if read {
+                                let row = c.query_one(&sql, &refs).await.expect("query");
+                                Some(row.get::<_, bool>(0))
+                            } else {
+                                c.execute(&sql, &refs).await.expect("statement");
+                                None
+                            }
+                        })
+                    },
+                    db.url.clone(),
+                )
+            }
+            None => {
+                let conn = rusqlite::Connection::open(self.data_dir().join("chargegate.db"))
+                    .expect("open the store");
+                let bound: Vec<Box<dyn rusqlite::ToSql>> = params
+                    .iter()
+                    .map(|p| match p {
+                        Value::Int(i) => Box::new(*i) as Box<dyn rusqlite::ToSql>,
+                        Value::Text(s) => Box::new(s.clone()),
+                    })
+                    .collect();
+                let refs: Vec<&dyn rusqlite::ToSql> = bound.iter().map(|b| b.as_ref()).collect();
+                if read {
+                    Some(
+                        conn.query_row(sql, refs.as_slice(), |r| r.get::<_, bool>(0))
+                            .expect("query"),
+                    )
+                } else {
+                    conn.execute(sql, refs.as_slice()).expect("statement");
+                    None
+                }
+            }
+        }
+    }
+
+    /// The flags that point a chargegate binary at this test's store.
+    pub fn store_flags(&self) -> Vec<String> {
+        let mut flags = vec![
+            "--data-dir".to_owned(),
+            self.data_dir().display().to_string(),
+        ];
+        if let Some(db) = &self.database {
+            flags.extend([
+                "--store-url".to_owned(),
+                db.url.clone(),
+                "--token-hash-key".to_owned(),
+                "test-token-hash-key".to_owned(),
+            ]);
+        }
+        flags
+    }
+}

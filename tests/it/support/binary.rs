@@ -34,16 +34,16 @@ pub struct ChildServer {
 
 impl ChildServer {
     /// Starts the binary with `args` and waits until it logs the address it serves on.
-    pub fn start(data_dir: &Path, acl: &Path, extra: &[&str]) -> Self {
-        Self::start_as(data_dir, acl, extra, "off")
+    pub fn start(dir: &super::TestDir, acl: &Path, extra: &[&str]) -> Self {
+        Self::start_as(dir, acl, extra, "off")
     }
 
     /// Like [`ChildServer::start`], with the metrics listener on an ephemeral port.
-    pub fn start_with_metrics(data_dir: &Path, acl: &Path, extra: &[&str]) -> Self {
-        Self::start_as(data_dir, acl, extra, "127.0.0.1:0")
+    pub fn start_with_metrics(dir: &super::TestDir, acl: &Path, extra: &[&str]) -> Self {
+        Self::start_as(dir, acl, extra, "127.0.0.1:0")
     }
 
-    fn start_as(data_dir: &Path, acl: &Path, extra: &[&str], metrics_listen: &str) -> Self {
+    fn start_as(dir: &super::TestDir, acl: &Path, extra: &[&str], metrics_listen: &str) -> Self {
         let mut child = chargegate()
             .args([
                 "serve",
@@ -52,8 +52,7 @@ impl ChildServer {
                 "--metrics-listen",
                 metrics_listen,
             ])
-            .arg("--data-dir")
-            .arg(data_dir)
+            .args(dir.store_flags())
             .arg("--acl-file")
             .arg(acl)
             .args(extra)
