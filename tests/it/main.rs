@@ -9,5 +9,6 @@ mod grants;
 mod intake;
 mod lifecycle;
 mod remote;
+mod scaleout;
 mod streams;
 mod webhooks;

@@ -1,0 +1,322 @@
+//! Several instances on one PostgreSQL database (CONTRACT §10, §11.5). These need
+//! `CHARGEGATE_TEST_POSTGRES_URL`; without it they say so and pass, except under CI (`CI=true`),
+//! where a missing backend fails.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use chargegate::{
+    config::{Config, QueueBackend, StoreBackend},
+    cursor::Cursor,
+    decision::{DecidedBy, Micros, Reason, Verdict},
+    fanout::Hub,
+    intake::NewRequest,
+    token::{DriverToken, Fingerprinter},
+};
+
+use crate::support::{
+    PATIENCE, STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_WILDCARD, TestDir, TestServer,
+    authorize, backend, get_decision, next_decisions, subscribe,
+};
+
+/// The PostgreSQL server the tests create databases on; `None` (said) when there is none.
+fn postgres() -> Option<String> {
+    match backend::postgres_url() {
+        Some(url) => Some(url),
+        None if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI runs every backend: set CHARGEGATE_TEST_POSTGRES_URL")
+        }
+        None => {
+            eprintln!("PostgreSQL skipped: CHARGEGATE_TEST_POSTGRES_URL is not set");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_backends_under_test_are_named() {
+    let postgres = match backend::postgres_url() {
+        Some(_) if backend::on_postgres() => "the whole suite",
+        Some(_) => "the scale-out tests (CHARGEGATE_TEST_BACKEND=postgres runs the whole suite)",
+        None => "skipped (CHARGEGATE_TEST_POSTGRES_URL is not set)",
+    };
+    eprintln!("backends under test: SQLite: the whole suite; PostgreSQL: {postgres}");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        assert!(
+            backend::postgres_url().is_some(),
+            "CI runs every backend: set CHARGEGATE_TEST_POSTGRES_URL"
+        );
+    }
+}
+
+/// One instance's configuration on the shared database: a data dir of its own.
+fn instance(db: &backend::TestDatabase) -> (TestDir, Config) {
+    let dir = TestDir::new();
+    let mut config = dir.config();
+    config.store = StoreBackend::Postgres {
+        url: db.url.clone(),
+    };
+    config.queue = QueueBackend::Postgres;
+    (dir, config)
+}
+
+fn position(cursor: &str) -> u64 {
+    Cursor::decode(cursor).expect("a cursor").position
+}
+
+/// Dense and increasing by one: no gap, no duplicate, log order.
+fn assert_dense(positions: &[u64]) {
+    for pair in positions.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "positions {positions:?}");
+    }
+}
+
+#[tokio::test]
+async fn three_instances_share_one_log_in_order() {
+    let Some(url) = postgres() else { return };
+    let db = backend::TestDatabase::create(&url);
+    let (mut dirs, mut servers) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (dir, config) = instance(&db);
+        servers.push(TestServer::start(config).await);
+        dirs.push(dir);
+    }
+    let mut watcher = servers[0].client().await;
+    let mut stream = subscribe(&mut watcher, &[], "").await;
+    let mut clients = Vec::new();
+    for s in &servers {
+        clients.push(s.client().await);
+    }
+    let mut ids = BTreeSet::new();
+    for i in 0..60 {
+        let (station, token) = if i % 2 == 0 {
+            (STATION_A, TOKEN_GRANTED)
+        } else {
+            (STATION_B, TOKEN_WILDCARD)
+        };
+        ids.insert(authorize(&mut clients[i % 3], station, token).await.request_id);
+    }
+    let seen = next_decisions(&mut stream, 60).await;
+    let positions: Vec<u64> = seen.iter().map(|d| position(&d.cursor)).collect();
+    assert_dense(&positions);
+    let seen_ids: BTreeSet<String> = seen.iter().map(|d| d.request_id.clone()).collect();
+    assert_eq!(seen_ids, ids, "every decision of every instance, once");
+    // Any instance answers for any request, with the cursor the stream gave.
+    for (i, d) in seen.iter().enumerate() {
+        let got = get_decision(&mut clients[(i + 1) % 3], &d.request_id).await;
+        assert_eq!(got.cursor, d.cursor);
+    }
+    // A cursor taken on one instance resumes on another with exactly the remainder.
+    let middle = &seen[29].cursor;
+    let mut other = servers[2].client().await;
+    let mut resumed = subscribe(&mut other, &[], middle).await;
+    let rest = next_decisions(&mut resumed, 30).await;
+    assert_eq!(
+        rest.iter().map(|d| d.request_id.clone()).collect::<Vec<_>>(),
+        seen[30..]
+            .iter()
+            .map(|d| d.request_id.clone())
+            .collect::<Vec<_>>()
+    );
+    drop((stream, resumed));
+    for s in servers {
+        s.stop().await.expect("clean stop");
+    }
+}
+
+/// Runs `sql` on the test database.
+async fn sql(url: &str, statement: &str) {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let driven = tokio::spawn(connection);
+    client.batch_execute(statement).await.expect("statement");
+    drop(client);
+    let _ = driven.await;
+}
+
+/// The station whose decisions stall inside their transaction.
+const STALLED: &str = "5e9f1a2b-3c4d-4e5f-8a6b-7c8d9e0f1a2b";
+
+#[tokio::test]
+async fn a_decision_that_commits_late_is_never_skipped_nor_overtaken() {
+    let Some(url) = postgres() else { return };
+    let db = backend::TestDatabase::create(&url);
+    // Decisions at STALLED sleep inside the transaction that records them.
+    sql(
+        &db.url,
+        &format!(
+            "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.station_id = '{STALLED}' THEN PERFORM pg_sleep(1.5); END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER stall BEFORE INSERT ON decisions FOR EACH ROW EXECUTE FUNCTION stall();"
+        ),
+    )
+    .await;
+    let (mut dirs, mut servers) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (dir, config) = instance(&db);
+        servers.push(TestServer::start(config).await);
+        dirs.push(dir);
+    }
+    let mut watchers = Vec::new();
+    for s in &servers {
+        let mut c = s.client().await;
+        watchers.push(subscribe(&mut c, &[], "").await);
+    }
+    let mut stalled_client = servers[0].client().await;
+    let stalled = tokio::spawn(async move {
+        authorize(&mut stalled_client, STALLED, TOKEN_WILDCARD)
+            .await
+            .request_id
+    });
+    // Wait until the stalled transaction sleeps, then commit others on the other instances.
+    let (probe, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while probe
+        .query_opt(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "the stall never began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut later = Vec::new();
+    for i in 0..6 {
+        let mut c = servers[1 + i % 2].client().await;
+        later.push(tokio::spawn(async move {
+            authorize(&mut c, STATION_A, TOKEN_GRANTED).await.request_id
+        }));
+    }
+    let stalled = stalled.await.unwrap();
+    for w in &mut watchers {
+        let seen = next_decisions(w, 7).await;
+        let positions: Vec<u64> = seen.iter().map(|d| position(&d.cursor)).collect();
+        assert_dense(&positions);
+        assert_eq!(
+            seen[0].request_id, stalled,
+            "the stalled decision took the first position and no subscriber saw a later one before it"
+        );
+    }
+    for l in later {
+        l.await.unwrap();
+    }
+    drop(watchers);
+    for s in servers {
+        s.stop().await.expect("clean stop");
+    }
+}
+
+/// The control: a plain sequence, read "after the last position seen", skips a row whose
+/// transaction took its number first and committed last. This is what `log_head` prevents.
+#[tokio::test]
+async fn control_a_plain_sequence_skips_a_late_commit() {
+    let Some(url) = postgres() else { return };
+    let db = backend::TestDatabase::create(&url);
+    sql(&db.url, "CREATE TABLE plain (id bigserial PRIMARY KEY)").await;
+    let connect = || async {
+        let (c, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(connection);
+        c
+    };
+    let (mut early, late, reader) = (connect().await, connect().await, connect().await);
+    let slow = early.transaction().await.unwrap();
+    slow.execute("INSERT INTO plain DEFAULT VALUES", &[])
+        .await
+        .unwrap();
+    late.execute("INSERT INTO plain DEFAULT VALUES", &[])
+        .await
+        .unwrap();
+    let read_after = |last: i64| {
+        let reader = &reader;
+        async move {
+            reader
+                .query("SELECT id FROM plain WHERE id > $1 ORDER BY id", &[&last])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, i64>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    let first_read = read_after(0).await;
+    assert_eq!(first_read, [2], "the later number is visible first");
+    slow.commit().await.unwrap();
+    assert!(
+        read_after(2).await.is_empty(),
+        "a reader past 2 never sees 1: a plain sequence would lose it"
+    );
+}
+
+#[tokio::test]
+async fn a_lease_that_runs_out_lets_two_instances_decide_one_request_once() {
+    let Some(url) = postgres() else { return };
+    let db = backend::TestDatabase::create(&url);
+    let fingerprinter = Fingerprinter::new(b"test-token-hash-key").unwrap();
+    let lease = Duration::from_millis(200);
+    let (dir_a, config_a) = instance(&db);
+    let (dir_b, config_b) = instance(&db);
+    let a = chargegate::backends::Backends::open(&config_a, Arc::new(Hub::new()), &fingerprinter, lease)
+        .await
+        .unwrap();
+    let b = chargegate::backends::Backends::open(&config_b, Arc::new(Hub::new()), &fingerprinter, lease)
+        .await
+        .unwrap();
+    let token = DriverToken::new(TOKEN_GRANTED);
+    let request = NewRequest {
+        request_id: "raced".into(),
+        station_id: STATION_A.into(),
+        fingerprint: fingerprinter.fingerprint(&token),
+        token,
+        callback_url: Some("http://127.0.0.1:9/hook".into()),
+        accepted_at: Micros::now(),
+    };
+    a.queue.enqueue(request).await.unwrap();
+    let first = a.queue.claim(10).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(b.queue.claim(10).await.unwrap().is_empty(), "leased to a");
+    tokio::time::sleep(lease * 2).await;
+    let second = b.queue.claim(10).await.unwrap();
+    assert_eq!(second.len(), 1, "the lease ran out: b claims it too");
+    let decide = |claim: chargegate::queue::Claim, reason| {
+        let d = claim
+            .request
+            .decision(Verdict::new(reason, DecidedBy::Http), Micros::now());
+        async move { claim.ack(d).await.map_err(|(_, e)| e).unwrap() }
+    };
+    let (by_b, by_a) = (
+        decide(second.into_iter().next().unwrap(), Reason::Granted).await,
+        decide(first.into_iter().next().unwrap(), Reason::NoGrant).await,
+    );
+    assert!(by_b.first && !by_a.first, "one decision, the first recorded");
+    assert_eq!(by_a.decision, by_b.decision, "the second settle returns the first decision");
+    let count = |table: &'static str| {
+        let url = db.url.clone();
+        async move {
+            let (c, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("decisions").await, 1);
+    assert_eq!(count("deliveries").await, 1);
+    assert_eq!(count("queue").await, 0);
+    a.close().await;
+    b.close().await;
+    drop((dir_a, dir_b));
+}
