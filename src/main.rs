@@ -40,6 +40,7 @@ fn main() -> ExitCode {
                 }
             },
         },
+        Some(Command::Migrate(args)) => migrate(&runtime, *args),
         Some(command) => match runtime.block_on(chargegate::cli::run_client(command)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e)
@@ -53,6 +54,44 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `chargegate migrate`: the schema of a PostgreSQL `store_url`, applied under the advisory lock
+/// every instance takes.
+fn migrate(runtime: &tokio::runtime::Runtime, args: chargegate::cli::ServeArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("chargegate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let chargegate::config::StoreBackend::Postgres { url } = &config.store else {
+        eprintln!(
+            "chargegate: store_url: migrate applies the PostgreSQL schema; the SQLite store migrates itself when it opens"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match runtime.block_on(chargegate::store::postgres::migrate_url(url)) {
+        Ok(applied) if applied.is_empty() => {
+            println!(
+                "the schema is current (version {})",
+                chargegate::store::postgres::schema::VERSION
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            println!(
+                "applied migrations {applied:?}; the schema is at version {}",
+                chargegate::store::postgres::schema::VERSION
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chargegate: migrate: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -57,6 +57,8 @@ pub enum Command {
     Audit(AuditArgs),
     /// Print the defaults file, or check a configuration without starting the server.
     Config(ConfigArgs),
+    /// Apply the PostgreSQL schema of `store_url` and exit (the server also does at start-up).
+    Migrate(Box<ServeArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -371,7 +373,9 @@ async fn connect(
 /// Runs a client subcommand.
 pub async fn run_client(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) | Command::Config(_) => unreachable!("serve and config are run by main"),
+        Command::Serve(_) | Command::Config(_) | Command::Migrate(_) => {
+            unreachable!("serve, config and migrate are run by main")
+        }
         Command::Authorize(args) => authorize(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Grants(args) => grants(args).await,

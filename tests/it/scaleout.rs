@@ -14,8 +14,8 @@ use chargegate::{
 };
 
 use crate::support::{
-    PATIENCE, STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_WILDCARD, TestDir, TestServer,
-    authorize, backend, get_decision, next_decisions, subscribe,
+    PATIENCE, STATION_A, STATION_B, TOKEN_GRANTED, TOKEN_WILDCARD, TestDir, TestServer, authorize,
+    backend, get_decision, next_decisions, subscribe,
 };
 
 /// The PostgreSQL server the tests create databases on; `None` (said) when there is none.
@@ -93,7 +93,11 @@ async fn three_instances_share_one_log_in_order() {
         } else {
             (STATION_B, TOKEN_WILDCARD)
         };
-        ids.insert(authorize(&mut clients[i % 3], station, token).await.request_id);
+        ids.insert(
+            authorize(&mut clients[i % 3], station, token)
+                .await
+                .request_id,
+        );
     }
     let seen = next_decisions(&mut stream, 60).await;
     let positions: Vec<u64> = seen.iter().map(|d| position(&d.cursor)).collect();
@@ -111,7 +115,9 @@ async fn three_instances_share_one_log_in_order() {
     let mut resumed = subscribe(&mut other, &[], middle).await;
     let rest = next_decisions(&mut resumed, 30).await;
     assert_eq!(
-        rest.iter().map(|d| d.request_id.clone()).collect::<Vec<_>>(),
+        rest.iter()
+            .map(|d| d.request_id.clone())
+            .collect::<Vec<_>>(),
         seen[30..]
             .iter()
             .map(|d| d.request_id.clone())
@@ -186,7 +192,10 @@ async fn a_decision_that_commits_late_is_never_skipped_nor_overtaken() {
         .unwrap()
         .is_none()
     {
-        assert!(std::time::Instant::now() < deadline, "the stall never began");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stall never began"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut later = Vec::new();
@@ -266,12 +275,22 @@ async fn a_lease_that_runs_out_lets_two_instances_decide_one_request_once() {
     let lease = Duration::from_millis(200);
     let (dir_a, config_a) = instance(&db);
     let (dir_b, config_b) = instance(&db);
-    let a = chargegate::backends::Backends::open(&config_a, Arc::new(Hub::new()), &fingerprinter, lease)
-        .await
-        .unwrap();
-    let b = chargegate::backends::Backends::open(&config_b, Arc::new(Hub::new()), &fingerprinter, lease)
-        .await
-        .unwrap();
+    let a = chargegate::backends::Backends::open(
+        &config_a,
+        Arc::new(Hub::new()),
+        &fingerprinter,
+        lease,
+    )
+    .await
+    .unwrap();
+    let b = chargegate::backends::Backends::open(
+        &config_b,
+        Arc::new(Hub::new()),
+        &fingerprinter,
+        lease,
+    )
+    .await
+    .unwrap();
     let token = DriverToken::new(TOKEN_GRANTED);
     let request = NewRequest {
         request_id: "raced".into(),
@@ -298,8 +317,14 @@ async fn a_lease_that_runs_out_lets_two_instances_decide_one_request_once() {
         decide(second.into_iter().next().unwrap(), Reason::Granted).await,
         decide(first.into_iter().next().unwrap(), Reason::NoGrant).await,
     );
-    assert!(by_b.first && !by_a.first, "one decision, the first recorded");
-    assert_eq!(by_a.decision, by_b.decision, "the second settle returns the first decision");
+    assert!(
+        by_b.first && !by_a.first,
+        "one decision, the first recorded"
+    );
+    assert_eq!(
+        by_a.decision, by_b.decision,
+        "the second settle returns the first decision"
+    );
     let count = |table: &'static str| {
         let url = db.url.clone();
         async move {
@@ -319,4 +344,33 @@ async fn a_lease_that_runs_out_lets_two_instances_decide_one_request_once() {
     a.close().await;
     b.close().await;
     drop((dir_a, dir_b));
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once_and_serve_needs_the_token_key() {
+    let Some(url) = postgres() else { return };
+    let name = format!("chargegate_test_empty_{}", uuid::Uuid::now_v7().simple());
+    sql(&url, &format!("CREATE DATABASE {name}")).await;
+    let empty = backend::with_database(&url, &name);
+    let migrate = || {
+        crate::support::binary::chargegate()
+            .args(["migrate", "--store-url", &empty])
+            .env("CHARGEGATE_TOKEN_HASH_KEY", "test-token-hash-key")
+            .output()
+            .expect("run chargegate migrate")
+    };
+    let first = migrate();
+    assert!(first.status.success(), "{first:?}");
+    assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1]"));
+    let again = migrate();
+    assert!(again.status.success(), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("the schema is current"));
+
+    let refused = crate::support::binary::chargegate()
+        .args(["serve", "--store-url", &empty, "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run chargegate serve");
+    assert_eq!(refused.status.code(), Some(64), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("token_hash_key"));
+    sql(&url, &format!("DROP DATABASE {name} WITH (FORCE)")).await;
 }

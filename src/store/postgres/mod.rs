@@ -271,6 +271,12 @@ impl Postgres {
     }
 }
 
+/// Applies the migrations the database at `url` lacks; returns the versions applied.
+pub async fn migrate_url(url: &str) -> Result<Vec<i64>, StoreError> {
+    let mut client = connect(&parse_url(url)?).await?;
+    Ok(schema::migrate(&mut client).await?.0)
+}
+
 /// A connection of its own (the writer's, the listener's), driven by a task until it closes.
 pub(crate) async fn connect(
     config: &tokio_postgres::Config,
