@@ -246,3 +246,44 @@ fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
     let child = start(&dir, &[]);
     runtime.block_on(verify_exactly_once(&child.url(), &acked, &before));
 }
+
+/// Three instances on one PostgreSQL database, requests queued for a remote authorizer, load
+/// through all three, `kill -9` of one mid-load and its restart, twice: every acknowledged
+/// request is decided exactly once, as a replay on a surviving instance shows.
+#[test]
+fn kill_9_of_one_of_three_instances_never_loses_or_repeats_a_decision() {
+    let Some(url) = crate::scaleout::postgres() else {
+        return;
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
+        Duration::from_millis(5),
+        r#"{"allowed": "ALLOWED"}"#.into(),
+    )));
+    let remote = authorizer.url().to_string();
+    let extra = ["--authorizer", "http", "--authorizer-url", &remote];
+    let db = backend::TestDatabase::create(&url);
+    let dirs: Vec<TestDir> = (0..3).map(|_| TestDir::sharing(&db)).collect();
+    let (first, before) = start_with_cursor(&dirs[0], &extra, &runtime);
+    let mut children = vec![first, start(&dirs[1], &extra), start(&dirs[2], &extra)];
+    let mut acked = Vec::new();
+    let mut rng = rand::rng();
+    for round in 0..2 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let loads: Vec<_> = children
+            .iter()
+            .enumerate()
+            .map(|(i, c)| runtime.spawn(drive_load(c.url(), round * 10 + i, stop.clone())))
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..900)));
+        children[1].signal("KILL");
+        children[1].wait(PATIENCE);
+        stop.store(true, Ordering::Relaxed);
+        for load in loads {
+            acked.extend(runtime.block_on(load).unwrap());
+        }
+        children[1] = start(&dirs[1], &extra);
+    }
+    assert!(authorizer.calls() > 0, "the remote authorizer decided");
+    runtime.block_on(verify_exactly_once(&children[2].url(), &acked, &before));
+}

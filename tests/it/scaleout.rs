@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use chargegate::{
-    config::{Config, QueueBackend, StoreBackend},
+    config::Config,
     cursor::Cursor,
     decision::{DecidedBy, Micros, Reason, Verdict},
     fanout::Hub,
@@ -19,7 +19,7 @@ use crate::support::{
 };
 
 /// The PostgreSQL server the tests create databases on; `None` (said) when there is none.
-fn postgres() -> Option<String> {
+pub(crate) fn postgres() -> Option<String> {
     match backend::postgres_url() {
         Some(url) => Some(url),
         None if std::env::var("CI").as_deref() == Ok("true") => {
@@ -50,12 +50,8 @@ fn the_backends_under_test_are_named() {
 
 /// One instance's configuration on the shared database: a data dir of its own.
 fn instance(db: &backend::TestDatabase) -> (TestDir, Config) {
-    let dir = TestDir::new();
-    let mut config = dir.config();
-    config.store = StoreBackend::Postgres {
-        url: db.url.clone(),
-    };
-    config.queue = QueueBackend::Postgres;
+    let dir = TestDir::sharing(db);
+    let config = dir.config();
     (dir, config)
 }
 

@@ -203,8 +203,8 @@ impl super::TestDir {
     }
 
     fn sql_query(&self, sql: &str, params: &[Value], read: bool) -> Option<bool> {
-        match &self.database {
-            Some(db) => {
+        match self.store_url() {
+            Some(url) => {
                 let (sql, params) = (sql.to_owned(), params.to_vec());
                 blocking(
                     move |c| {
@@ -230,7 +230,7 @@ impl super::TestDir {
                             }
                         })
                     },
-                    db.url.clone(),
+                    url,
                 )
             }
             None => {
@@ -263,10 +263,10 @@ impl super::TestDir {
             "--data-dir".to_owned(),
             self.data_dir().display().to_string(),
         ];
-        if let Some(db) = &self.database {
+        if let Some(url) = self.store_url() {
             flags.extend([
                 "--store-url".to_owned(),
-                db.url.clone(),
+                url,
                 "--token-hash-key".to_owned(),
                 "test-token-hash-key".to_owned(),
             ]);

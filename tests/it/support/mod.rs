@@ -52,6 +52,8 @@ pub struct TestDir {
     pub dir: tempfile::TempDir,
     /// The test's own database, when the suite runs on PostgreSQL.
     pub database: Option<backend::TestDatabase>,
+    /// A database shared with other instances, in place of the test's own.
+    pub shared: Option<String>,
 }
 
 impl TestDir {
@@ -64,7 +66,24 @@ impl TestDir {
         Self {
             dir: tempfile::tempdir().expect("temp dir"),
             database,
+            shared: None,
         }
+    }
+
+    /// One instance's dir on a database several instances share.
+    pub fn sharing(db: &backend::TestDatabase) -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+            database: None,
+            shared: Some(db.url.clone()),
+        }
+    }
+
+    /// The PostgreSQL URL of this test's store, when it is on PostgreSQL.
+    pub fn store_url(&self) -> Option<String> {
+        self.shared
+            .clone()
+            .or_else(|| self.database.as_ref().map(|d| d.url.clone()))
     }
 
     pub fn path(&self) -> PathBuf {
@@ -95,10 +114,8 @@ impl TestDir {
             file: Some(self.write_acl(&standard_acl())),
         };
         config.shutdown_grace = Duration::from_secs(5);
-        if let Some(db) = &self.database {
-            config.store = chargegate::config::StoreBackend::Postgres {
-                url: db.url.clone(),
-            };
+        if let Some(url) = self.store_url() {
+            config.store = chargegate::config::StoreBackend::Postgres { url };
             config.queue = chargegate::config::QueueBackend::Postgres;
         }
         config
