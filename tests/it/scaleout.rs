@@ -370,3 +370,65 @@ async fn migrate_applies_the_schema_once_and_serve_needs_the_token_key() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("token_hash_key"));
     sql(&url, &format!("DROP DATABASE {name} WITH (FORCE)")).await;
 }
+
+/// The health of the whole server, as a probe asks it.
+async fn serving(server: &TestServer) -> bool {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut health = HealthClient::new(server.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().status() == ServingStatus::Serving)
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn while_postgresql_refuses_connections_calls_are_unavailable_and_health_not_serving() {
+    let Some(url) = postgres() else { return };
+    let db = backend::TestDatabase::create(&url);
+    let (_dir, config) = instance(&db);
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let before = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+    assert!(serving(&server).await);
+
+    // The database goes away: no new connections, and the open ones are cut.
+    let name = url::Url::parse(&db.url).unwrap().path()[1..].to_owned();
+    sql(
+        &url,
+        &format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+        ),
+    )
+    .await;
+    let refused = client
+        .authorize(crate::support::request(STATION_A, TOKEN_GRANTED))
+        .await
+        .expect_err("no acknowledgement without the database");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    crate::support::poll_until(
+        "NOT_SERVING",
+        || serving(&server),
+        |s| !*s,
+    )
+    .await;
+
+    // Back: service resumes on its own, and nothing acknowledged was lost.
+    sql(&url, &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await;
+    crate::support::poll_until("SERVING again", || serving(&server), |s| *s).await;
+    let after = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+    for id in [&before.request_id, &after.request_id] {
+        let d = get_decision(&mut client, id).await;
+        assert_eq!(
+            d.status(),
+            chargegate::proto::DecisionStatus::Allowed,
+            "{id} decided"
+        );
+    }
+    server.stop().await.expect("clean stop");
+}
