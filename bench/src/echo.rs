@@ -73,13 +73,15 @@ impl ChargingAuthorization for Echo {
 }
 
 /// Serves the echo service on an ephemeral port; prints `listen=<addr>` for the parent. With
-/// `durable`, the durable-ack floor with its SQLite file in that directory.
-pub fn serve(durable: Option<&Path>) -> anyhow::Result<()> {
-    let durable = match durable {
-        Some(dir) => Some(start_writer(dir)?),
-        None => None,
-    };
+/// `durable`, the durable-ack floor with its SQLite file in that directory; with `postgres`, the
+/// PostgreSQL durable-ack floor in that database.
+pub fn serve(durable: Option<&Path>, postgres: Option<&str>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
+    let durable = match (durable, postgres) {
+        (Some(dir), _) => Some(start_writer(dir)?),
+        (None, Some(url)) => Some(runtime.block_on(start_postgres_writer(url))?),
+        (None, None) => None,
+    };
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         println!("listen={}", listener.local_addr()?);
@@ -139,4 +141,45 @@ fn commit(conn: &mut rusqlite::Connection, rows: &[Row]) -> rusqlite::Result<()>
         }
     }
     tx.commit()
+}
+
+/// The PostgreSQL durable-ack floor: one row per call, committed by one task for every call that
+/// arrived meanwhile (one multi-row `UNNEST` insert per commit, as chargegate's writer batches),
+/// through the driver chargegate uses, answered after the commit.
+async fn start_postgres_writer(url: &str) -> anyhow::Result<Durable> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS durable_echo (
+                 request_id     text PRIMARY KEY,
+                 station_id     text NOT NULL,
+                 accepted_at_us bigint NOT NULL
+             )",
+        )
+        .await?;
+    let insert = client
+        .prepare(
+            "INSERT INTO durable_echo (request_id, station_id, accepted_at_us)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
+        )
+        .await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Row>(16 * 1024);
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            let now = chargegate::decision::Micros::now().0;
+            let ids: Vec<&str> = batch.iter().map(|r| r.0.as_str()).collect();
+            let stations: Vec<&str> = batch.iter().map(|r| r.1.as_str()).collect();
+            let at = vec![now; batch.len()];
+            let committed = client
+                .execute(&insert, &[&ids, &stations, &at])
+                .await
+                .is_ok();
+            for (_, _, reply) in batch.drain(..) {
+                let _ = reply.send(committed);
+            }
+        }
+    });
+    Ok(tx)
 }

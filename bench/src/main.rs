@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -40,6 +40,13 @@ struct Args {
     /// side (`--server-arg=--audit-calls=false`); repeat for more.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
+    /// A PostgreSQL server whose user may create databases, for p1 and p2.
+    #[arg(
+        long,
+        env = "CHARGEGATE_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres_url: String,
 }
 
 #[derive(Subcommand)]
@@ -49,6 +56,9 @@ enum Mode {
         /// Commit each call to a SQLite file in this directory before answering (the durable floor).
         #[arg(long)]
         durable: Option<std::path::PathBuf>,
+        /// Commit each call to this PostgreSQL database before answering (its durable floor).
+        #[arg(long)]
+        durable_postgres: Option<String>,
     },
     /// (internal) Serve a fast remote authorizer with an optional slow tail.
     AuthorizerServer {
@@ -68,14 +78,17 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 13] = [
-    "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1",
+const ALL: [&str; 15] = [
+    "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
 ];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.mode {
-        Some(Mode::EchoServer { durable }) => return echo::serve(durable.as_deref()),
+        Some(Mode::EchoServer {
+            durable,
+            durable_postgres,
+        }) => return echo::serve(durable.as_deref(), durable_postgres.as_deref()),
         Some(Mode::AuthorizerServer {
             slow_percent,
             slow_ms,
@@ -125,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             args.target.clone(),
             server_core,
             args.server_arg.clone(),
+            args.postgres_url.clone(),
         )?;
         println!("machine: {machine}");
         for s in &selected {
@@ -143,6 +157,12 @@ fn main() -> anyhow::Result<()> {
                 "a1" => bench.a1().await,
                 "w1" => bench.w1().await,
                 "u1" => bench.u1().await,
+                "p1" | "p2" if !bench.postgres_answers().await => {
+                    println!("{s}: skipped: PostgreSQL does not answer at --postgres-url");
+                    Ok(())
+                }
+                "p1" => bench.p1().await,
+                "p2" => bench.p2().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

@@ -54,6 +54,21 @@ pub fn cpu_time(pid: u32) -> Duration {
 }
 
 /// A server process under test.
+/// CPU time of every process named `postgres` (the server and its backends) on this machine.
+pub fn postgres_cpu_time() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_time)
+        .sum()
+}
+
 pub struct ServerProcess {
     pub child: Child,
     pub url: String,

@@ -70,6 +70,8 @@ pub struct Bench {
     echo_rps: Option<f64>,
     knee_rps: Option<f64>,
     next_dir: u32,
+    /// The PostgreSQL server p1 and p2 create their databases on.
+    postgres_url: String,
 }
 
 impl Bench {
@@ -79,6 +81,7 @@ impl Bench {
         target: Option<String>,
         server_core: Option<usize>,
         server_args: Vec<String>,
+        postgres_url: String,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             quick,
@@ -94,6 +97,7 @@ impl Bench {
             echo_rps: None,
             knee_rps: None,
             next_dir: 0,
+            postgres_url,
         })
     }
 
@@ -228,6 +232,126 @@ impl Bench {
                 "errors": e.errors + f.errors + a.errors,
             }),
         );
+        Ok(())
+    }
+
+    /// True when the PostgreSQL server of p1 and p2 answers.
+    pub async fn postgres_answers(&self) -> bool {
+        postgres_admin(&self.postgres_url).await.is_ok()
+    }
+
+    /// A fresh database on the PostgreSQL server; dropped by [`Bench::drop_database`].
+    async fn create_database(&self, name: &str) -> anyhow::Result<String> {
+        let admin = postgres_admin(&self.postgres_url).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let mut url = url::Url::parse(&self.postgres_url)?;
+        url.set_path(&format!("/{name}"));
+        Ok(url.to_string())
+    }
+
+    async fn drop_database(&self, name: &str) -> anyhow::Result<()> {
+        let admin = postgres_admin(&self.postgres_url).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        Ok(())
+    }
+
+    /// p1: closed loop at C=200 on PostgreSQL, one instance, beside echo and the PostgreSQL
+    /// durable-ack floor (echo plus one row per call committed in groups through the same driver).
+    pub async fn p1(&mut self) -> anyhow::Result<()> {
+        let (c, k) = (200, 8);
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let run = |url: String| async move {
+            let channels = load::connect(&url, k).await?;
+            anyhow::Ok(
+                load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await,
+            )
+        };
+        let echo = self.echo()?;
+        let e = run(echo.url.clone()).await?;
+        echo.stop();
+        let floor_url = self.create_database("chargegate_bench_floor").await?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .arg("echo-server")
+            .arg("--durable-postgres")
+            .arg(&floor_url);
+        let floor = ServerProcess::spawn(command, self.server_core)?;
+        let f = run(floor.url.clone()).await?;
+        floor.stop();
+        self.drop_database("chargegate_bench_floor").await?;
+        let store = self.create_database("chargegate_bench_p1").await?;
+        let dir = self.fresh_dir("p1");
+        let server = self.chargegate_on(&dir, &["--store-url", &store])?;
+        let a = run(server.url.clone()).await?;
+        server.stop();
+        self.drop_database("chargegate_bench_p1").await?;
+        self.record(
+            "p1",
+            json!({
+                "concurrency": c, "connections": k,
+                "echo_rps": e.rps.round(), "floor_rps": f.rps.round(), "authorize_rps": a.rps.round(),
+                "ratio_to_floor": round3(a.rps / f.rps), "floor_ratio_to_echo": round3(f.rps / e.rps),
+                "authorize_p50_ms": ms(a.hist.value_at_quantile(0.5)),
+                "authorize_p99_ms": ms(a.hist.value_at_quantile(0.99)),
+                "floor_p99_ms": ms(f.hist.value_at_quantile(0.99)),
+                "errors": e.errors + f.errors + a.errors,
+            }),
+        );
+        Ok(())
+    }
+
+    /// p2: one, two and three instances on one database, the same closed loop (C=200) spread over
+    /// them; the aggregate rate, and the cores the instances and PostgreSQL used meanwhile.
+    pub async fn p2(&mut self) -> anyhow::Result<()> {
+        let (c, k) = (200, 9);
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let mut rows = Vec::new();
+        for n in 1..=3usize {
+            let store = self.create_database("chargegate_bench_p2").await?;
+            let mut servers = Vec::new();
+            for i in 0..n {
+                let dir = self.fresh_dir(&format!("p2-{n}-{i}"));
+                servers.push(self.chargegate_on(&dir, &["--store-url", &store])?);
+            }
+            let mut channels = Vec::new();
+            for s in &servers {
+                channels.extend(load::connect(&s.url, k / n).await?);
+            }
+            let (cpu_before, pg_before) = (
+                servers.iter().map(|s| s.cpu_time()).sum::<Duration>(),
+                procs::postgres_cpu_time(),
+            );
+            let started = std::time::Instant::now();
+            let a = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
+            let elapsed = started.elapsed().as_secs_f64();
+            let cores = |d: Duration| round3(d.as_secs_f64() / elapsed);
+            let used = servers.iter().map(|s| s.cpu_time()).sum::<Duration>() - cpu_before;
+            let pg = procs::postgres_cpu_time().saturating_sub(pg_before);
+            rows.push(json!({
+                "instances": n, "authorize_rps": a.rps.round(),
+                "authorize_p99_ms": ms(a.hist.value_at_quantile(0.99)),
+                "instances_cores": cores(used), "postgres_cores": cores(pg),
+                "errors": a.errors,
+            }));
+            drop(channels);
+            for s in servers {
+                s.stop();
+            }
+            self.drop_database("chargegate_bench_p2").await?;
+        }
+        let one = rows[0]["authorize_rps"].as_f64().unwrap_or(1.0).max(1.0);
+        for row in &mut rows {
+            let rps = row["authorize_rps"].as_f64().unwrap_or(0.0);
+            row["ratio_to_one"] = json!(round3(rps / one));
+        }
+        self.record("p2", json!({ "concurrency": c, "runs": rows }));
         Ok(())
     }
 
@@ -1399,4 +1523,15 @@ fn raw_drain(path: &std::path::Path, batch: usize) -> anyhow::Result<f64> {
         drained += rows.len() as u64;
     }
     Ok(drained as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A connection to the PostgreSQL server's admin database, driven by a task of its own.
+async fn postgres_admin(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await??;
+    tokio::spawn(connection);
+    Ok(client)
 }

@@ -265,7 +265,7 @@ fn kill_9_of_one_of_three_instances_never_loses_or_repeats_a_decision() {
     let db = backend::TestDatabase::create(&url);
     let dirs: Vec<TestDir> = (0..3).map(|_| TestDir::sharing(&db)).collect();
     let (first, before) = start_with_cursor(&dirs[0], &extra, &runtime);
-    let mut children = vec![first, start(&dirs[1], &extra), start(&dirs[2], &extra)];
+    let mut children = [first, start(&dirs[1], &extra), start(&dirs[2], &extra)];
     let mut acked = Vec::new();
     let mut rng = rand::rng();
     for round in 0..2 {

@@ -411,15 +411,14 @@ async fn while_postgresql_refuses_connections_calls_are_unavailable_and_health_n
         .await
         .expect_err("no acknowledgement without the database");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    crate::support::poll_until(
-        "NOT_SERVING",
-        || serving(&server),
-        |s| !*s,
-    )
-    .await;
+    crate::support::poll_until("NOT_SERVING", || serving(&server), |s| !*s).await;
 
     // Back: service resumes on its own, and nothing acknowledged was lost.
-    sql(&url, &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await;
+    sql(
+        &url,
+        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"),
+    )
+    .await;
     crate::support::poll_until("SERVING again", || serving(&server), |s| *s).await;
     let after = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
     for id in [&before.request_id, &after.request_id] {

@@ -90,6 +90,10 @@ fn db(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     let mut config = tokio_postgres::Config::from_str(url).map_err(db)?;
     config.application_name("chargegate");
+    // Plans for the values at hand: a generic plan chosen while a table was empty (at the first
+    // start, before autovacuum has analyzed it) scans the whole table for every batch once it
+    // has grown (measured: 37 ms a commit at 16,000 rows).
+    config.options("-c plan_cache_mode=force_custom_plan");
     config.connect_timeout(POOL_WAIT);
     Ok(config)
 }

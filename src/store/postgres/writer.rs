@@ -251,14 +251,15 @@ impl Writer {
         }
 
         // 3. Decisions, under the log_head lock.
-        let to_record: Vec<(usize, &NewDecision, Option<&Callback>)> = ops
+        // Each with whether it settles a queued request.
+        let to_record: Vec<(usize, &NewDecision, Option<&Callback>, bool)> = ops
             .iter()
             .enumerate()
             .filter_map(|(i, op)| match op {
                 WriteOp::EnqueueDecided(d, c, _) if new_keys.contains(&i) => {
-                    Some((i, d, c.as_ref()))
+                    Some((i, d, c.as_ref(), false))
                 }
-                WriteOp::Settle(_, d, c, _) => Some((i, d, c.as_ref())),
+                WriteOp::Settle(_, d, c, _) => Some((i, d, c.as_ref(), true)),
                 _ => None,
             })
             .collect();
@@ -416,7 +417,7 @@ async fn record(
     tx: &Transaction<'_>,
     log_id: u32,
     chain_key: &ChainKey,
-    decisions: &[(usize, &NewDecision, Option<&Callback>)],
+    decisions: &[(usize, &NewDecision, Option<&Callback>, bool)],
 ) -> Result<Recorded, tokio_postgres::Error> {
     let head = tx
         .query_one("SELECT position, chain FROM log_head FOR UPDATE", &[])
@@ -424,22 +425,30 @@ async fn record(
     let mut position = head.get::<_, i64>(0) as u64;
     let mut link: Link = head.get::<_, Vec<u8>>(1).try_into().unwrap_or([0; 32]);
     // Only lock holders insert decisions, so what is not here now is not recorded by anyone.
-    let ids: Vec<&str> = decisions.iter().map(|d| d.1.request_id.as_str()).collect();
-    let stmt = tx
-        .prepare_cached(&format!(
-            "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ANY($1)"
-        ))
-        .await?;
+    // A request decided at intake got its key in this transaction: only settles of queued
+    // requests (a lease that ran out, a redelivery) can find their decision recorded.
+    let ids: Vec<&str> = decisions
+        .iter()
+        .filter(|d| d.3)
+        .map(|d| d.1.request_id.as_str())
+        .collect();
     let mut earlier: HashMap<String, RecordedDecision> = HashMap::new();
-    for row in tx.query(&stmt, &[&ids]).await? {
-        if let Ok(d) = decision_row(&row, log_id) {
-            earlier.insert(d.decision.request_id.clone(), d);
+    if !ids.is_empty() {
+        let stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ANY($1)"
+            ))
+            .await?;
+        for row in tx.query(&stmt, &[&ids]).await? {
+            if let Ok(d) = decision_row(&row, log_id) {
+                earlier.insert(d.decision.request_id.clone(), d);
+            }
         }
     }
     let mut settled = Vec::with_capacity(decisions.len());
     let mut rows = DecisionRows::default();
     let mut deliveries = DeliveryRows::default();
-    for (i, d, callback) in decisions {
+    for (i, d, callback, _) in decisions {
         if let Some(e) = earlier.get(&d.request_id) {
             settled.push((
                 *i,
