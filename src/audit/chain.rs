@@ -103,59 +103,120 @@ pub struct Verification {
     pub broken: Option<Broken>,
 }
 
-/// Walks the decision log in order and checks every link.
+/// One record as the chain covers it, in log order.
+pub struct ChainedRecord<'a> {
+    pub position: i64,
+    pub request_id: &'a str,
+    pub station_id: &'a str,
+    pub token_fp: &'a str,
+    pub status: &'a str,
+    pub reason: &'a str,
+    pub authorizer: &'a str,
+    pub accepted_at_us: i64,
+    pub decided_at_us: i64,
+    pub processing_ms: i64,
+    /// `None` for a record written before the chain began.
+    pub chain: Option<&'a [u8]>,
+}
+
+/// Checks records one by one, in log order, from the chain's floor; any backend feeds it.
+pub struct Walker {
+    key: ChainKey,
+    previous: Link,
+    found: Verification,
+    started: bool,
+}
+
+impl Walker {
+    pub fn new(key: &[u8; 32], floor: Link) -> Self {
+        Self {
+            key: ChainKey::new(key),
+            previous: floor,
+            found: Verification {
+                checked: 0,
+                unchained: 0,
+                broken: None,
+            },
+            started: false,
+        }
+    }
+
+    /// Checks the next record; false once a broken one was found (feed no more).
+    pub fn check(&mut self, r: ChainedRecord<'_>) -> bool {
+        if self.found.broken.is_some() {
+            return false;
+        }
+        let broken = || Broken {
+            seq: r.position,
+            request_id: r.request_id.to_owned(),
+        };
+        let Some(stored) = r.chain else {
+            if self.started {
+                self.found.broken = Some(broken());
+                return false;
+            }
+            self.found.unchained += 1;
+            return true;
+        };
+        self.started = true;
+        let expected = link_of(
+            &self.key,
+            &self.previous,
+            r.request_id,
+            r.station_id,
+            r.token_fp,
+            r.status,
+            r.reason,
+            r.authorizer,
+            r.accepted_at_us,
+            r.decided_at_us,
+            r.processing_ms,
+        );
+        if stored != expected.as_slice() {
+            self.found.broken = Some(broken());
+            return false;
+        }
+        self.found.checked += 1;
+        self.previous = expected;
+        true
+    }
+
+    pub fn finish(self) -> Verification {
+        self.found
+    }
+}
+
+/// Walks the embedded decision log in order and checks every link.
 pub fn verify(conn: &Connection, key: &[u8; 32]) -> rusqlite::Result<Verification> {
-    let key = &ChainKey::new(key);
-    let mut previous = floor(conn)?;
+    let mut walker = Walker::new(key, floor(conn)?);
     let mut stmt = conn.prepare(
         "SELECT seq, request_id, station_id, token_fp, status, reason, authorizer,
                 accepted_at_us, decided_at_us, processing_ms, chain
          FROM decisions ORDER BY seq",
     )?;
     let mut rows = stmt.query([])?;
-    let (mut checked, mut unchained, mut started) = (0, 0, false);
     while let Some(r) = rows.next()? {
-        let seq: i64 = r.get(0)?;
-        let request_id: String = r.get(1)?;
-        let stored: Option<Vec<u8>> = r.get(10)?;
-        let Some(stored) = stored else {
-            if started {
-                return Ok(Verification {
-                    checked,
-                    unchained,
-                    broken: Some(Broken { seq, request_id }),
-                });
-            }
-            unchained += 1;
-            continue;
-        };
-        started = true;
-        let expected = link_of(
-            key,
-            &previous,
-            &request_id,
-            &r.get::<_, String>(2)?,
-            &r.get::<_, String>(3)?,
-            &r.get::<_, String>(4)?,
-            &r.get::<_, String>(5)?,
-            &r.get::<_, String>(6)?,
-            r.get(7)?,
-            r.get(8)?,
-            r.get(9)?,
-        );
-        if stored.as_slice() != expected.as_slice() {
-            return Ok(Verification {
-                checked,
-                unchained,
-                broken: Some(Broken { seq, request_id }),
-            });
+        let (request_id, station_id, token_fp): (String, String, String) =
+            (r.get(1)?, r.get(2)?, r.get(3)?);
+        let (status, reason, authorizer): (String, String, String) =
+            (r.get(4)?, r.get(5)?, r.get(6)?);
+        let chain: Option<Vec<u8>> = r.get(10)?;
+        let more = walker.check(ChainedRecord {
+            position: r.get(0)?,
+            request_id: &request_id,
+            station_id: &station_id,
+            token_fp: &token_fp,
+            status: &status,
+            reason: &reason,
+            authorizer: &authorizer,
+            accepted_at_us: r.get(7)?,
+            decided_at_us: r.get(8)?,
+            processing_ms: r.get(9)?,
+            chain: chain.as_deref(),
+        });
+        if !more {
+            break;
         }
-        checked += 1;
-        previous = expected;
     }
-    Ok(Verification {
-        checked,
-        unchained,
-        broken: None,
-    })
+    Ok(walker.finish())
 }

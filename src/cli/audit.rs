@@ -67,8 +67,19 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Verify {
             data_dir,
+            store_url,
             token_hash_key,
-        } => verify(&data_dir, token_hash_key.as_deref()),
+        } => match store_url.filter(|u| u.starts_with("postgres")) {
+            Some(url) => {
+                let key = token_hash_key.context(
+                    "--token-hash-key (or CHARGEGATE_TOKEN_HASH_KEY) is needed to verify a PostgreSQL store",
+                )?;
+                let key = Fingerprinter::new(key.as_bytes())?.derive_key(chain::KEY_PURPOSE);
+                let found = crate::store::postgres::log::verify(&url, &key).await?;
+                report(found)
+            }
+            None => verify(&data_dir, token_hash_key.as_deref()),
+        },
         AuditCommand::Anomalies {
             server,
             window,
@@ -176,6 +187,11 @@ fn verify(data_dir: &Path, configured_key: Option<&str>) -> anyhow::Result<()> {
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let found = chain::verify(&conn, &fingerprinter.derive_key(chain::KEY_PURPOSE))?;
+    report(found)
+}
+
+/// Prints what a verification found; exits 1 when the chain is broken.
+fn report(found: chain::Verification) -> anyhow::Result<()> {
     match found.broken {
         None => {
             out!(

@@ -135,12 +135,15 @@ pub enum AuditCommand {
         #[command(flatten)]
         listing: Listing,
     },
-    /// Walk the decision log's hash chain in a data dir and report the first broken link.
-    /// Exits 0 when intact, 1 when broken.
+    /// Walk the decision log's hash chain (in a data dir, or in PostgreSQL) and report the first
+    /// broken link. Exits 0 when intact, 1 when broken.
     Verify {
         /// The data dir of the store.
         #[arg(long, env = "CHARGEGATE_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
+        /// A PostgreSQL store to verify instead of the data dir's (needs the token hash key).
+        #[arg(long, env = "CHARGEGATE_STORE_URL", hide_env_values = true)]
+        store_url: Option<String>,
         /// The token hash key, when it is configured rather than kept in the data dir.
         #[arg(long, env = "CHARGEGATE_TOKEN_HASH_KEY", hide_env_values = true)]
         token_hash_key: Option<String>,

@@ -431,3 +431,66 @@ async fn while_postgresql_refuses_connections_calls_are_unavailable_and_health_n
     }
     server.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn audit_verify_walks_the_shared_chain_and_names_an_edited_or_deleted_record() {
+    let Some(url) = postgres() else { return };
+    let db = backend::TestDatabase::create(&url);
+    let (_a, config_a) = instance(&db);
+    let (_b, config_b) = instance(&db);
+    let (a, b) = (
+        TestServer::start(config_a).await,
+        TestServer::start(config_b).await,
+    );
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut last = String::new();
+    for i in 0..10 {
+        let client = if i % 2 == 0 { &mut ca } else { &mut cb };
+        last = authorize(client, STATION_A, TOKEN_GRANTED).await.request_id;
+    }
+    crate::support::poll_until(
+        "the last decision",
+        || {
+            let mut c = ca.clone();
+            let id = last.clone();
+            async move { get_decision(&mut c, &id).await.status() }
+        },
+        |s| *s != chargegate::proto::DecisionStatus::Pending,
+    )
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    let verify = || {
+        crate::support::binary::chargegate()
+            .args(["audit", "verify", "--store-url", &db.url])
+            .args(["--token-hash-key", "test-token-hash-key"])
+            .output()
+            .expect("run audit verify")
+    };
+    let intact = verify();
+    assert!(intact.status.success(), "{intact:?}");
+    assert!(
+        String::from_utf8_lossy(&intact.stdout).contains("intact: 10 decisions verified"),
+        "{intact:?}"
+    );
+    sql(
+        &db.url,
+        "UPDATE decisions SET status = 'not_allowed' WHERE position = 4",
+    )
+    .await;
+    let edited = verify();
+    assert_eq!(edited.status.code(), Some(1), "{edited:?}");
+    assert!(String::from_utf8_lossy(&edited.stdout).contains("BROKEN at decision 4"));
+    sql(
+        &db.url,
+        "UPDATE decisions SET status = 'allowed' WHERE position = 4;
+         DELETE FROM decisions WHERE position = 7;",
+    )
+    .await;
+    let deleted = verify();
+    assert_eq!(deleted.status.code(), Some(1), "{deleted:?}");
+    assert!(
+        String::from_utf8_lossy(&deleted.stdout).contains("BROKEN at decision 8"),
+        "{deleted:?}"
+    );
+}

@@ -190,3 +190,59 @@ impl Probe for Postgres {
         Ok(())
     }
 }
+
+/// Records read at a time by [`verify`].
+const VERIFY_PAGE: i64 = 10_000;
+
+/// Walks the shared decision log in position order from the chain's floor and checks every
+/// link (`chargegate audit verify --store-url postgres://…`).
+pub async fn verify(
+    url: &str,
+    key: &[u8; 32],
+) -> Result<crate::audit::chain::Verification, StoreError> {
+    use crate::audit::chain::{ChainedRecord, Walker};
+    let client = super::connect(&super::parse_url(url)?).await?;
+    let head = client
+        .query_one("SELECT floor, chain_floor FROM log_head", &[])
+        .await
+        .map_err(db)?;
+    let floor: i64 = head.get(0);
+    let chain_floor: Vec<u8> = head.get(1);
+    let mut walker = Walker::new(key, chain_floor.try_into().unwrap_or([0; 32]));
+    let mut after = floor;
+    loop {
+        let rows = client
+            .query(
+                "SELECT position, request_id, station_id, token_fp, status, reason, authorizer,
+                        accepted_at_us, decided_at_us, processing_ms, chain
+                 FROM decisions WHERE position > $1 ORDER BY position LIMIT $2",
+                &[&after, &VERIFY_PAGE],
+            )
+            .await
+            .map_err(db)?;
+        let Some(last) = rows.last() else { break };
+        after = last.get(0);
+        for r in &rows {
+            let chain: Vec<u8> = r.get(10);
+            let position: i64 = r.get(0);
+            // A missing position is a deleted record: the next one's link cannot follow.
+            let more = walker.check(ChainedRecord {
+                position,
+                request_id: r.get(1),
+                station_id: r.get(2),
+                token_fp: r.get(3),
+                status: r.get(4),
+                reason: r.get(5),
+                authorizer: r.get(6),
+                accepted_at_us: r.get(7),
+                decided_at_us: r.get(8),
+                processing_ms: r.get(9),
+                chain: Some(&chain),
+            });
+            if !more {
+                return Ok(walker.finish());
+            }
+        }
+    }
+    Ok(walker.finish())
+}

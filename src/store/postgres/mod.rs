@@ -20,7 +20,7 @@
 
 mod grants;
 pub(crate) mod listen;
-mod log;
+pub mod log;
 pub mod schema;
 mod tailer;
 mod writer;
