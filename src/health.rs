@@ -124,20 +124,23 @@ impl Health {
                 .await;
                 let mut ok = true;
                 for ((name, _), answer) in probes.iter().zip(answers) {
-                    match answer {
-                        Ok(Ok(())) => {}
+                    let up = match answer {
+                        Ok(Ok(())) => true,
                         Ok(Err(e)) => {
-                            ok = false;
                             tracing::warn!(backend = name, error = %e, "a backend failed its health probe");
+                            false
                         }
                         Err(_) => {
-                            ok = false;
                             tracing::warn!(
                                 backend = name,
                                 "a backend did not answer its health probe in time"
                             );
+                            false
                         }
-                    }
+                    };
+                    metrics::gauge!("chargegate_backend_up", "backend" => *name)
+                        .set(f64::from(u8::from(up)));
+                    ok &= up;
                 }
                 self.set(ok).await;
             }

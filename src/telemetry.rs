@@ -64,6 +64,8 @@ enum Series {
     Label(&'static str, &'static [&'static str]),
     /// `chargegate_grpc_requests_total`: each served method with code `OK`.
     Methods,
+    /// Series set by their owner once it knows them (the backends in use).
+    Later,
 }
 
 /// One exported metric: its `# HELP` line says what it counts and in which unit.
@@ -111,6 +113,12 @@ const METRICS: &[Metric] = &[
         kind: Kind::Histogram,
         help: "Time from a request's acceptance to its recorded decision (seconds).",
         series: Series::One,
+    },
+    Metric {
+        name: "chargegate_backend_up",
+        kind: Kind::Gauge,
+        help: "Whether the system a backend lives on answered its last health probe (1 or 0, per backend in use).",
+        series: Series::Later,
     },
     Metric {
         name: "chargegate_queue_depth",
@@ -221,6 +229,7 @@ fn describe() {
                 .filter(|method| method.starts_with('/'))
                 .map(|method| vec![("method", *method), ("code", "OK")])
                 .collect(),
+            Series::Later => vec![],
         };
         match m.kind {
             Kind::Counter => {

@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -40,7 +40,7 @@ struct Args {
     /// side (`--server-arg=--audit-calls=false`); repeat for more.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
-    /// A PostgreSQL server whose user may create databases, for p1 and p2.
+    /// A PostgreSQL server whose user may create databases, for p1, p2 and p4.
     #[arg(
         long,
         env = "CHARGEGATE_BENCH_POSTGRES_URL",
@@ -78,8 +78,9 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 15] = [
+const ALL: [&str; 16] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
+    "p4",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -157,12 +158,13 @@ fn main() -> anyhow::Result<()> {
                 "a1" => bench.a1().await,
                 "w1" => bench.w1().await,
                 "u1" => bench.u1().await,
-                "p1" | "p2" if !bench.postgres_answers().await => {
+                "p1" | "p2" | "p4" if !bench.postgres_answers().await => {
                     println!("{s}: skipped: PostgreSQL does not answer at --postgres-url");
                     Ok(())
                 }
                 "p1" => bench.p1().await,
                 "p2" => bench.p2().await,
+                "p4" => bench.p4().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

@@ -13,7 +13,7 @@ use std::{
 };
 
 use chargegate::proto::{
-    AuthorizeRequest, GetDecisionRequest, SubscribeDecisionsRequest,
+    AuthorizeRequest, GetDecisionRequest, SubscribeDecisionsRequest, SubscribeDecisionsResponse,
     subscribe_decisions_response::Event,
 };
 use hdrhistogram::Histogram;
@@ -262,8 +262,9 @@ impl Bench {
         Ok(())
     }
 
-    /// p1: closed loop at C=200 on PostgreSQL, one instance, beside echo and the PostgreSQL
-    /// durable-ack floor (echo plus one row per call committed in groups through the same driver).
+    /// p1: closed loop at C=200 on PostgreSQL, one instance, beside echo, the PostgreSQL
+    /// durable-ack floor (echo plus one row per call committed in groups through the same driver)
+    /// and the same instance on its embedded store.
     pub async fn p1(&mut self) -> anyhow::Result<()> {
         let (c, k) = (200, 8);
         let (warmup, measure) = (self.warmup(), self.measure(10));
@@ -286,6 +287,12 @@ impl Bench {
         let f = run(floor.url.clone()).await?;
         floor.stop();
         self.drop_database("chargegate_bench_floor").await?;
+        // The same chargegate on its embedded store: what the instance itself costs, whatever
+        // the backend (a PostgreSQL backend cannot be faster than this).
+        let dir = self.fresh_dir("p1-sqlite");
+        let server = self.chargegate_on(&dir, &[])?;
+        let embedded = run(server.url.clone()).await?;
+        server.stop();
         let store = self.create_database("chargegate_bench_p1").await?;
         let dir = self.fresh_dir("p1");
         let server = self.chargegate_on(&dir, &["--store-url", &store])?;
@@ -298,10 +305,13 @@ impl Bench {
                 "concurrency": c, "connections": k,
                 "echo_rps": e.rps.round(), "floor_rps": f.rps.round(), "authorize_rps": a.rps.round(),
                 "ratio_to_floor": round3(a.rps / f.rps), "floor_ratio_to_echo": round3(f.rps / e.rps),
+                "embedded_rps": embedded.rps.round(),
+                "embedded_ratio_to_floor": round3(embedded.rps / f.rps),
+                "ratio_to_embedded": round3(a.rps / embedded.rps),
                 "authorize_p50_ms": ms(a.hist.value_at_quantile(0.5)),
                 "authorize_p99_ms": ms(a.hist.value_at_quantile(0.99)),
                 "floor_p99_ms": ms(f.hist.value_at_quantile(0.99)),
-                "errors": e.errors + f.errors + a.errors,
+                "errors": e.errors + f.errors + embedded.errors + a.errors,
             }),
         );
         Ok(())
@@ -352,6 +362,70 @@ impl Bench {
             row["ratio_to_one"] = json!(round3(rps / one));
         }
         self.record("p2", json!({ "concurrency": c, "runs": rows }));
+        Ok(())
+    }
+
+    /// p4: two instances on one database; Authorize through the first at 2,000/s, decisions read
+    /// by subscribers on both: the time from the intended send to the decision on the other
+    /// instance's stream, beside the acknowledgement (the decision is durable: the floor) and
+    /// the stream of the instance that decided (which on PostgreSQL publishes from the shared
+    /// log too, so the two differ by the notification that crosses instances).
+    pub async fn p4(&mut self) -> anyhow::Result<()> {
+        let rate = 2000.0;
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let store = self.create_database("chargegate_bench_p4").await?;
+        let (dir_a, dir_b) = (self.fresh_dir("p4-a"), self.fresh_dir("p4-b"));
+        let a = self.chargegate_on(&dir_a, &["--store-url", &store])?;
+        let b = self.chargegate_on(&dir_b, &["--store-url", &store])?;
+        let (on_a, on_b) = (E2e::open(&a.url).await?, E2e::open(&b.url).await?);
+        let start = Instant::now() + Duration::from_millis(500);
+        let schedule = (start, start + warmup, rate);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (same, other) = (
+            E2e::read(on_a, "p4-", schedule, &stop),
+            E2e::read(on_b, "p4-", schedule, &stop),
+        );
+        let channels = load::connect(&a.url, 8).await?;
+        let make: MakeRequest = Arc::new(|n| AuthorizeRequest {
+            station_id: station(n as usize % STATIONS),
+            driver_token: TOKEN.into(),
+            request_id: format!("p4-{n}"),
+            ..Default::default()
+        });
+        let ack = load::open_loop(&channels, rate, start, warmup, measure, 20_000, make).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (same.received.load(Ordering::Relaxed) < ack.ok()
+            || other.received.load(Ordering::Relaxed) < ack.ok())
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in same.readers.iter().chain(&other.readers) {
+            r.abort();
+        }
+        a.stop();
+        b.stop();
+        self.drop_database("chargegate_bench_p4").await?;
+        let (same_hist, other_hist) = (
+            same.hist.lock().unwrap().clone(),
+            other.hist.lock().unwrap().clone(),
+        );
+        let q = |h: &Histogram<u64>, q: f64| ms(h.value_at_quantile(q));
+        self.record(
+            "p4",
+            json!({
+                "rate": rate,
+                "other_p50_ms": q(&other_hist, 0.5), "other_p99_ms": q(&other_hist, 0.99),
+                "same_p50_ms": q(&same_hist, 0.5), "same_p99_ms": q(&same_hist, 0.99),
+                "ack_p50_ms": q(&ack.hist, 0.5), "ack_p99_ms": q(&ack.hist, 0.99),
+                "p99_ratio_other_to_ack": round3(q(&other_hist, 0.99) / q(&ack.hist, 0.99).max(0.001)),
+                "p99_ratio_other_to_same": round3(q(&other_hist, 0.99) / q(&same_hist, 0.99).max(0.001)),
+                "acknowledged": ack.ok(),
+                "received_same": same.received.load(Ordering::Relaxed),
+                "received_other": other.received.load(Ordering::Relaxed),
+            }),
+        );
         Ok(())
     }
 
@@ -496,43 +570,13 @@ impl Bench {
         let rate = 5000.0;
         let (warmup, measure) = (self.warmup(), self.measure(10));
         let (url, server) = self.chargegate("g4", &[])?;
-        let sub_channels = load::connect(&url, 4).await?;
+        let streams = E2e::open(&url).await?;
         let start = Instant::now() + Duration::from_millis(500);
         let from = start + warmup;
-        let e2e = Arc::new(Mutex::new(load::histogram()));
-        let received = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let mut readers = Vec::new();
-        for s in 0..STATIONS {
-            let mut client = Client::new(sub_channels[s % sub_channels.len()].clone());
-            let mut stream = client
-                .subscribe_decisions(SubscribeDecisionsRequest {
-                    station_ids: vec![station(s)],
-                    after_cursor: String::new(),
-                })
-                .await?
-                .into_inner();
-            let (e2e, received, stop) = (e2e.clone(), received.clone(), stop.clone());
-            readers.push(tokio::spawn(async move {
-                while let Some(Ok(item)) = stream.next().await {
-                    if let Some(Event::Decision(d)) = item.event {
-                        let now = Instant::now();
-                        let i: u64 = d.request_id.trim_start_matches("g4-").parse().unwrap_or(0);
-                        let due = load::intended(start, rate, i);
-                        if due >= from {
-                            received.fetch_add(1, Ordering::Relaxed);
-                            let _ = e2e
-                                .lock()
-                                .unwrap()
-                                .record((now - due).as_micros().max(1) as u64);
-                        }
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                }
-            }));
-        }
+        let e2e = E2e::read(streams, "g4-", (start, from, rate), &stop);
+        let (received, readers) = (e2e.received.clone(), e2e.readers);
+        let e2e = e2e.hist;
         let channels = load::connect(&url, 8).await?;
         let make: MakeRequest = Arc::new(|n| AuthorizeRequest {
             station_id: station(n as usize % STATIONS),
@@ -1291,6 +1335,75 @@ impl Bench {
 
 /// Writes `n` decisions spread over the 30 days before now and 1,000 stations straight into a
 /// fresh store, indexes included; returns the first day's start (µs).
+/// Subscribers to every bench station, one stream each, recording for each decision of a
+/// request `<prefix><n>` sent in the measured window the time from its intended send.
+struct E2e {
+    /// Microseconds.
+    hist: Arc<Mutex<Histogram<u64>>>,
+    received: Arc<AtomicU64>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl E2e {
+    /// One stream per bench station, opened before the load starts.
+    async fn open(url: &str) -> anyhow::Result<Vec<tonic::Streaming<SubscribeDecisionsResponse>>> {
+        let channels = load::connect(url, 4).await?;
+        let mut streams = Vec::new();
+        for s in 0..STATIONS {
+            let mut client = Client::new(channels[s % channels.len()].clone());
+            let stream = client
+                .subscribe_decisions(SubscribeDecisionsRequest {
+                    station_ids: vec![station(s)],
+                    after_cursor: String::new(),
+                })
+                .await?
+                .into_inner();
+            streams.push(stream);
+        }
+        Ok(streams)
+    }
+
+    /// Reads `streams`; `schedule` is the open loop's start, the start of its measured window
+    /// and its rate.
+    fn read(
+        streams: Vec<tonic::Streaming<SubscribeDecisionsResponse>>,
+        prefix: &'static str,
+        (start, from, rate): (Instant, Instant, f64),
+        stop: &Arc<AtomicBool>,
+    ) -> Self {
+        let hist = Arc::new(Mutex::new(load::histogram()));
+        let received = Arc::new(AtomicU64::new(0));
+        let mut readers = Vec::new();
+        for mut stream in streams {
+            let (hist, received, stop) = (hist.clone(), received.clone(), stop.clone());
+            readers.push(tokio::spawn(async move {
+                while let Some(Ok(item)) = stream.next().await {
+                    if let Some(Event::Decision(d)) = item.event {
+                        let now = Instant::now();
+                        let i: u64 = d.request_id.trim_start_matches(prefix).parse().unwrap_or(0);
+                        let due = load::intended(start, rate, i);
+                        if due >= from {
+                            received.fetch_add(1, Ordering::Relaxed);
+                            let _ = hist
+                                .lock()
+                                .unwrap()
+                                .record((now - due).as_micros().max(1) as u64);
+                        }
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+            }));
+        }
+        Self {
+            hist,
+            received,
+            readers,
+        }
+    }
+}
+
 async fn seed_decisions(data: &std::path::Path, n: u64) -> anyhow::Result<i64> {
     let path = data.join("chargegate.db");
     let (db, _, _) = open_seed_store(data)?;

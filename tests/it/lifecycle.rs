@@ -519,6 +519,46 @@ fn a_fresh_server_exports_every_metric_at_zero_with_its_help() {
     }
 }
 
+/// `chargegate_backend_up{backend}` is 1 for the system the store lives on once the first probe
+/// answered, and has no series for a backend not in use.
+#[test]
+fn metrics_say_which_backend_is_up() {
+    let dir = TestDir::new();
+    let acl = dir.write_acl("station_id,driver_token\n");
+    let child = crate::support::binary::ChildServer::start_with_metrics(&dir, &acl, &[]);
+    let url = format!("http://{}/metrics", child.metrics.expect("metrics address"));
+    let (used, unused) = match crate::support::backend::on_postgres() {
+        true => ("postgres", "sqlite"),
+        false => ("sqlite", "postgres"),
+    };
+    let up = format!("chargegate_backend_up{{backend=\"{used}\"}} 1");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = runtime.block_on(async {
+            reqwest::get(&url)
+                .await
+                .expect("scrape")
+                .text()
+                .await
+                .expect("body")
+        });
+        if text.lines().any(|l| l == up) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(text.lines().any(|l| l == up), "no `{up}` in:\n{text}");
+    assert!(
+        text.contains("# HELP chargegate_backend_up "),
+        "no HELP line for chargegate_backend_up"
+    );
+    assert!(
+        !text.contains(&format!("backend=\"{unused}\"")),
+        "a series for {unused}, not in use:\n{text}"
+    );
+}
+
 /// `chargegate config defaults` prints the defaults file as shipped, and `config check` resolves
 /// flags, environment and file as `serve` does, exiting 64 on a bad value.
 #[test]

@@ -1,24 +1,26 @@
 //! Group commit on PostgreSQL: one task per instance takes every hot-path write that arrived
 //! while its previous transaction was in flight and commits them together, with one statement
-//! per kind of row (`UNNEST` of arrays), so a batch costs a handful of round trips whatever its
-//! size.
+//! per kind of row (`UNNEST` of arrays), pipelined, so a batch costs four round trips whatever
+//! its size.
 //!
 //! A batch, in lock order (every instance takes the same order, so none waits on another in a
 //! cycle):
-//! 1. request keys: the keys already there answer `Duplicate`/`Conflict`; new ones are inserted
-//!    (`ON CONFLICT DO NOTHING`: a key another instance inserted meanwhile is read back and
-//!    answers as a seen one), queued ones within `queue_max`;
-//! 2. queue rows for new queued requests; deletes of settled ones;
-//! 3. last, `log_head` locked: decisions not recorded yet get the next positions and chain links,
-//!    with their webhook deliveries; the head is written back and the commit notified.
+//! 1. request keys: new ones are inserted (`ON CONFLICT DO NOTHING`), queued ones within
+//!    `queue_max`; a key that was there already (a retry, another instance's commit) is read
+//!    back and answers `Duplicate`/`Conflict`;
+//! 2. deletes of settled queue rows;
+//! 3. `log_head` locked: decisions not recorded yet get the next positions and chain links;
+//! 4. the inserts (queue rows, decisions, their webhook deliveries), the head written back and
+//!    the commit notified.
 //!
 //! When a batch fails for one write's sake, each write is committed again on its own, so it
 //! fails alone; a connection failure fails the batch, and the writer connects again.
 
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::{HashMap, HashSet};
 
 use deadpool_postgres::{Object, Pool, Transaction};
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Row, Statement, types::ToSql};
 
 use super::{DECISION_COLUMNS, db, decision_row, listen};
 use crate::{
@@ -136,17 +138,25 @@ impl Writer {
     }
 
     /// Applies `ops` in one transaction; the answers follow their order.
+    ///
+    /// Four round trips whatever the batch holds: `BEGIN`; the request keys, the deletes of
+    /// settled queue rows, the `log_head` lock and the settles' earlier decisions, pipelined in
+    /// that order (the lock order); every insert, the new head and the notifications, pipelined;
+    /// `COMMIT`. A batch with queued requests counts the queue first, for `queue_max`.
     async fn commit(&mut self, ops: &[&WriteOp]) -> Result<Vec<Answer>, tokio_postgres::Error> {
         let (log_id, queue_max) = (self.log_id, self.queue_max);
         let chain_key = self.chain_key.clone();
         let client = self.client.as_mut().expect("connected before the commit");
         let tx = client.transaction().await?;
+        let st = Statements::prepare(&tx).await?;
         let mut answers: Vec<Option<Answer>> = ops
             .iter()
             .map(|op| matches!(op, WriteOp::Close(_)).then_some(Answer::Close))
             .collect();
 
-        // 1. Request keys.
+        // Request keys: the first write of a request_id in the batch inserts its key, a later
+        // one answers as a repeat of it; a queued request past `queue_max` inserts nothing.
+        // Keys that were there already (a retry, another instance's commit) are read back.
         let keyed: Vec<(usize, RequestKey<'_>, Micros, bool)> = ops
             .iter()
             .enumerate()
@@ -158,86 +168,28 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        // Writes whose request_id is new and got its key: queued ones, and ones decided at once.
-        let mut new_keys: Vec<usize> = Vec::new();
-        if !keyed.is_empty() {
-            let ids: Vec<&str> = keyed.iter().map(|k| k.1.request_id).collect();
-            let mut seen = known_keys(&tx, &ids).await?;
-            let mut pending = if keyed.iter().any(|k| k.3) {
-                let n: i64 = tx
-                    .query_one("SELECT count(*) FROM queue", &[])
-                    .await?
-                    .get(0);
-                n as u64
+        let mut pending = if keyed.iter().any(|k| k.3) {
+            let n: i64 = tx.query_one(&st.count_queue, &[]).await?.get(0);
+            n as u64
+        } else {
+            0
+        };
+        let mut first_of: HashMap<&str, usize> = HashMap::new();
+        let (mut candidates, mut over, mut later) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, (_, key, _, queued)) in keyed.iter().enumerate() {
+            if let Some(&first) = first_of.get(key.request_id) {
+                later.push((k, first));
+                continue;
+            }
+            first_of.insert(key.request_id, k);
+            if *queued && pending >= queue_max {
+                over.push(k);
             } else {
-                0
-            };
-            for (i, key, accepted_at, queued) in &keyed {
-                let outcome = match seen.entry(key.request_id.to_owned()) {
-                    Entry::Occupied(e) => Some(key.outcome_after(e.get().as_earlier())),
-                    Entry::Vacant(_) if *queued && pending >= queue_max => {
-                        Some(EnqueueOutcome::Full)
-                    }
-                    Entry::Vacant(e) => {
-                        e.insert(Kept {
-                            station_id: key.station_id.to_owned(),
-                            fingerprint: key.fingerprint.as_str().to_owned(),
-                            accepted_at: *accepted_at,
-                        });
-                        pending += u64::from(*queued);
-                        new_keys.push(*i);
-                        None
-                    }
-                };
-                if let Some(outcome) = outcome {
-                    answers[*i] = Some(match ops[*i] {
-                        WriteOp::Enqueue(..) => Answer::Enqueue(outcome),
-                        _ => Answer::EnqueueDecided(outcome, None),
-                    });
-                }
-            }
-            if !new_keys.is_empty() {
-                let lost = insert_keys(&tx, ops, &new_keys).await?;
-                if !lost.is_empty() {
-                    // Another instance committed these request_ids first.
-                    let lost_ids: Vec<&str> = lost.iter().map(|(_, id)| id.as_str()).collect();
-                    let theirs = known_keys(&tx, &lost_ids).await?;
-                    for (i, id) in &lost {
-                        let key = keyed.iter().find(|k| k.0 == *i).expect("a keyed write").1;
-                        let outcome = match theirs.get(id) {
-                            Some(kept) => key.outcome_after(kept.as_earlier()),
-                            None => EnqueueOutcome::Conflict,
-                        };
-                        answers[*i] = Some(match ops[*i] {
-                            WriteOp::Enqueue(..) => Answer::Enqueue(outcome),
-                            _ => Answer::EnqueueDecided(outcome, None),
-                        });
-                    }
-                    new_keys.retain(|i| !lost.iter().any(|(l, _)| l == i));
-                }
+                pending += u64::from(*queued);
+                candidates.push(k);
             }
         }
-
-        // 2. Queue rows.
-        let queued: Vec<&NewRequest> = new_keys
-            .iter()
-            .filter_map(|i| match ops[*i] {
-                WriteOp::Enqueue(r, _) => Some(r),
-                _ => None,
-            })
-            .collect();
-        if !queued.is_empty() {
-            insert_queue_rows(&tx, &queued).await?;
-            for i in &new_keys {
-                if let WriteOp::Enqueue(r, _) = ops[*i] {
-                    answers[*i] = Some(Answer::Enqueue(EnqueueOutcome::Accepted {
-                        accepted_at: r.accepted_at,
-                    }));
-                }
-            }
-            tx.execute("SELECT pg_notify($1, '')", &[&listen::QUEUE])
-                .await?;
-        }
+        let keys = KeyRows::new(candidates.iter().map(|k| &keyed[*k]));
         let settled_rows: Vec<i64> = ops
             .iter()
             .filter_map(|op| match op {
@@ -245,44 +197,218 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        if !settled_rows.is_empty() {
-            tx.execute("DELETE FROM queue WHERE id = ANY($1)", &[&settled_rows])
-                .await?;
+        // Only lock holders insert decisions, so what is not there under the lock is not
+        // recorded by anyone. A request decided at intake gets its key in this transaction: only
+        // settles of queued requests (a lease that ran out, a redelivery) can find theirs.
+        let settled_ids: Vec<&str> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Settle(_, d, ..) => Some(d.request_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let recording = ops
+            .iter()
+            .any(|op| matches!(op, WriteOp::EnqueueDecided(..) | WriteOp::Settle(..)));
+
+        let (inserted, _, head, earlier) = tokio::try_join!(
+            biased;
+            async {
+                match keys.ids.is_empty() {
+                    true => Ok(Vec::new()),
+                    false => tx.query(&st.insert_keys, &keys.params()).await,
+                }
+            },
+            async {
+                match settled_rows.is_empty() {
+                    true => Ok(0),
+                    false => tx.execute(&st.delete_queue, &[&settled_rows]).await,
+                }
+            },
+            async {
+                match recording {
+                    true => tx.query_one(&st.lock_head, &[]).await.map(Some),
+                    false => Ok(None),
+                }
+            },
+            async {
+                match settled_ids.is_empty() {
+                    true => Ok(Vec::new()),
+                    false => tx.query(&st.earlier, &[&settled_ids]).await,
+                }
+            },
+        )?;
+
+        let inserted: HashSet<String> = inserted.into_iter().map(|r| r.get(0)).collect();
+        // Writes whose request_id is new and got its key: queued ones, and ones decided at once.
+        let (mut new_keys, mut lost) = (Vec::new(), Vec::new());
+        for &k in &candidates {
+            match inserted.contains(keyed[k].1.request_id) {
+                true => new_keys.push(keyed[k].0),
+                false => lost.push(k),
+            }
+        }
+        let unsure: Vec<&str> = lost
+            .iter()
+            .chain(&over)
+            .map(|k| keyed[*k].1.request_id)
+            .collect();
+
+        let queued = QueueRows::new(new_keys.iter().filter_map(|i| match ops[*i] {
+            WriteOp::Enqueue(r, _) => Some(r),
+            _ => None,
+        }));
+        for i in &new_keys {
+            if let WriteOp::Enqueue(r, _) = ops[*i] {
+                answers[*i] = Some(Answer::Enqueue(EnqueueOutcome::Accepted {
+                    accepted_at: r.accepted_at,
+                }));
+            }
         }
 
-        // 3. Decisions, under the log_head lock.
-        // Each with whether it settles a queued request.
-        let to_record: Vec<(usize, &NewDecision, Option<&Callback>, bool)> = ops
+        // Each decision with whether it settles a queued request.
+        let to_record: Vec<(usize, &NewDecision, Option<&Callback>)> = ops
             .iter()
             .enumerate()
             .filter_map(|(i, op)| match op {
                 WriteOp::EnqueueDecided(d, c, _) if new_keys.contains(&i) => {
-                    Some((i, d, c.as_ref(), false))
+                    Some((i, d, c.as_ref()))
                 }
-                WriteOp::Settle(_, d, c, _) => Some((i, d, c.as_ref(), true)),
+                WriteOp::Settle(_, d, c, _) => Some((i, d, c.as_ref())),
                 _ => None,
             })
             .collect();
-        let mut new_head = None;
-        if !to_record.is_empty() {
-            let recorded = record(&tx, log_id, &chain_key, &to_record).await?;
-            new_head = recorded.head;
-            for (i, settled) in recorded.settled {
-                answers[i] = Some(match ops[i] {
-                    WriteOp::EnqueueDecided(d, ..) => Answer::EnqueueDecided(
-                        EnqueueOutcome::Accepted {
-                            accepted_at: d.accepted_at,
-                        },
-                        Some(settled.decision),
-                    ),
-                    _ => Answer::Settle(settled),
-                });
-            }
-            if recorded.delivering {
-                tx.execute("SELECT pg_notify($1, '')", &[&listen::OUTBOX])
-                    .await?;
+        let mut earlier_decisions = HashMap::new();
+        for row in &earlier {
+            if let Ok(d) = decision_row(row, log_id) {
+                earlier_decisions.insert(d.decision.request_id.clone(), d);
             }
         }
+        let recorded = head
+            .map(|head| Recorded::plan(&head, log_id, &chain_key, &to_record, earlier_decisions));
+        let new_head = recorded.as_ref().and_then(|r| r.head);
+        let (rows, deliveries) = match &recorded {
+            Some(r) => (Some(&r.rows), Some(&r.deliveries)),
+            None => (None, None),
+        };
+        let head_position = new_head.map(|h| h.0 as i64);
+        let head_text = head_position.map(|h| h.to_string());
+
+        let (kept, ..) = tokio::try_join!(
+            biased;
+            async {
+                match unsure.is_empty() {
+                    true => Ok(Vec::new()),
+                    false => tx.query(&st.known_keys, &[&unsure]).await,
+                }
+            },
+            async {
+                match queued.ids.is_empty() {
+                    true => Ok(0),
+                    false => tx.execute(&st.insert_queue, &queued.params()).await,
+                }
+            },
+            async {
+                match queued.ids.is_empty() {
+                    true => Ok(0),
+                    false => tx.execute(&st.notify, &[&listen::QUEUE, &""]).await,
+                }
+            },
+            async {
+                match rows.filter(|r| !r.positions.is_empty()) {
+                    Some(r) => tx.execute(&st.insert_decisions, &r.params()).await,
+                    None => Ok(0),
+                }
+            },
+            async {
+                match deliveries.filter(|d| !d.ids.is_empty()) {
+                    Some(d) => tx.execute(&st.insert_deliveries, &d.params()).await,
+                    None => Ok(0),
+                }
+            },
+            async {
+                match (head_position, new_head) {
+                    (Some(p), Some((_, link))) => {
+                        tx.execute(&st.update_head, &[&p, &link.as_slice()]).await
+                    }
+                    _ => Ok(0),
+                }
+            },
+            async {
+                match &head_text {
+                    Some(h) => tx.execute(&st.notify, &[&listen::DECISIONS, h]).await,
+                    None => Ok(0),
+                }
+            },
+            async {
+                match deliveries.is_some_and(|d| !d.ids.is_empty()) {
+                    true => tx.execute(&st.notify, &[&listen::OUTBOX, &""]).await,
+                    false => Ok(0),
+                }
+            },
+        )?;
+
+        let kept: HashMap<String, Kept> = kept
+            .into_iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    Kept {
+                        station_id: r.get(1),
+                        fingerprint: r.get(2),
+                        accepted_at: Micros(r.get(3)),
+                    },
+                )
+            })
+            .collect();
+        let mut outcomes: Vec<Option<EnqueueOutcome>> = vec![None; keyed.len()];
+        for &k in &lost {
+            let key = &keyed[k].1;
+            outcomes[k] = Some(match kept.get(key.request_id) {
+                Some(e) => key.outcome_after(e.as_earlier()),
+                None => EnqueueOutcome::Conflict,
+            });
+        }
+        for &k in &over {
+            let key = &keyed[k].1;
+            outcomes[k] = Some(match kept.get(key.request_id) {
+                Some(e) => key.outcome_after(e.as_earlier()),
+                None => EnqueueOutcome::Full,
+            });
+        }
+        for &(k, first) in &later {
+            let key = &keyed[k].1;
+            let earlier = &keyed[first];
+            outcomes[k] = Some(match (kept.get(key.request_id), outcomes[first]) {
+                (Some(e), _) => key.outcome_after(e.as_earlier()),
+                (None, Some(EnqueueOutcome::Full)) => EnqueueOutcome::Full,
+                (None, _) => key.outcome_after(EarlierRequest {
+                    station_id: earlier.1.station_id,
+                    fingerprint: earlier.1.fingerprint.as_str(),
+                    accepted_at: earlier.2,
+                }),
+            });
+        }
+        for (k, outcome) in outcomes.into_iter().enumerate() {
+            let Some(outcome) = outcome else { continue };
+            let i = keyed[k].0;
+            answers[i] = Some(match ops[i] {
+                WriteOp::Enqueue(..) => Answer::Enqueue(outcome),
+                _ => Answer::EnqueueDecided(outcome, None),
+            });
+        }
+        for (i, settled) in recorded.into_iter().flat_map(|r| r.settled) {
+            answers[i] = Some(match ops[i] {
+                WriteOp::EnqueueDecided(d, ..) => Answer::EnqueueDecided(
+                    EnqueueOutcome::Accepted {
+                        accepted_at: d.accepted_at,
+                    },
+                    Some(settled.decision),
+                ),
+                _ => Answer::Settle(settled),
+            });
+        }
+
         tx.commit().await?;
         if new_head.is_some() {
             self.wakes.decisions.notify_one();
@@ -291,6 +417,92 @@ impl Writer {
             .into_iter()
             .map(|a| a.expect("every write is answered"))
             .collect())
+    }
+}
+
+/// The writer's statements, prepared once per connection.
+struct Statements {
+    count_queue: Statement,
+    insert_keys: Statement,
+    known_keys: Statement,
+    delete_queue: Statement,
+    lock_head: Statement,
+    earlier: Statement,
+    insert_queue: Statement,
+    insert_decisions: Statement,
+    insert_deliveries: Statement,
+    update_head: Statement,
+    notify: Statement,
+}
+
+impl Statements {
+    /// Every statement is prepared before a pipeline starts, so that the pipeline's statements
+    /// reach PostgreSQL in the order they are written (a statement still to be prepared would
+    /// let the ones after it overtake it, and break the lock order).
+    async fn prepare(tx: &Transaction<'_>) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            count_queue: tx.prepare_cached("SELECT count(*) FROM queue").await?,
+            insert_keys: tx
+                .prepare_cached(
+                    "INSERT INTO request_keys (request_id, station_id, token_fp, accepted_at_us)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[])
+                     ON CONFLICT (request_id) DO NOTHING
+                     RETURNING request_id",
+                )
+                .await?,
+            known_keys: tx
+                .prepare_cached(
+                    "SELECT request_id, station_id, token_fp, accepted_at_us FROM request_keys
+                     WHERE request_id = ANY($1)",
+                )
+                .await?,
+            delete_queue: tx
+                .prepare_cached("DELETE FROM queue WHERE id = ANY($1)")
+                .await?,
+            lock_head: tx
+                .prepare_cached("SELECT position, chain FROM log_head FOR UPDATE")
+                .await?,
+            earlier: tx
+                .prepare_cached(&format!(
+                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ANY($1)"
+                ))
+                .await?,
+            insert_queue: tx
+                .prepare_cached(
+                    "INSERT INTO queue (request_id, station_id, token_fp, callback_url,
+                                        accepted_at_us, driver_token)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                          $5::bigint[], $6::text[])",
+                )
+                .await?,
+            insert_decisions: tx
+                .prepare_cached(
+                    "INSERT INTO decisions (position, request_id, station_id, token_fp, status,
+                                            reason, authorizer, accepted_at_us, decided_at_us,
+                                            processing_ms, chain)
+                     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[],
+                                          $5::text[], $6::text[], $7::text[], $8::bigint[],
+                                          $9::bigint[], $10::bigint[], $11::bytea[])",
+                )
+                .await?,
+            insert_deliveries: tx
+                .prepare_cached(
+                    "INSERT INTO deliveries (request_id, station_id, callback_url, host,
+                                             driver_token, status, reason, decided_at_us, state,
+                                             attempts, next_attempt_us, age_from_us)
+                     SELECT id, station, url, host, token, status, reason, decided, 'pending', 0,
+                            due, decided
+                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[], $7::text[], $8::bigint[], $9::bigint[])
+                          AS t (id, station, url, host, token, status, reason, decided, due)
+                     ON CONFLICT (request_id) DO NOTHING",
+                )
+                .await?,
+            update_head: tx
+                .prepare_cached("UPDATE log_head SET position = $1, chain = $2")
+                .await?,
+            notify: tx.prepare_cached("SELECT pg_notify($1, $2)").await?,
+        })
     }
 }
 
@@ -311,201 +523,142 @@ impl Kept {
     }
 }
 
-/// The request keys kept for `ids`.
-async fn known_keys(
-    tx: &Transaction<'_>,
-    ids: &[&str],
-) -> Result<HashMap<String, Kept>, tokio_postgres::Error> {
-    let stmt = tx
-        .prepare_cached(
-            "SELECT request_id, station_id, token_fp, accepted_at_us FROM request_keys
-             WHERE request_id = ANY($1)",
-        )
-        .await?;
-    let rows = tx.query(&stmt, &[&ids]).await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get(0),
-                Kept {
-                    station_id: r.get(1),
-                    fingerprint: r.get(2),
-                    accepted_at: Micros(r.get(3)),
-                },
-            )
-        })
-        .collect())
+/// The columns of new request keys, as arrays for one `UNNEST` insert.
+struct KeyRows<'a> {
+    ids: Vec<&'a str>,
+    stations: Vec<&'a str>,
+    fps: Vec<&'a str>,
+    at: Vec<i64>,
 }
 
-/// Inserts the keys of `ops[i]` for each `i` in `which`; returns those another instance had
-/// inserted first.
-async fn insert_keys(
-    tx: &Transaction<'_>,
-    ops: &[&WriteOp],
-    which: &[usize],
-) -> Result<Vec<(usize, String)>, tokio_postgres::Error> {
-    let (mut ids, mut stations, mut fps, mut at) = (vec![], vec![], vec![], vec![]);
-    for i in which {
-        let (key, accepted_at) = match ops[*i] {
-            WriteOp::Enqueue(r, _) => (RequestKey::from(r), r.accepted_at),
-            WriteOp::EnqueueDecided(d, _, _) => (RequestKey::from(d), d.accepted_at),
-            _ => unreachable!("only intake writes have keys"),
+impl<'a> KeyRows<'a> {
+    fn new<'k: 'a>(keys: impl Iterator<Item = &'a (usize, RequestKey<'k>, Micros, bool)>) -> Self {
+        let mut rows = Self {
+            ids: vec![],
+            stations: vec![],
+            fps: vec![],
+            at: vec![],
         };
-        ids.push(key.request_id);
-        stations.push(key.station_id);
-        fps.push(key.fingerprint.as_str());
-        at.push(accepted_at.0);
+        for (_, key, accepted_at, _) in keys {
+            rows.ids.push(key.request_id);
+            rows.stations.push(key.station_id);
+            rows.fps.push(key.fingerprint.as_str());
+            rows.at.push(accepted_at.0);
+        }
+        rows
     }
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO request_keys (request_id, station_id, token_fp, accepted_at_us)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[])
-             ON CONFLICT (request_id) DO NOTHING
-             RETURNING request_id",
-        )
-        .await?;
-    let inserted: Vec<String> = tx
-        .query(&stmt, &[&ids, &stations, &fps, &at])
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(which
-        .iter()
-        .zip(ids)
-        .filter(|(_, id)| !inserted.iter().any(|x| x == id))
-        .map(|(i, id)| (*i, id.to_owned()))
-        .collect())
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.ids, &self.stations, &self.fps, &self.at]
+    }
 }
 
-async fn insert_queue_rows(
-    tx: &Transaction<'_>,
-    requests: &[&NewRequest],
-) -> Result<(), tokio_postgres::Error> {
-    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
-    let stations: Vec<&str> = requests.iter().map(|r| r.station_id.as_str()).collect();
-    let fps: Vec<&str> = requests.iter().map(|r| r.fingerprint.as_str()).collect();
-    let urls: Vec<Option<&str>> = requests.iter().map(|r| r.callback_url.as_deref()).collect();
-    let at: Vec<i64> = requests.iter().map(|r| r.accepted_at.0).collect();
-    let tokens: Vec<&str> = requests.iter().map(|r| r.token.expose()).collect();
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO queue (request_id, station_id, token_fp, callback_url, accepted_at_us,
-                                driver_token)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                                  $6::text[])",
-        )
-        .await?;
-    tx.execute(&stmt, &[&ids, &stations, &fps, &urls, &at, &tokens])
-        .await?;
-    Ok(())
+/// The columns of new queue rows, as arrays for one `UNNEST` insert.
+struct QueueRows<'a> {
+    ids: Vec<&'a str>,
+    stations: Vec<&'a str>,
+    fps: Vec<&'a str>,
+    urls: Vec<Option<&'a str>>,
+    at: Vec<i64>,
+    tokens: Vec<&'a str>,
 }
 
-/// What recording a batch's decisions did.
+impl<'a> QueueRows<'a> {
+    fn new(requests: impl Iterator<Item = &'a NewRequest>) -> Self {
+        let mut rows = Self {
+            ids: vec![],
+            stations: vec![],
+            fps: vec![],
+            urls: vec![],
+            at: vec![],
+            tokens: vec![],
+        };
+        for r in requests {
+            rows.ids.push(r.request_id.as_str());
+            rows.stations.push(r.station_id.as_str());
+            rows.fps.push(r.fingerprint.as_str());
+            rows.urls.push(r.callback_url.as_deref());
+            rows.at.push(r.accepted_at.0);
+            rows.tokens.push(r.token.expose());
+        }
+        rows
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 6] {
+        [
+            &self.ids,
+            &self.stations,
+            &self.fps,
+            &self.urls,
+            &self.at,
+            &self.tokens,
+        ]
+    }
+}
+
+/// The decisions of a batch, planned under the `log_head` lock.
 struct Recorded {
     /// For each write (by its index in the batch), its decision: new, or recorded before.
     settled: Vec<(usize, Settled)>,
-    /// The new head, when decisions were recorded.
-    head: Option<u64>,
-    delivering: bool,
+    /// The new head and its chain link, when decisions were recorded.
+    head: Option<(u64, Link)>,
+    rows: DecisionRows,
+    deliveries: DeliveryRows,
 }
 
-/// Records the decisions not recorded yet, at the next positions after `log_head` (locked here,
-/// last, until the commit), each chained after the one before, with their deliveries.
-async fn record(
-    tx: &Transaction<'_>,
-    log_id: u32,
-    chain_key: &ChainKey,
-    decisions: &[(usize, &NewDecision, Option<&Callback>, bool)],
-) -> Result<Recorded, tokio_postgres::Error> {
-    let head = tx
-        .query_one("SELECT position, chain FROM log_head FOR UPDATE", &[])
-        .await?;
-    let mut position = head.get::<_, i64>(0) as u64;
-    let mut link: Link = head.get::<_, Vec<u8>>(1).try_into().unwrap_or([0; 32]);
-    // Only lock holders insert decisions, so what is not here now is not recorded by anyone.
-    // A request decided at intake got its key in this transaction: only settles of queued
-    // requests (a lease that ran out, a redelivery) can find their decision recorded.
-    let ids: Vec<&str> = decisions
-        .iter()
-        .filter(|d| d.3)
-        .map(|d| d.1.request_id.as_str())
-        .collect();
-    let mut earlier: HashMap<String, RecordedDecision> = HashMap::new();
-    if !ids.is_empty() {
-        let stmt = tx
-            .prepare_cached(&format!(
-                "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ANY($1)"
-            ))
-            .await?;
-        for row in tx.query(&stmt, &[&ids]).await? {
-            if let Ok(d) = decision_row(&row, log_id) {
-                earlier.insert(d.decision.request_id.clone(), d);
+impl Recorded {
+    /// Gives the decisions not recorded yet the positions after `head` (the locked `log_head`
+    /// row), each chained after the one before, with their deliveries.
+    fn plan(
+        head: &Row,
+        log_id: u32,
+        chain_key: &ChainKey,
+        decisions: &[(usize, &NewDecision, Option<&Callback>)],
+        mut earlier: HashMap<String, RecordedDecision>,
+    ) -> Self {
+        let mut position = head.get::<_, i64>(0) as u64;
+        let mut link: Link = head.get::<_, Vec<u8>>(1).try_into().unwrap_or([0; 32]);
+        let mut settled = Vec::with_capacity(decisions.len());
+        let mut rows = DecisionRows::default();
+        let mut deliveries = DeliveryRows::default();
+        for (i, d, callback) in decisions {
+            if let Some(e) = earlier.get(&d.request_id) {
+                settled.push((
+                    *i,
+                    Settled {
+                        decision: e.clone(),
+                        first: false,
+                    },
+                ));
+                continue;
             }
-        }
-    }
-    let mut settled = Vec::with_capacity(decisions.len());
-    let mut rows = DecisionRows::default();
-    let mut deliveries = DeliveryRows::default();
-    for (i, d, callback, _) in decisions {
-        if let Some(e) = earlier.get(&d.request_id) {
+            position += 1;
+            link = chain::link(chain_key, &link, d);
+            rows.push(position as i64, d, &link);
+            if let Some(c) = callback {
+                deliveries.push(d, c);
+            }
+            let recorded = RecordedDecision {
+                cursor: Cursor::new(log_id, position),
+                decision: (*d).clone(),
+            };
+            earlier.insert(d.request_id.clone(), recorded.clone());
             settled.push((
                 *i,
                 Settled {
-                    decision: e.clone(),
-                    first: false,
+                    decision: recorded,
+                    first: true,
                 },
             ));
-            continue;
         }
-        position += 1;
-        link = chain::link(chain_key, &link, d);
-        rows.push(position as i64, d, &link);
-        if let Some(c) = callback {
-            deliveries.push(d, c);
-        }
-        let recorded = RecordedDecision {
-            cursor: Cursor::new(log_id, position),
-            decision: (*d).clone(),
-        };
-        earlier.insert(d.request_id.clone(), recorded.clone());
-        settled.push((
-            *i,
-            Settled {
-                decision: recorded,
-                first: true,
-            },
-        ));
-    }
-    if rows.positions.is_empty() {
-        return Ok(Recorded {
+        let head = (!rows.positions.is_empty()).then_some((position, link));
+        Self {
             settled,
-            head: None,
-            delivering: false,
-        });
+            head,
+            rows,
+            deliveries,
+        }
     }
-    rows.insert(tx).await?;
-    let delivering = !deliveries.ids.is_empty();
-    if delivering {
-        deliveries.insert(tx).await?;
-    }
-    let head = position as i64;
-    tx.execute(
-        "UPDATE log_head SET position = $1, chain = $2",
-        &[&head, &link.as_slice()],
-    )
-    .await?;
-    tx.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&listen::DECISIONS, &head.to_string()],
-    )
-    .await?;
-    Ok(Recorded {
-        settled,
-        head: Some(position),
-        delivering,
-    })
 }
 
 /// The columns of new decisions, as arrays for one `UNNEST` insert.
@@ -539,35 +692,20 @@ impl DecisionRows {
         self.chains.push(link.to_vec());
     }
 
-    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO decisions (position, request_id, station_id, token_fp, status, reason,
-                                        authorizer, accepted_at_us, decided_at_us, processing_ms,
-                                        chain)
-                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[],
-                                      $5::text[], $6::text[], $7::text[], $8::bigint[],
-                                      $9::bigint[], $10::bigint[], $11::bytea[])",
-            )
-            .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &self.positions,
-                &self.ids,
-                &self.stations,
-                &self.fps,
-                &self.statuses,
-                &self.reasons,
-                &self.authorizers,
-                &self.accepted,
-                &self.decided,
-                &self.processing,
-                &self.chains,
-            ],
-        )
-        .await?;
-        Ok(())
+    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.positions,
+            &self.ids,
+            &self.stations,
+            &self.fps,
+            &self.statuses,
+            &self.reasons,
+            &self.authorizers,
+            &self.accepted,
+            &self.decided,
+            &self.processing,
+            &self.chains,
+        ]
     }
 }
 
@@ -598,36 +736,18 @@ impl DeliveryRows {
         self.due.push(Micros::now().0.max(d.decided_at.0));
     }
 
-    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        let stmt = tx
-            .prepare_cached(
-                "INSERT INTO deliveries (request_id, station_id, callback_url, host, driver_token,
-                                         status, reason, decided_at_us, state, attempts,
-                                         next_attempt_us, age_from_us)
-                 SELECT id, station, url, host, token, status, reason, decided, 'pending', 0, due,
-                        decided
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::text[], $7::text[], $8::bigint[], $9::bigint[])
-                      AS t (id, station, url, host, token, status, reason, decided, due)
-                 ON CONFLICT (request_id) DO NOTHING",
-            )
-            .await?;
-        tx.execute(
-            &stmt,
-            &[
-                &self.ids,
-                &self.stations,
-                &self.urls,
-                &self.hosts,
-                &self.tokens,
-                &self.statuses,
-                &self.reasons,
-                &self.decided,
-                &self.due,
-            ],
-        )
-        .await?;
-        Ok(())
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.ids,
+            &self.stations,
+            &self.urls,
+            &self.hosts,
+            &self.tokens,
+            &self.statuses,
+            &self.reasons,
+            &self.decided,
+            &self.due,
+        ]
     }
 }
 
