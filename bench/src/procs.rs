@@ -69,6 +69,25 @@ pub fn postgres_cpu_time() -> Duration {
         .sum()
 }
 
+/// CPU time the whole machine spent busy (not idle, not waiting for I/O), and in all, summed
+/// over its cores, from `/proc/stat`.
+pub fn machine_cpu_time() -> (Duration, Duration) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (Duration::ZERO, Duration::ZERO);
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    // Clock ticks are 1/100 s on Linux.
+    let ticks = |t: u64| Duration::from_millis(t * 10);
+    (ticks(total - idle), ticks(total))
+}
+
 pub struct ServerProcess {
     pub child: Child,
     pub url: String,

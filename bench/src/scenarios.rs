@@ -334,9 +334,12 @@ impl Bench {
             for s in &servers {
                 channels.extend(load::connect(&s.url, k / n).await?);
             }
-            let (cpu_before, pg_before) = (
+            let locks = LockWaits::sample(&store).await?;
+            let (cpu_before, pg_before, bench_before, machine_before) = (
                 servers.iter().map(|s| s.cpu_time()).sum::<Duration>(),
                 procs::postgres_cpu_time(),
+                procs::cpu_time(std::process::id()),
+                procs::machine_cpu_time(),
             );
             let started = std::time::Instant::now();
             let a = load::closed_loop(&channels, c, warmup, measure, round_robin_request()).await;
@@ -344,10 +347,20 @@ impl Bench {
             let cores = |d: Duration| round3(d.as_secs_f64() / elapsed);
             let used = servers.iter().map(|s| s.cpu_time()).sum::<Duration>() - cpu_before;
             let pg = procs::postgres_cpu_time().saturating_sub(pg_before);
+            let bench = procs::cpu_time(std::process::id()).saturating_sub(bench_before);
+            let machine = procs::machine_cpu_time();
+            let (busy, all) = (
+                machine.0.saturating_sub(machine_before.0),
+                machine.1.saturating_sub(machine_before.1),
+            );
+            let locks = locks.finish().await;
             rows.push(json!({
                 "instances": n, "authorize_rps": a.rps.round(),
                 "authorize_p99_ms": ms(a.hist.value_at_quantile(0.99)),
                 "instances_cores": cores(used), "postgres_cores": cores(pg),
+                "load_generator_cores": cores(bench),
+                "machine_busy_share": round3(busy.as_secs_f64() / all.as_secs_f64().max(1e-9)),
+                "lock_wait_share": locks.0, "mean_active_backends": locks.1,
                 "errors": a.errors,
             }));
             drop(channels);
@@ -1335,6 +1348,52 @@ impl Bench {
 
 /// Writes `n` decisions spread over the 30 days before now and 1,000 stations straight into a
 /// fresh store, indexes included; returns the first day's start (µs).
+/// Samples `pg_stat_activity` of one database every 20 ms while a measurement runs: how often a
+/// backend waits for a lock (on the hot path only the `log_head` row is contended: queue claims
+/// skip locked rows) and how many backends are active on average.
+struct LockWaits {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(f64, f64)>,
+}
+
+impl LockWaits {
+    async fn sample(url: &str) -> anyhow::Result<Self> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut samples, mut waiting, mut active) = (0u64, 0u64, 0i64);
+            while !stopping.load(Ordering::Relaxed) {
+                let row = client
+                    .query_one(
+                        "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock'),
+                                count(*) FILTER (WHERE state = 'active')
+                         FROM pg_stat_activity
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .await;
+                if let Ok(row) = row {
+                    samples += 1;
+                    waiting += u64::from(row.get::<_, i64>(0) > 0);
+                    active += row.get::<_, i64>(1);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let n = samples.max(1) as f64;
+            (round3(waiting as f64 / n), round3(active as f64 / n))
+        });
+        Ok(Self { stop, task })
+    }
+
+    /// The share of samples with a backend waiting for a lock, and the mean of active backends.
+    async fn finish(self) -> (f64, f64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap_or((0.0, 0.0))
+    }
+}
+
 /// Subscribers to every bench station, one stream each, recording for each decision of a
 /// request `<prefix><n>` sent in the measured window the time from its intended send.
 struct E2e {
