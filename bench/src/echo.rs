@@ -72,14 +72,38 @@ impl ChargingAuthorization for Echo {
     }
 }
 
+/// How the PostgreSQL floor commits a group of calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// One `UNNEST` insert, autocommitted: the floor.
+    Row,
+    /// A transaction shaped like chargegate's writer: `BEGIN`, the insert, a one-row head
+    /// locked and written back, a notification, `COMMIT` (for the driver comparison).
+    Transaction,
+}
+
+/// The driver the PostgreSQL floor commits through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Driver {
+    /// tokio-postgres, as chargegate uses it: statements of one transaction pipelined.
+    TokioPostgres,
+    /// sqlx (the bench's `driver-comparison` feature): one statement at a time per connection.
+    Sqlx,
+}
+
 /// Serves the echo service on an ephemeral port; prints `listen=<addr>` for the parent. With
 /// `durable`, the durable-ack floor with its SQLite file in that directory; with `postgres`, the
-/// PostgreSQL durable-ack floor in that database.
-pub fn serve(durable: Option<&Path>, postgres: Option<&str>) -> anyhow::Result<()> {
+/// PostgreSQL durable-ack floor in that database, through `driver`, committed as `shape`.
+pub fn serve(
+    durable: Option<&Path>,
+    postgres: Option<&str>,
+    driver: Driver,
+    shape: Shape,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let durable = match (durable, postgres) {
         (Some(dir), _) => Some(start_writer(dir)?),
-        (None, Some(url)) => Some(runtime.block_on(start_postgres_writer(url))?),
+        (None, Some(url)) => Some(runtime.block_on(start_postgres_writer(url, driver, shape))?),
         (None, None) => None,
     };
     runtime.block_on(async {
@@ -143,28 +167,45 @@ fn commit(conn: &mut rusqlite::Connection, rows: &[Row]) -> rusqlite::Result<()>
     tx.commit()
 }
 
+const FLOOR_TABLES: &str = "CREATE TABLE IF NOT EXISTS durable_echo (
+         request_id     text PRIMARY KEY,
+         station_id     text NOT NULL,
+         accepted_at_us bigint NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS durable_echo_head (n bigint NOT NULL);
+     INSERT INTO durable_echo_head SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM durable_echo_head);";
+const FLOOR_INSERT: &str = "INSERT INTO durable_echo (request_id, station_id, accepted_at_us)
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])";
+const FLOOR_LOCK: &str = "SELECT n FROM durable_echo_head FOR UPDATE";
+const FLOOR_HEAD: &str = "UPDATE durable_echo_head SET n = n + $1";
+const FLOOR_NOTIFY: &str = "SELECT pg_notify('durable_echo', $1)";
+
 /// The PostgreSQL durable-ack floor: one row per call, committed by one task for every call that
 /// arrived meanwhile (one multi-row `UNNEST` insert per commit, as chargegate's writer batches),
 /// through the driver chargegate uses, answered after the commit.
-async fn start_postgres_writer(url: &str) -> anyhow::Result<Durable> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+async fn start_postgres_writer(url: &str, driver: Driver, shape: Shape) -> anyhow::Result<Durable> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Row>(16 * 1024);
+    match driver {
+        Driver::TokioPostgres => tokio_postgres_floor(url, shape, rx).await?,
+        Driver::Sqlx => sqlx_floor(url, shape, rx).await?,
+    }
+    Ok(tx)
+}
+
+async fn tokio_postgres_floor(
+    url: &str,
+    shape: Shape,
+    mut rx: tokio::sync::mpsc::Receiver<Row>,
+) -> anyhow::Result<()> {
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS durable_echo (
-                 request_id     text PRIMARY KEY,
-                 station_id     text NOT NULL,
-                 accepted_at_us bigint NOT NULL
-             )",
-        )
-        .await?;
-    let insert = client
-        .prepare(
-            "INSERT INTO durable_echo (request_id, station_id, accepted_at_us)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[])",
-        )
-        .await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Row>(16 * 1024);
+    client.batch_execute(FLOOR_TABLES).await?;
+    let insert = client.prepare(FLOOR_INSERT).await?;
+    let (lock, head, notify) = (
+        client.prepare(FLOOR_LOCK).await?,
+        client.prepare(FLOOR_HEAD).await?,
+        client.prepare(FLOOR_NOTIFY).await?,
+    );
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(1024);
         while rx.recv_many(&mut batch, 1024).await > 0 {
@@ -172,14 +213,89 @@ async fn start_postgres_writer(url: &str) -> anyhow::Result<Durable> {
             let ids: Vec<&str> = batch.iter().map(|r| r.0.as_str()).collect();
             let stations: Vec<&str> = batch.iter().map(|r| r.1.as_str()).collect();
             let at = vec![now; batch.len()];
-            let committed = client
-                .execute(&insert, &[&ids, &stations, &at])
-                .await
-                .is_ok();
+            let committed = match shape {
+                Shape::Row => client
+                    .execute(&insert, &[&ids, &stations, &at])
+                    .await
+                    .is_ok(),
+                Shape::Transaction => {
+                    let n = batch.len() as i64;
+                    let text = n.to_string();
+                    async {
+                        let tx = client.transaction().await?;
+                        let rows: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                            [&ids, &stations, &at];
+                        let (by, payload): ([&(dyn tokio_postgres::types::ToSql + Sync); 1], _) =
+                            ([&n], [&text as &(dyn tokio_postgres::types::ToSql + Sync)]);
+                        tokio::try_join!(
+                            biased;
+                            tx.execute(&insert, &rows),
+                            tx.query_one(&lock, &[]),
+                            tx.execute(&head, &by),
+                            tx.execute(&notify, &payload),
+                        )?;
+                        tx.commit().await
+                    }
+                    .await
+                    .is_ok()
+                }
+            };
             for (_, _, reply) in batch.drain(..) {
                 let _ = reply.send(committed);
             }
         }
     });
-    Ok(tx)
+    Ok(())
+}
+
+#[cfg(feature = "driver-comparison")]
+async fn sqlx_floor(
+    url: &str,
+    shape: Shape,
+    mut rx: tokio::sync::mpsc::Receiver<Row>,
+) -> anyhow::Result<()> {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    conn.execute(FLOOR_TABLES).await?;
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            let now = chargegate::decision::Micros::now().0;
+            let ids: Vec<String> = batch.iter().map(|r| r.0.clone()).collect();
+            let stations: Vec<String> = batch.iter().map(|r| r.1.clone()).collect();
+            let at = vec![now; batch.len()];
+            let insert = sqlx::query(FLOOR_INSERT)
+                .bind(&ids)
+                .bind(&stations)
+                .bind(&at);
+            let committed = match shape {
+                Shape::Row => insert.execute(&mut conn).await.is_ok(),
+                Shape::Transaction => {
+                    let n = batch.len() as i64;
+                    async {
+                        let mut tx = conn.begin().await?;
+                        insert.execute(&mut *tx).await?;
+                        sqlx::query(FLOOR_LOCK).fetch_one(&mut *tx).await?;
+                        sqlx::query(FLOOR_HEAD).bind(n).execute(&mut *tx).await?;
+                        sqlx::query(FLOOR_NOTIFY)
+                            .bind(n.to_string())
+                            .execute(&mut *tx)
+                            .await?;
+                        tx.commit().await
+                    }
+                    .await
+                    .is_ok()
+                }
+            };
+            for (_, _, reply) in batch.drain(..) {
+                let _ = reply.send(committed);
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(feature = "driver-comparison"))]
+async fn sqlx_floor(_: &str, _: Shape, _: tokio::sync::mpsc::Receiver<Row>) -> anyhow::Result<()> {
+    anyhow::bail!("built without the driver-comparison feature")
 }

@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4; and p1d when named); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -59,6 +59,12 @@ enum Mode {
         /// Commit each call to this PostgreSQL database before answering (its durable floor).
         #[arg(long)]
         durable_postgres: Option<String>,
+        /// The driver the PostgreSQL floor commits through.
+        #[arg(long, value_enum, default_value = "tokio-postgres")]
+        driver: echo::Driver,
+        /// How the PostgreSQL floor commits a group of calls.
+        #[arg(long, value_enum, default_value = "row")]
+        shape: echo::Shape,
     },
     /// (internal) Serve a fast remote authorizer with an optional slow tail.
     AuthorizerServer {
@@ -82,6 +88,8 @@ const ALL: [&str; 16] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
     "p4",
 ];
+/// Scenarios run only when named.
+const BY_NAME: [&str; 1] = ["p1d"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -89,7 +97,16 @@ fn main() -> anyhow::Result<()> {
         Some(Mode::EchoServer {
             durable,
             durable_postgres,
-        }) => return echo::serve(durable.as_deref(), durable_postgres.as_deref()),
+            driver,
+            shape,
+        }) => {
+            return echo::serve(
+                durable.as_deref(),
+                durable_postgres.as_deref(),
+                driver,
+                shape,
+            );
+        }
         Some(Mode::AuthorizerServer {
             slow_percent,
             slow_ms,
@@ -118,9 +135,10 @@ fn main() -> anyhow::Result<()> {
     };
     for s in &selected {
         anyhow::ensure!(
-            ALL.contains(&s.as_str()),
-            "unknown scenario {s}; expected one of {}",
-            ALL.join(", ")
+            ALL.contains(&s.as_str()) || BY_NAME.contains(&s.as_str()),
+            "unknown scenario {s}; expected one of {}, {}",
+            ALL.join(", "),
+            BY_NAME.join(", ")
         );
     }
     let machine = procs::machine(&std::env::temp_dir());
@@ -158,13 +176,14 @@ fn main() -> anyhow::Result<()> {
                 "a1" => bench.a1().await,
                 "w1" => bench.w1().await,
                 "u1" => bench.u1().await,
-                "p1" | "p2" | "p4" if !bench.postgres_answers().await => {
+                "p1" | "p2" | "p4" | "p1d" if !bench.postgres_answers().await => {
                     println!("{s}: skipped: PostgreSQL does not answer at --postgres-url");
                     Ok(())
                 }
                 "p1" => bench.p1().await,
                 "p2" => bench.p2().await,
                 "p4" => bench.p4().await,
+                "p1d" => bench.p1d().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

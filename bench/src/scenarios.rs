@@ -317,6 +317,61 @@ impl Bench {
         Ok(())
     }
 
+    /// p1d: the PostgreSQL floor through tokio-postgres and through sqlx, each committing groups
+    /// as one autocommitted row insert and as a transaction shaped like chargegate's writer; the
+    /// same closed loop (C=200), two interleaved rounds.
+    pub async fn p1d(&mut self) -> anyhow::Result<()> {
+        let (c, k) = (200, 8);
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let mut runs = Vec::new();
+        for round in 1..=2 {
+            for shape in ["row", "transaction"] {
+                for driver in ["tokio-postgres", "sqlx"] {
+                    let url = self.create_database("chargegate_bench_p1d").await?;
+                    let mut command = Command::new(std::env::current_exe()?);
+                    command.arg("echo-server").args([
+                        "--durable-postgres",
+                        &url,
+                        "--driver",
+                        driver,
+                        "--shape",
+                        shape,
+                    ]);
+                    let floor = ServerProcess::spawn(command, self.server_core)?;
+                    let channels = load::connect(&floor.url, k).await?;
+                    let r = load::closed_loop(&channels, c, warmup, measure, round_robin_request())
+                        .await;
+                    drop(channels);
+                    floor.stop();
+                    self.drop_database("chargegate_bench_p1d").await?;
+                    runs.push(json!({
+                        "round": round, "shape": shape, "driver": driver, "rps": r.rps.round(),
+                        "p50_ms": ms(r.hist.value_at_quantile(0.5)),
+                        "p99_ms": ms(r.hist.value_at_quantile(0.99)),
+                        "errors": r.errors,
+                    }));
+                }
+            }
+        }
+        let mut ratios = serde_json::Map::new();
+        for shape in ["row", "transaction"] {
+            let rate = |driver: &str| -> Vec<f64> {
+                runs.iter()
+                    .filter(|r| r["shape"] == shape && r["driver"] == driver)
+                    .filter_map(|r| r["rps"].as_f64())
+                    .collect()
+            };
+            let (t, x) = (rate("tokio-postgres"), rate("sqlx"));
+            let pairs: Vec<f64> = t.iter().zip(&x).map(|(t, x)| round3(x / t)).collect();
+            ratios.insert(format!("{shape}_sqlx_to_tokio_postgres"), json!(pairs));
+        }
+        self.record(
+            "p1d",
+            json!({ "concurrency": c, "runs": runs, "ratios": ratios }),
+        );
+        Ok(())
+    }
+
     /// p2: one, two and three instances on one database, the same closed loop (C=200) spread over
     /// them; the aggregate rate, and the cores the instances and PostgreSQL used meanwhile.
     pub async fn p2(&mut self) -> anyhow::Result<()> {
