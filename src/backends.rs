@@ -10,7 +10,7 @@ use crate::{
     config::{Config, QueueBackend, StoreBackend},
     fanout::Hub,
     health::Probe,
-    queue::{Queue, postgres::PostgresQueue, sqlite::SqliteQueue},
+    queue::{Queue, postgres::PostgresQueue, redis::RedisQueue, sqlite::SqliteQueue},
     store::{DecisionLog, GrantStore, StoreError, postgres::Postgres, sqlite::Database},
     token::Fingerprinter,
     webhook::WebhookOutbox,
@@ -37,6 +37,8 @@ enum Kind {
     Sqlite(Database),
     /// With the lock that keeps the data dir (and its claimant name) to this process.
     Postgres(Postgres, #[allow(dead_code)] std::fs::File),
+    /// PostgreSQL with the queue dispatched through Redis.
+    PostgresRedis(Postgres, Arc<RedisQueue>, #[allow(dead_code)] std::fs::File),
 }
 
 impl Backends {
@@ -76,6 +78,7 @@ impl Backends {
                     hub,
                     fingerprinter.derive_key(chain::KEY_PURPOSE),
                     claimant,
+                    None,
                 )
                 .await?;
                 Ok(Self {
@@ -90,6 +93,44 @@ impl Backends {
                     kind: Kind::Postgres(pg, lock),
                 })
             }
+            (StoreBackend::Postgres { url }, QueueBackend::Redis { url: redis_url }) => {
+                let (claimant, lock) = claimant(&config.data_dir)?;
+                let pg = Postgres::open(
+                    url,
+                    config.queue_max,
+                    hub,
+                    fingerprinter.derive_key(chain::KEY_PURPOSE),
+                    claimant,
+                    Some(RedisQueue::dispatch_lease(lease)),
+                )
+                .await?;
+                let previous = consumer(&config.data_dir, &config.instance_id)?;
+                let queue = Arc::new(
+                    RedisQueue::open(
+                        redis_url,
+                        pg.clone(),
+                        config.instance_id.clone(),
+                        previous,
+                        lease,
+                    )
+                    .await?,
+                );
+                Ok(Self {
+                    log: Arc::new(pg.clone()),
+                    queue: queue.clone(),
+                    audit: Arc::new(pg.clone()),
+                    grants: Arc::new(pg.clone()),
+                    outbox: Arc::new(pg.clone()),
+                    outbox_wake: pg.wakes().outbox.clone(),
+                    probes: vec![("postgres", Arc::new(pg.clone())), ("redis", queue.clone())],
+                    location: format!(
+                        "{} with the queue on {}",
+                        redacted(url),
+                        redacted(redis_url)
+                    ),
+                    kind: Kind::PostgresRedis(pg, queue, lock),
+                })
+            }
             _ => Err(StoreError::backend(std::io::Error::other(
                 "this combination of queue_url and store_url is refused by the configuration check",
             ))),
@@ -101,13 +142,17 @@ impl Backends {
         match &self.kind {
             Kind::Sqlite(db) => db.close().await,
             Kind::Postgres(pg, _) => pg.close().await,
+            Kind::PostgresRedis(pg, queue, _) => {
+                queue.close();
+                pg.close().await
+            }
         }
     }
 
     /// The PostgreSQL store, when that is the backend (its grants change under other instances).
     pub fn postgres(&self) -> Option<&Postgres> {
         match &self.kind {
-            Kind::Postgres(pg, _) => Some(pg),
+            Kind::Postgres(pg, _) | Kind::PostgresRedis(pg, _, _) => Some(pg),
             Kind::Sqlite(_) => None,
         }
     }
@@ -144,6 +189,18 @@ fn claimant(data_dir: &Path) -> Result<(String, std::fs::File), StoreError> {
 }
 
 /// A URL without its password, for logs.
+/// The Redis consumer name this data dir's instance had before (kept in
+/// `<data_dir>/redis_consumer`), replaced by `now`.
+fn consumer(data_dir: &Path, now: &str) -> Result<Option<String>, StoreError> {
+    let path = data_dir.join("redis_consumer");
+    let previous = std::fs::read_to_string(&path)
+        .ok()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty());
+    std::fs::write(&path, format!("{now}\n")).map_err(StoreError::backend)?;
+    Ok(previous)
+}
+
 fn redacted(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {

@@ -121,6 +121,8 @@ pub struct Config {
     pub audit_calls: bool,
     /// `None`: generated on first start and kept in the data dir.
     pub token_hash_key: Option<Secret>,
+    /// This instance's name among instances sharing a store.
+    pub instance_id: String,
     pub tls: Option<TlsConfig>,
     pub clients_file: Option<PathBuf>,
     pub log_format: LogFormat,
@@ -180,6 +182,7 @@ impl Config {
             audit_retention_days: 730,
             audit_calls: true,
             token_hash_key: None,
+            instance_id: default_instance_id(),
             tls: None,
             clients_file: None,
             log_format: LogFormat::Text,
@@ -335,6 +338,9 @@ impl Config {
             }
             c.token_hash_key = Some(Secret::new(v));
         }
+        if let Some(v) = get("instance_id") {
+            c.instance_id = parse_name("instance_id", &v)?;
+        }
         let path = |key: &'static str| get(key).filter(|v| !v.is_empty()).map(PathBuf::from);
         c.tls = match (path("tls_cert"), path("tls_key")) {
             (Some(cert), Some(key)) => Some(TlsConfig {
@@ -402,10 +408,11 @@ impl Config {
                     "the embedded queue needs store_url on SQLite; leave queue_url unset to queue in PostgreSQL",
                 ));
             }
-            (QueueBackend::Redis { .. }, _) => {
+            (QueueBackend::Redis { .. }, StoreBackend::Postgres { .. }) => {}
+            (QueueBackend::Redis { .. }, StoreBackend::Sqlite { .. }) => {
                 return Err(ConfigError::invalid(
                     "queue_url",
-                    "the Redis Streams queue is not available in this build yet",
+                    "the Redis Streams queue needs store_url on PostgreSQL (PostgreSQL keeps what Redis carries)",
                 ));
             }
             (QueueBackend::Postgres, StoreBackend::Postgres { .. }) => {}
@@ -477,6 +484,36 @@ fn read_toml(path: &Path) -> Result<BTreeMap<&'static str, String>, ConfigError>
         values.insert(known, value);
     }
     Ok(values)
+}
+
+/// `hostname-pid`: unique among the instances of a cluster, new at every start.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                .take(40)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "chargegate".into());
+    format!("{host}-{}", std::process::id())
+}
+
+fn parse_name(key: &'static str, value: &str) -> Result<String, ConfigError> {
+    let ok = (1..=64).contains(&value.len())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    match ok {
+        true => Ok(value.to_owned()),
+        false => Err(ConfigError::invalid(
+            key,
+            "must be 1 to 64 letters, digits, '.', '_' or '-'",
+        )),
+    }
 }
 
 fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {

@@ -179,6 +179,12 @@ async fn decide(authorizer: &dyn Authorizer, timeout: Duration, claim: &Claim) -
     if let Some(verdict) = at_once(authorizer, asked) {
         return verdict;
     }
+    if claim.exhausted {
+        tracing::warn!(
+            "a queued request was handed out too often without a decision; deciding it UNKNOWN"
+        );
+        return Verdict::new(Reason::AuthorizerError, authorizer.kind());
+    }
     let started = std::time::Instant::now();
     let verdict = match tokio::time::timeout(timeout, authorizer.authorize(asked)).await {
         Ok(verdict) => verdict,

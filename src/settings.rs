@@ -56,6 +56,8 @@ pub enum Kind {
     Choice(&'static [&'static str]),
     /// A value never printed (keys, signing secrets).
     Secret,
+    /// A name: 1 to 64 letters, digits, `.`, `_` or `-`.
+    Name,
 }
 
 /// A key's default.
@@ -128,6 +130,7 @@ impl Setting {
                 .collect::<Vec<_>>()
                 .join(", "),
             Kind::Secret => "secret".into(),
+            Kind::Name => "name (1–64 of A–Z a–z 0–9 . _ -)".into(),
         }
     }
 
@@ -188,7 +191,7 @@ pub const SETTINGS: &[Setting] = &[
             words: "sqlite://<data_dir>/chargegate.db",
             example: "sqlite://./data/chargegate.db",
         },
-        meaning: "where acknowledged requests wait: unset, in the store (the SQLite file, or PostgreSQL's `queue` table) (`redis://…`: not built yet, refused)",
+        meaning: "where acknowledged requests wait: unset, in the store (the SQLite file, or PostgreSQL's `queue` table); `redis://host:port/db`: a Redis stream dispatches them to every instance (needs `store_url` on PostgreSQL)",
         group: "Storage",
         extension: false,
     },
@@ -468,6 +471,17 @@ pub const SETTINGS: &[Setting] = &[
         },
         meaning: NOT_BUILT,
         group: "Security",
+        extension: false,
+    },
+    Setting {
+        key: "instance_id",
+        kind: Kind::Name,
+        default: Default::Derived {
+            words: "hostname-pid",
+            example: "chargegate-a",
+        },
+        meaning: "this instance's name among instances that share a store: its Redis consumer name, and in the first log line",
+        group: "Process",
         extension: false,
     },
     Setting {

@@ -8,6 +8,7 @@
 //! queue when its lease ends — at the next start for the embedded queue.
 
 pub mod postgres;
+pub mod redis;
 pub mod sqlite;
 
 use std::fmt;
@@ -82,6 +83,9 @@ impl From<NewRequest> for QueuedRequest {
 /// A request handed to one worker. Consume it with [`Claim::ack`] or [`Claim::nack`].
 pub struct Claim {
     pub request: QueuedRequest,
+    /// Handed out too often already (its workers died or hung each time): decide it
+    /// `UNKNOWN` / `authorizer_error` without asking again.
+    pub exhausted: bool,
     handle: Box<dyn ClaimHandle>,
 }
 
@@ -107,7 +111,16 @@ impl Claim {
     pub fn new(request: QueuedRequest, handle: impl ClaimHandle) -> Self {
         Self {
             request,
+            exhausted: false,
             handle: Box::new(handle),
+        }
+    }
+
+    /// A claim handed out too often: see [`Claim::exhausted`].
+    pub fn exhausted(request: QueuedRequest, handle: impl ClaimHandle) -> Self {
+        Self {
+            exhausted: true,
+            ..Self::new(request, handle)
         }
     }
 

@@ -128,7 +128,7 @@ impl ClaimHandle for LeasedRow {
         request: &QueuedRequest,
         decision: NewDecision,
     ) -> Result<Settled, StoreError> {
-        self.db.settle(self.id, decision, request.callback()).await
+        self.db.settle(decision, request.callback()).await
     }
 
     /// Ends the lease, if it is still this instance's.

@@ -39,11 +39,23 @@ fn the_backends_under_test_are_named() {
         Some(_) => "the scale-out tests (CHARGEGATE_TEST_BACKEND=postgres runs the whole suite)",
         None => "skipped (CHARGEGATE_TEST_POSTGRES_URL is not set)",
     };
-    eprintln!("backends under test: SQLite: the whole suite; PostgreSQL: {postgres}");
+    let redis = match backend::redis_url() {
+        Some(_) => "the whole suite, with PostgreSQL",
+        None => {
+            "skipped (CHARGEGATE_TEST_BACKEND=redis with CHARGEGATE_TEST_REDIS_URL runs the whole suite)"
+        }
+    };
+    eprintln!(
+        "backends under test: SQLite: the whole suite; PostgreSQL: {postgres}; Redis Streams: {redis}"
+    );
     if std::env::var("CI").as_deref() == Ok("true") {
         assert!(
             backend::postgres_url().is_some(),
             "CI runs every backend: set CHARGEGATE_TEST_POSTGRES_URL"
+        );
+        assert!(
+            std::env::var("CHARGEGATE_TEST_REDIS_URL").is_ok_and(|u| !u.is_empty()),
+            "CI runs every backend: set CHARGEGATE_TEST_REDIS_URL"
         );
     }
 }

@@ -47,8 +47,8 @@ use crate::{
     decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
     fanout::Hub,
     intake::NewRequest,
-    queue::{EnqueueOutcome, Settled},
-    token::Fingerprint,
+    queue::{EnqueueOutcome, QueuedRequest, Settled},
+    token::{DriverToken, Fingerprint},
     webhook::Callback,
 };
 
@@ -107,6 +107,7 @@ impl Postgres {
         hub: Arc<Hub>,
         chain_key: [u8; 32],
         instance: String,
+        dispatch_lease: Option<Duration>,
     ) -> Result<Self, StoreError> {
         let config = parse_url(url)?;
         let manager = Manager::from_config(
@@ -181,6 +182,8 @@ impl Postgres {
             queue_max,
             chain_key: ChainKey::new(&chain_key),
             wakes: wakes.clone(),
+            dispatch_lease: dispatch_lease.map(|l| l.as_micros() as i64),
+            instance: inner.instance.clone(),
         };
         let tasks = vec![
             tokio::spawn(writer.run(rx)),
@@ -239,16 +242,94 @@ impl Postgres {
             .await
     }
 
-    /// Records the decision for queue row `id` (idempotently by request_id) and deletes the row.
+    /// Records the decision of a queued request (idempotently by request_id) and deletes its
+    /// queue row.
     pub(crate) async fn settle(
         &self,
-        id: i64,
         decision: NewDecision,
         callback: Option<Callback>,
     ) -> Result<Settled, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.write(WriteOp::Settle(id, decision, callback, tx), rx)
+        self.write(WriteOp::Settle(decision, callback, tx), rx)
             .await
+    }
+
+    /// The queued requests of `ids` still waiting for their decision, oldest first.
+    pub(crate) async fn queued(&self, ids: &[&str]) -> Result<Vec<QueuedRequest>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT request_id, station_id, token_fp, callback_url, accepted_at_us, driver_token
+                 FROM queue WHERE request_id = ANY($1) ORDER BY id",
+            )
+            .await
+            .map_err(db)?;
+        let rows = client.query(&stmt, &[&ids]).await.map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| QueuedRequest {
+                request_id: r.get(0),
+                station_id: r.get(1),
+                fingerprint: Fingerprint::from_stored(r.get(2)),
+                callback_url: r.get(3),
+                accepted_at: Micros(r.get(4)),
+                token: DriverToken::new(r.get::<_, String>(5)),
+            })
+            .collect())
+    }
+
+    /// Ends every dispatch lease, so the sweepers dispatch every waiting request again (after the
+    /// dispatcher lost its data).
+    pub(crate) async fn release_dispatch_leases(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE queue SET claimed_until_us = NULL WHERE claimed_until_us IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(db)
+    }
+
+    /// Requests waiting for their decision (being decided included).
+    pub(crate) async fn queue_depth(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM queue", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    /// Leases to this instance, for `lease`, up to `max` queued requests whose dispatch lease ran
+    /// out (their dispatch was lost, or their instance died), skipping rows another instance is
+    /// leasing at this moment; returns their request_ids, oldest first.
+    pub(crate) async fn redispatch(
+        &self,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = Micros::now().0;
+        let until = now + lease.as_micros() as i64;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE queue q SET claimed_until_us = $2, claimed_by = $4, claims = q.claims + 1
+                 FROM (SELECT id FROM queue
+                       WHERE claimed_until_us IS NULL OR claimed_until_us < $1
+                       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
+                 WHERE q.id = c.id
+                 RETURNING q.id, q.request_id",
+            )
+            .await
+            .map_err(db)?;
+        let mut rows = client
+            .query(&stmt, &[&now, &until, &(max as i64), &self.instance()])
+            .await
+            .map_err(db)?;
+        rows.sort_by_key(|r| r.get::<_, i64>(0));
+        Ok(rows.into_iter().map(|r| r.get(1)).collect())
     }
 
     async fn write<T>(

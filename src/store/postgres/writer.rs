@@ -46,9 +46,8 @@ pub(super) enum WriteOp {
         Option<Callback>,
         oneshot::Sender<Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError>>,
     ),
-    /// Record the decision of queue row `.0`, and delete the row.
+    /// Record the decision of a queued request, and delete its queue row.
     Settle(
-        i64,
         NewDecision,
         Option<Callback>,
         oneshot::Sender<Result<Settled, StoreError>>,
@@ -72,6 +71,10 @@ pub(super) struct Writer {
     pub(super) queue_max: u64,
     pub(super) chain_key: ChainKey,
     pub(super) wakes: std::sync::Arc<listen::Wakes>,
+    /// With a dispatcher beside the store (Redis), how long a new queue row stays with this
+    /// instance (microseconds) before the sweeper dispatches it again; `None`: claimable at once.
+    pub(super) dispatch_lease: Option<i64>,
+    pub(super) instance: String,
 }
 
 impl Writer {
@@ -144,8 +147,10 @@ impl Writer {
     /// that order (the lock order); every insert, the new head and the notifications, pipelined;
     /// `COMMIT`. A batch with queued requests counts the queue first, for `queue_max`.
     async fn commit(&mut self, ops: &[&WriteOp]) -> Result<Vec<Answer>, tokio_postgres::Error> {
-        let (log_id, queue_max) = (self.log_id, self.queue_max);
+        let (log_id, queue_max, dispatch_lease) =
+            (self.log_id, self.queue_max, self.dispatch_lease);
         let chain_key = self.chain_key.clone();
+        let instance = self.instance.clone();
         let client = self.client.as_mut().expect("connected before the commit");
         let tx = client.transaction().await?;
         let st = Statements::prepare(&tx).await?;
@@ -190,20 +195,13 @@ impl Writer {
             }
         }
         let keys = KeyRows::new(candidates.iter().map(|k| &keyed[*k]));
-        let settled_rows: Vec<i64> = ops
-            .iter()
-            .filter_map(|op| match op {
-                WriteOp::Settle(id, ..) => Some(*id),
-                _ => None,
-            })
-            .collect();
         // Only lock holders insert decisions, so what is not there under the lock is not
         // recorded by anyone. A request decided at intake gets its key in this transaction: only
         // settles of queued requests (a lease that ran out, a redelivery) can find theirs.
         let settled_ids: Vec<&str> = ops
             .iter()
             .filter_map(|op| match op {
-                WriteOp::Settle(_, d, ..) => Some(d.request_id.as_str()),
+                WriteOp::Settle(d, ..) => Some(d.request_id.as_str()),
                 _ => None,
             })
             .collect();
@@ -220,9 +218,9 @@ impl Writer {
                 }
             },
             async {
-                match settled_rows.is_empty() {
+                match settled_ids.is_empty() {
                     true => Ok(0),
-                    false => tx.execute(&st.delete_queue, &[&settled_rows]).await,
+                    false => tx.execute(&st.delete_queue, &[&settled_ids]).await,
                 }
             },
             async {
@@ -274,7 +272,7 @@ impl Writer {
                 WriteOp::EnqueueDecided(d, c, _) if new_keys.contains(&i) => {
                     Some((i, d, c.as_ref()))
                 }
-                WriteOp::Settle(_, d, c, _) => Some((i, d, c.as_ref())),
+                WriteOp::Settle(d, c, _) => Some((i, d, c.as_ref())),
                 _ => None,
             })
             .collect();
@@ -305,7 +303,15 @@ impl Writer {
             async {
                 match queued.ids.is_empty() {
                     true => Ok(0),
-                    false => tx.execute(&st.insert_queue, &queued.params()).await,
+                    false => {
+                        let (until, by) = match dispatch_lease {
+                            Some(lease) => (Some(Micros::now().0 + lease), Some(instance.as_str())),
+                            None => (None, None),
+                        };
+                        let [a, b, c, d, e, f] = queued.params();
+                        tx.execute(&st.insert_queue, &[a, b, c, d, e, f, &until, &by])
+                            .await
+                    }
                 }
             },
             async {
@@ -457,7 +463,7 @@ impl Statements {
                 )
                 .await?,
             delete_queue: tx
-                .prepare_cached("DELETE FROM queue WHERE id = ANY($1)")
+                .prepare_cached("DELETE FROM queue WHERE request_id = ANY($1)")
                 .await?,
             lock_head: tx
                 .prepare_cached("SELECT position, chain FROM log_head FOR UPDATE")
@@ -470,9 +476,10 @@ impl Statements {
             insert_queue: tx
                 .prepare_cached(
                     "INSERT INTO queue (request_id, station_id, token_fp, callback_url,
-                                        accepted_at_us, driver_token)
-                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
-                                          $5::bigint[], $6::text[])",
+                                        accepted_at_us, driver_token, claimed_until_us, claimed_by)
+                     SELECT t.*, $7::bigint, $8::text
+                     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                 $6::text[]) AS t",
                 )
                 .await?,
             insert_decisions: tx
@@ -761,11 +768,11 @@ fn answer(
         (WriteOp::EnqueueDecided(_, _, reply), Ok(Answer::EnqueueDecided(o, d))) => {
             drop(reply.send(Ok((o, d))))
         }
-        (WriteOp::Settle(_, _, _, reply), Ok(Answer::Settle(s))) => drop(reply.send(Ok(s))),
+        (WriteOp::Settle(_, _, reply), Ok(Answer::Settle(s))) => drop(reply.send(Ok(s))),
         (WriteOp::Close(reply), _) => *closing = Some(reply),
         (WriteOp::Enqueue(_, reply), Err(e)) => drop(reply.send(Err(e))),
         (WriteOp::EnqueueDecided(_, _, reply), Err(e)) => drop(reply.send(Err(e))),
-        (WriteOp::Settle(_, _, _, reply), Err(e)) => drop(reply.send(Err(e))),
+        (WriteOp::Settle(_, _, reply), Err(e)) => drop(reply.send(Err(e))),
         _ => unreachable!("answers follow the batch order"),
     }
 }

@@ -1,7 +1,9 @@
 //! Which backend the suite runs against. `CHARGEGATE_TEST_BACKEND=postgres` (with
 //! `CHARGEGATE_TEST_POSTGRES_URL`, a server URL whose user may create databases) runs every test
-//! on PostgreSQL, each in a fresh database cloned from a migrated template; the default is the
-//! embedded SQLite store.
+//! on PostgreSQL, each in a fresh database cloned from a migrated template;
+//! `CHARGEGATE_TEST_BACKEND=redis` does the same with the queue on Redis Streams at
+//! `CHARGEGATE_TEST_REDIS_URL` (each test's keys are its fresh database's log id); the default is
+//! the embedded SQLite store.
 
 use std::sync::OnceLock;
 
@@ -12,9 +14,22 @@ pub fn postgres_url() -> Option<String> {
         .filter(|u| !u.is_empty())
 }
 
-/// True when the suite runs on PostgreSQL.
+/// True when the suite runs on PostgreSQL (with or without Redis).
 pub fn on_postgres() -> bool {
-    std::env::var("CHARGEGATE_TEST_BACKEND").as_deref() == Ok("postgres")
+    matches!(
+        std::env::var("CHARGEGATE_TEST_BACKEND").as_deref(),
+        Ok("postgres" | "redis")
+    )
+}
+
+/// The Redis server the queue runs on, when the suite runs with Redis Streams.
+pub fn redis_url() -> Option<String> {
+    (std::env::var("CHARGEGATE_TEST_BACKEND").as_deref() == Ok("redis")).then(|| {
+        std::env::var("CHARGEGATE_TEST_REDIS_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .expect("CHARGEGATE_TEST_BACKEND=redis needs CHARGEGATE_TEST_REDIS_URL")
+    })
 }
 
 /// True (and says why) when this test only makes sense on the embedded store and the suite runs
@@ -270,6 +285,9 @@ impl super::TestDir {
                 "--token-hash-key".to_owned(),
                 "test-token-hash-key".to_owned(),
             ]);
+            if let Some(redis) = redis_url() {
+                flags.extend(["--queue-url".to_owned(), redis]);
+            }
         }
         flags
     }

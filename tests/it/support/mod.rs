@@ -114,9 +114,18 @@ impl TestDir {
             file: Some(self.write_acl(&standard_acl())),
         };
         config.shutdown_grace = Duration::from_secs(5);
+        // Instances of one test process: a name of their own each, as processes have.
+        config.instance_id = format!(
+            "test-{}-{}",
+            std::process::id(),
+            self.path().file_name().unwrap().to_string_lossy()
+        );
         if let Some(url) = self.store_url() {
             config.store = chargegate::config::StoreBackend::Postgres { url };
-            config.queue = chargegate::config::QueueBackend::Postgres;
+            config.queue = match backend::redis_url() {
+                Some(url) => chargegate::config::QueueBackend::Redis { url },
+                None => chargegate::config::QueueBackend::Postgres,
+            };
         }
         config
     }
