@@ -287,3 +287,82 @@ fn kill_9_of_one_of_three_instances_never_loses_or_repeats_a_decision() {
     assert!(authorizer.calls() > 0, "the remote authorizer decided");
     runtime.block_on(verify_exactly_once(&children[2].url(), &acked, &before));
 }
+
+/// Two instances on PostgreSQL with the queue on a Redis of the test's own, requests queued for
+/// a remote authorizer, load through both; mid-load Redis shuts down without saving and comes
+/// back empty (its stream, its group and every pending entry gone): every acknowledged request
+/// is still decided exactly once, and a subscriber on the other instance, open from before the
+/// load, gets every decision once, in log order.
+#[test]
+fn redis_losing_its_data_mid_load_loses_and_repeats_no_decision() {
+    let Some(url) = crate::scaleout::postgres() else {
+        return;
+    };
+    if !redis_server::available() {
+        return;
+    }
+    let mut redis = redis_server::RedisServer::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
+        Duration::from_millis(5),
+        r#"{"allowed": "ALLOWED"}"#.into(),
+    )));
+    let remote = authorizer.url().to_string();
+    let extra = ["--authorizer", "http", "--authorizer-url", &remote];
+    let db = backend::TestDatabase::create(&url);
+    let dirs: Vec<TestDir> = (0..2)
+        .map(|_| {
+            let mut dir = TestDir::sharing(&db);
+            dir.queue_url = Some(redis.url());
+            dir
+        })
+        .collect();
+    let (a, before) = start_with_cursor(&dirs[0], &extra, &runtime);
+    let b = start(&dirs[1], &extra);
+    let watched = runtime.block_on(async {
+        let mut client = connect(&b.url()).await;
+        subscribe(&mut client, &[], &before).await
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = [&a, &b]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| runtime.spawn(drive_load(c.url(), 40 + i, stop.clone())))
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    redis.lose_everything();
+    std::thread::sleep(Duration::from_millis(600));
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for load in loads {
+        acked.extend(runtime.block_on(load).unwrap());
+    }
+    assert!(acked.len() > 20, "load went through: {} acknowledged", acked.len());
+    runtime.block_on(verify_exactly_once(&a.url(), &acked, &before));
+    // The subscriber on b saw the same, live.
+    let seen = runtime.block_on(async move {
+        let mut watched = watched;
+        let mut ids = Vec::new();
+        let mut last = 0;
+        let wanted: std::collections::HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
+        let mut left = wanted.len();
+        while left > 0 {
+            let item = tokio::time::timeout(PATIENCE, watched.message())
+                .await
+                .expect("every decision reaches the subscriber")
+                .unwrap()
+                .unwrap();
+            if let Some(Event::Decision(d)) = item.event {
+                let position = chargegate::cursor::Cursor::decode(&d.cursor).unwrap().position;
+                assert!(position > last, "in log order");
+                last = position;
+                if wanted.contains(d.request_id.as_str()) {
+                    left -= 1;
+                }
+                ids.push(d.request_id);
+            }
+        }
+        (ids, acked)
+    });
+    assert_exactly_once(&seen.1, &seen.0);
+}

@@ -285,7 +285,7 @@ impl super::TestDir {
                 "--token-hash-key".to_owned(),
                 "test-token-hash-key".to_owned(),
             ]);
-            if let Some(redis) = redis_url() {
+            if let Some(redis) = self.redis_url() {
                 flags.extend(["--queue-url".to_owned(), redis]);
             }
         }

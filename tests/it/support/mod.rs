@@ -21,6 +21,7 @@ pub mod backend;
 pub mod binary;
 pub mod fake_authorizer;
 pub mod receiver;
+pub mod redis_server;
 
 /// How long a test waits for something that should happen at once before failing.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -54,6 +55,8 @@ pub struct TestDir {
     pub database: Option<backend::TestDatabase>,
     /// A database shared with other instances, in place of the test's own.
     pub shared: Option<String>,
+    /// A Redis queue of the test's own, in place of the suite's.
+    pub queue_url: Option<String>,
 }
 
 impl TestDir {
@@ -67,6 +70,7 @@ impl TestDir {
             dir: tempfile::tempdir().expect("temp dir"),
             database,
             shared: None,
+            queue_url: None,
         }
     }
 
@@ -76,7 +80,13 @@ impl TestDir {
             dir: tempfile::tempdir().expect("temp dir"),
             database: None,
             shared: Some(db.url.clone()),
+            queue_url: None,
         }
+    }
+
+    /// The Redis URL of this test's queue, when it is on Redis.
+    pub fn redis_url(&self) -> Option<String> {
+        self.queue_url.clone().or_else(backend::redis_url)
     }
 
     /// The PostgreSQL URL of this test's store, when it is on PostgreSQL.
@@ -122,7 +132,7 @@ impl TestDir {
         );
         if let Some(url) = self.store_url() {
             config.store = chargegate::config::StoreBackend::Postgres { url };
-            config.queue = match backend::redis_url() {
+            config.queue = match self.redis_url() {
                 Some(url) => chargegate::config::QueueBackend::Redis { url },
                 None => chargegate::config::QueueBackend::Postgres,
             };
