@@ -40,6 +40,7 @@ pub mod config;
 pub mod cursor;
 pub mod decide;
 pub mod decision;
+pub mod failpoint;
 pub mod fanout;
 pub mod health;
 pub mod intake;

@@ -442,6 +442,9 @@ impl Queue for RedisQueue {
     async fn enqueue(&self, request: NewRequest) -> Result<EnqueueOutcome, StoreError> {
         let id = request.request_id.clone();
         let outcome = self.shared.db.enqueue(request).await?;
+        if let EnqueueOutcome::Accepted { .. } = outcome {
+            crate::failpoint::reached(crate::failpoint::AFTER_REQUEST_COMMIT);
+        }
         if let EnqueueOutcome::Accepted { .. } = outcome
             && let Err(e) = self.shared.dispatch(&[id]).await
         {
@@ -562,6 +565,7 @@ impl ClaimHandle for StreamEntry {
         decision: NewDecision,
     ) -> Result<Settled, StoreError> {
         let settled = self.shared.db.settle(decision, request.callback()).await?;
+        crate::failpoint::reached(crate::failpoint::AFTER_DECISION_COMMIT);
         if let Err(e) = self.shared.complete(std::slice::from_ref(&self.id)).await {
             tracing::warn!(error = %e, "acknowledging a decided request's entry failed; it comes back and is acknowledged then");
         }

@@ -337,7 +337,11 @@ fn redis_losing_its_data_mid_load_loses_and_repeats_no_decision() {
     for load in loads {
         acked.extend(runtime.block_on(load).unwrap());
     }
-    assert!(acked.len() > 20, "load went through: {} acknowledged", acked.len());
+    assert!(
+        acked.len() > 20,
+        "load went through: {} acknowledged",
+        acked.len()
+    );
     runtime.block_on(verify_exactly_once(&a.url(), &acked, &before));
     // The subscriber on b saw the same, live.
     let seen = runtime.block_on(async move {
@@ -353,7 +357,9 @@ fn redis_losing_its_data_mid_load_loses_and_repeats_no_decision() {
                 .unwrap()
                 .unwrap();
             if let Some(Event::Decision(d)) = item.event {
-                let position = chargegate::cursor::Cursor::decode(&d.cursor).unwrap().position;
+                let position = chargegate::cursor::Cursor::decode(&d.cursor)
+                    .unwrap()
+                    .position;
                 assert!(position > last, "in log order");
                 last = position;
                 if wanted.contains(d.request_id.as_str()) {
@@ -365,4 +371,91 @@ fn redis_losing_its_data_mid_load_loses_and_repeats_no_decision() {
         (ids, acked)
     });
     assert_exactly_once(&seen.1, &seen.0);
+}
+
+/// One instance on PostgreSQL with the queue on a Redis of the test's own, deciding through a
+/// remote authorizer, aborted at `failpoint` while it handles one request; started again: the
+/// request is decided exactly once and its stream entry is gone.
+fn aborted_between_the_two_systems(failpoint: &str) {
+    let Some(url) = crate::scaleout::postgres() else {
+        return;
+    };
+    if !redis_server::available() {
+        return;
+    }
+    let redis = redis_server::RedisServer::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
+        Duration::from_millis(5),
+        r#"{"allowed": "ALLOWED"}"#.into(),
+    )));
+    let remote = authorizer.url().to_string();
+    let extra = [
+        "--heartbeat-interval-ms",
+        "300",
+        "--authorizer",
+        "http",
+        "--authorizer-url",
+        &remote,
+    ];
+    let db = backend::TestDatabase::create(&url);
+    let mut dir = TestDir::sharing(&db);
+    dir.queue_url = Some(redis.url());
+    let acl = dir.write_acl(&standard_acl());
+    // A decision before, for a cursor to replay from.
+    let (first, before) = start_with_cursor(&dir, &extra[2..], &runtime);
+    drop(first);
+    let mut child = ChildServer::start_with_failpoint(&dir, &acl, &extra, failpoint);
+    let mut req = request(STATION_A, TOKEN_GRANTED);
+    req.request_id = format!("aborted-at-{failpoint}");
+    let answer = runtime.block_on(async {
+        let mut client = connect(&child.url()).await;
+        client.authorize(req.clone()).await
+    });
+    assert_eq!(
+        child.wait(PATIENCE),
+        None,
+        "the process aborted (a signal, no exit code) at {failpoint}"
+    );
+    let child = ChildServer::start(&dir, &acl, &extra);
+    runtime.block_on(async {
+        let mut client = connect(&child.url()).await;
+        if answer.is_err() {
+            // Never acknowledged: the gateway retries, and learns it was accepted before.
+            let retry = client.authorize(req.clone()).await.expect("the retry");
+            assert!(
+                retry.into_inner().duplicate,
+                "the first attempt was committed"
+            );
+        }
+        verify_exactly_once(&child.url(), std::slice::from_ref(&req.request_id), &before).await;
+    });
+    let mut entries = u64::MAX;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while entries > 0 && std::time::Instant::now() < deadline {
+        let mut c = redis::Client::open(redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("chargegate:*:requests")
+            .query(&mut c)
+            .unwrap();
+        entries = keys
+            .iter()
+            .map(|k| redis::cmd("XLEN").arg(k).query::<u64>(&mut c).unwrap())
+            .sum();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(entries, 0, "every stream entry was completed");
+}
+
+#[test]
+fn an_abort_between_the_request_commit_and_its_stream_entry_decides_it_once() {
+    aborted_between_the_two_systems(chargegate::failpoint::AFTER_REQUEST_COMMIT);
+}
+
+#[test]
+fn an_abort_between_the_decision_commit_and_its_acknowledgement_decides_it_once() {
+    aborted_between_the_two_systems(chargegate::failpoint::AFTER_DECISION_COMMIT);
 }

@@ -35,16 +35,37 @@ pub struct ChildServer {
 impl ChildServer {
     /// Starts the binary with `args` and waits until it logs the address it serves on.
     pub fn start(dir: &super::TestDir, acl: &Path, extra: &[&str]) -> Self {
-        Self::start_as(dir, acl, extra, "off")
+        Self::start_as(dir, acl, extra, "off", None)
     }
 
     /// Like [`ChildServer::start`], with the metrics listener on an ephemeral port.
     pub fn start_with_metrics(dir: &super::TestDir, acl: &Path, extra: &[&str]) -> Self {
-        Self::start_as(dir, acl, extra, "127.0.0.1:0")
+        Self::start_as(dir, acl, extra, "127.0.0.1:0", None)
     }
 
-    fn start_as(dir: &super::TestDir, acl: &Path, extra: &[&str], metrics_listen: &str) -> Self {
-        let mut child = chargegate()
+    /// Like [`ChildServer::start`], armed to abort at the failpoint `name`
+    /// (`chargegate::failpoint`).
+    pub fn start_with_failpoint(
+        dir: &super::TestDir,
+        acl: &Path,
+        extra: &[&str],
+        name: &str,
+    ) -> Self {
+        Self::start_as(dir, acl, extra, "off", Some(name))
+    }
+
+    fn start_as(
+        dir: &super::TestDir,
+        acl: &Path,
+        extra: &[&str],
+        metrics_listen: &str,
+        failpoint: Option<&str>,
+    ) -> Self {
+        let mut command = chargegate();
+        if let Some(name) = failpoint {
+            command.env("CHARGEGATE_FAILPOINT", name);
+        }
+        let mut child = command
             .args([
                 "serve",
                 "--listen",
