@@ -79,6 +79,7 @@ impl Backends {
                     fingerprinter.derive_key(chain::KEY_PURPOSE),
                     claimant,
                     None,
+                    None,
                 )
                 .await?;
                 Ok(Self {
@@ -102,6 +103,7 @@ impl Backends {
                     fingerprinter.derive_key(chain::KEY_PURPOSE),
                     claimant,
                     Some(RedisQueue::dispatch_lease(lease)),
+                    Some(redis_url),
                 )
                 .await?;
                 let previous = consumer(&config.data_dir, &config.instance_id)?;

@@ -115,6 +115,12 @@ const METRICS: &[Metric] = &[
         series: Series::One,
     },
     Metric {
+        name: "chargegate_fanout_backfills_total",
+        kind: Kind::Counter,
+        help: "Decisions a tailer read from the shared log because the live carrier did not bring them in time (decisions).",
+        series: Series::One,
+    },
+    Metric {
         name: "chargegate_backend_up",
         kind: Kind::Gauge,
         help: "Whether the system a backend lives on answered its last health probe (1 or 0, per backend in use).",

@@ -446,10 +446,14 @@ impl Queue for RedisQueue {
             crate::failpoint::reached(crate::failpoint::AFTER_REQUEST_COMMIT);
         }
         if let EnqueueOutcome::Accepted { .. } = outcome
-            && let Err(e) = self.shared.dispatch(&[id]).await
+            && let Err(e) = self.shared.dispatch(std::slice::from_ref(&id)).await
         {
-            // Durable in PostgreSQL: the sweeper dispatches it when its lease ends.
-            tracing::warn!(error = %e, "putting a request on the Redis stream failed; it is dispatched when its lease ends");
+            // Durable in PostgreSQL: its dispatch lease ends now, and the sweeper puts it on
+            // the stream within a second of Redis answering again.
+            tracing::warn!(error = %e, "putting a request on the Redis stream failed; the sweeper dispatches it");
+            if let Err(e) = self.shared.db.release_dispatch_lease(&id).await {
+                tracing::warn!(error = %e, "releasing a dispatch lease failed; the request is dispatched when its lease ends");
+            }
         }
         Ok(outcome)
     }

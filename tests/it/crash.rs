@@ -350,8 +350,9 @@ fn redis_losing_its_data_mid_load_loses_and_repeats_no_decision() {
         let mut last = 0;
         let wanted: std::collections::HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
         let mut left = wanted.len();
+        let deadline = tokio::time::Instant::now() + PATIENCE;
         while left > 0 {
-            let item = tokio::time::timeout(PATIENCE, watched.message())
+            let item = tokio::time::timeout_at(deadline, watched.message())
                 .await
                 .expect("every decision reaches the subscriber")
                 .unwrap()
@@ -458,4 +459,105 @@ fn an_abort_between_the_request_commit_and_its_stream_entry_decides_it_once() {
 #[test]
 fn an_abort_between_the_decision_commit_and_its_acknowledgement_decides_it_once() {
     aborted_between_the_two_systems(chargegate::failpoint::AFTER_DECISION_COMMIT);
+}
+
+/// Two instances with the live carrier on a Redis of the test's own; while decisions flow from
+/// one to a subscriber on the other, the carrier loses entries (`XTRIM … MAXLEN 0`) and its
+/// connections (`CLIENT KILL`) again and again: the subscriber misses nothing and gets nothing
+/// twice, in log order, and the other instance counts the decisions it read from the log.
+#[test]
+fn the_carrier_losing_entries_and_connections_loses_and_repeats_nothing() {
+    let Some(url) = crate::scaleout::postgres() else {
+        return;
+    };
+    if !redis_server::available() {
+        return;
+    }
+    let redis = redis_server::RedisServer::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let db = backend::TestDatabase::create(&url);
+    let dirs: Vec<TestDir> = (0..2)
+        .map(|_| {
+            let mut dir = TestDir::sharing(&db);
+            dir.queue_url = Some(redis.url());
+            dir
+        })
+        .collect();
+    let (a, before) = start_with_cursor(&dirs[0], &[], &runtime);
+    let acl = dirs[1].write_acl(&standard_acl());
+    let b = ChildServer::start_with_metrics(&dirs[1], &acl, &["--heartbeat-interval-ms", "300"]);
+    let watched = runtime.block_on(async {
+        let mut client = connect(&b.url()).await;
+        subscribe(&mut client, &[], &before).await
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = runtime.spawn(drive_load(a.url(), 50, stop.clone()));
+    let mut c = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    for round in 0..12 {
+        std::thread::sleep(Duration::from_millis(100));
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("chargegate:*:decisions")
+            .query(&mut c)
+            .unwrap();
+        for k in keys {
+            let _: i64 = redis::cmd("XTRIM")
+                .arg(k)
+                .arg("MAXLEN")
+                .arg(0)
+                .query(&mut c)
+                .unwrap();
+        }
+        if round % 3 == 2 {
+            let _: i64 = redis::cmd("CLIENT")
+                .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+                .query(&mut c)
+                .unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acked = runtime.block_on(load).unwrap();
+    assert!(
+        acked.len() > 20,
+        "load went through: {} acknowledged",
+        acked.len()
+    );
+    let seen = runtime.block_on(async move {
+        let mut watched = watched;
+        let wanted: HashSet<String> = acked.iter().cloned().collect();
+        let (mut ids, mut last, mut left) = (Vec::new(), 0, wanted.len());
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while left > 0 {
+            let item = tokio::time::timeout_at(deadline, watched.message())
+                .await
+                .expect("every decision reaches the subscriber")
+                .unwrap()
+                .unwrap();
+            if let Some(Event::Decision(d)) = item.event {
+                let position = chargegate::cursor::Cursor::decode(&d.cursor)
+                    .unwrap()
+                    .position;
+                assert!(position > last, "in log order");
+                last = position;
+                left -= usize::from(wanted.contains(&d.request_id));
+                ids.push(d.request_id);
+            }
+        }
+        (ids, acked)
+    });
+    assert_exactly_once(&seen.1, &seen.0);
+    let metrics = format!("http://{}/metrics", b.metrics.expect("metrics address"));
+    let text =
+        runtime.block_on(async { reqwest::get(&metrics).await.unwrap().text().await.unwrap() });
+    let backfilled: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chargegate_fanout_backfills_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        backfilled > 0.0,
+        "the lost entries were read from the log: {text}"
+    );
 }

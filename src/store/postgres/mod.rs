@@ -18,6 +18,7 @@
 //! Tokens: the plain token lives in the pending `queue` row and the pending delivery only, and
 //! is deleted (queue) or set NULL (delivery) when they finish.
 
+mod carrier;
 mod grants;
 pub(crate) mod listen;
 pub mod log;
@@ -108,6 +109,7 @@ impl Postgres {
         chain_key: [u8; 32],
         instance: String,
         dispatch_lease: Option<Duration>,
+        carrier_url: Option<&str>,
     ) -> Result<Self, StoreError> {
         let config = parse_url(url)?;
         let manager = Manager::from_config(
@@ -175,6 +177,13 @@ impl Postgres {
             tasks: Default::default(),
         });
         drop(client);
+        let (carrier, carried) = match carrier_url {
+            Some(url) => {
+                let c = carrier::start(url, log_id, stop.clone()).await?;
+                (Some((c.outgoing, c.local)), Some(c.incoming))
+            }
+            None => (None, None),
+        };
         let writer = writer::Writer {
             client: None,
             pool: inner.pool.clone(),
@@ -184,6 +193,7 @@ impl Postgres {
             wakes: wakes.clone(),
             dispatch_lease: dispatch_lease.map(|l| l.as_micros() as i64),
             instance: inner.instance.clone(),
+            carrier,
         };
         let tasks = vec![
             tokio::spawn(writer.run(rx)),
@@ -194,6 +204,7 @@ impl Postgres {
                 },
                 hub,
                 stop,
+                carried,
             )),
         ];
         *inner.tasks.lock().expect("tasks lock") = tasks;
@@ -286,6 +297,18 @@ impl Postgres {
             .execute(
                 "UPDATE queue SET claimed_until_us = NULL WHERE claimed_until_us IS NOT NULL",
                 &[],
+            )
+            .await
+            .map_err(db)
+    }
+
+    /// Ends the dispatch lease of `request_id` (its dispatch failed): the next sweep takes it.
+    pub(crate) async fn release_dispatch_lease(&self, request_id: &str) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE queue SET claimed_until_us = NULL WHERE request_id = $1",
+                &[&request_id],
             )
             .await
             .map_err(db)

@@ -22,7 +22,7 @@ use deadpool_postgres::{Object, Pool, Transaction};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Row, Statement, types::ToSql};
 
-use super::{DECISION_COLUMNS, db, decision_row, listen};
+use super::{DECISION_COLUMNS, carrier, db, decision_row, listen};
 use crate::{
     audit::chain::{self, ChainKey, Link},
     cursor::Cursor,
@@ -75,6 +75,9 @@ pub(super) struct Writer {
     /// instance (microseconds) before the sweeper dispatches it again; `None`: claimable at once.
     pub(super) dispatch_lease: Option<i64>,
     pub(super) instance: String,
+    /// With the live carrier: where new decisions go after their commit, for the other
+    /// instances and for this instance's tailer.
+    pub(super) carrier: Option<(carrier::Outgoing, mpsc::Sender<carrier::Carried>)>,
 }
 
 impl Writer {
@@ -403,7 +406,11 @@ impl Writer {
                 _ => Answer::EnqueueDecided(outcome, None),
             });
         }
+        let mut carried = Vec::new();
         for (i, settled) in recorded.into_iter().flat_map(|r| r.settled) {
+            if settled.first && self.carrier.is_some() {
+                carried.push(settled.decision.clone());
+            }
             answers[i] = Some(match ops[i] {
                 WriteOp::EnqueueDecided(d, ..) => Answer::EnqueueDecided(
                     EnqueueOutcome::Accepted {
@@ -418,6 +425,11 @@ impl Writer {
         tx.commit().await?;
         if new_head.is_some() {
             self.wakes.decisions.notify_one();
+        }
+        if let Some((outgoing, local)) = &self.carrier {
+            carried.sort_by_key(|d| d.cursor.position);
+            let _ = local.try_send(carrier::Carried::Decisions(carried.clone()));
+            outgoing.carry(carried);
         }
         Ok(answers
             .into_iter()
