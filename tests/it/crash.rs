@@ -115,6 +115,34 @@ async fn replay_all(
     }
 }
 
+/// Reads `watched` (a live subscription opened before the load) until every acknowledged
+/// request has been seen, in log order; asserts each was seen exactly once.
+async fn assert_watched_exactly_once(
+    mut watched: tonic::Streaming<chargegate::proto::SubscribeDecisionsResponse>,
+    acked: &[String],
+) {
+    let wanted: HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
+    let (mut ids, mut last, mut left) = (Vec::new(), 0, wanted.len());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while left > 0 {
+        let item = tokio::time::timeout_at(deadline, watched.message())
+            .await
+            .expect("every decision reaches the subscriber")
+            .unwrap()
+            .unwrap();
+        if let Some(Event::Decision(d)) = item.event {
+            let position = chargegate::cursor::Cursor::decode(&d.cursor)
+                .unwrap()
+                .position;
+            assert!(position > last, "in log order");
+            last = position;
+            left -= usize::from(wanted.contains(d.request_id.as_str()));
+            ids.push(d.request_id);
+        }
+    }
+    assert_exactly_once(acked, &ids);
+}
+
 /// Asserts that every acknowledged request appears exactly once in the replayed log.
 fn assert_exactly_once(acked: &[String], replayed: &[String]) {
     let mut counts: HashMap<&str, usize> = HashMap::new();
@@ -249,7 +277,8 @@ fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
 
 /// Three instances on one PostgreSQL database, requests queued for a remote authorizer, load
 /// through all three, `kill -9` of one mid-load and its restart, twice: every acknowledged
-/// request is decided exactly once, as a replay on a surviving instance shows.
+/// request is decided exactly once, as a replay on a surviving instance shows, and a subscriber
+/// on a surviving instance saw each once, in log order.
 #[test]
 fn kill_9_of_one_of_three_instances_never_loses_or_repeats_a_decision() {
     let Some(url) = crate::scaleout::postgres() else {
@@ -266,6 +295,11 @@ fn kill_9_of_one_of_three_instances_never_loses_or_repeats_a_decision() {
     let dirs: Vec<TestDir> = (0..3).map(|_| TestDir::sharing(&db)).collect();
     let (first, before) = start_with_cursor(&dirs[0], &extra, &runtime);
     let mut children = [first, start(&dirs[1], &extra), start(&dirs[2], &extra)];
+    // A subscriber on an instance that survives, open from before the load.
+    let watched = runtime.block_on(async {
+        let mut client = connect(&children[2].url()).await;
+        subscribe(&mut client, &[STATION_A], &before).await
+    });
     let mut acked = Vec::new();
     let mut rng = rand::rng();
     for round in 0..2 {
@@ -286,6 +320,7 @@ fn kill_9_of_one_of_three_instances_never_loses_or_repeats_a_decision() {
     }
     assert!(authorizer.calls() > 0, "the remote authorizer decided");
     runtime.block_on(verify_exactly_once(&children[2].url(), &acked, &before));
+    runtime.block_on(assert_watched_exactly_once(watched, &acked));
 }
 
 /// Two instances on PostgreSQL with the queue on a Redis of the test's own, requests queued for
@@ -344,34 +379,7 @@ fn redis_losing_its_data_mid_load_loses_and_repeats_no_decision() {
     );
     runtime.block_on(verify_exactly_once(&a.url(), &acked, &before));
     // The subscriber on b saw the same, live.
-    let seen = runtime.block_on(async move {
-        let mut watched = watched;
-        let mut ids = Vec::new();
-        let mut last = 0;
-        let wanted: std::collections::HashSet<&str> = acked.iter().map(|s| s.as_str()).collect();
-        let mut left = wanted.len();
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while left > 0 {
-            let item = tokio::time::timeout_at(deadline, watched.message())
-                .await
-                .expect("every decision reaches the subscriber")
-                .unwrap()
-                .unwrap();
-            if let Some(Event::Decision(d)) = item.event {
-                let position = chargegate::cursor::Cursor::decode(&d.cursor)
-                    .unwrap()
-                    .position;
-                assert!(position > last, "in log order");
-                last = position;
-                if wanted.contains(d.request_id.as_str()) {
-                    left -= 1;
-                }
-                ids.push(d.request_id);
-            }
-        }
-        (ids, acked)
-    });
-    assert_exactly_once(&seen.1, &seen.0);
+    runtime.block_on(assert_watched_exactly_once(watched, &acked));
 }
 
 /// One instance on PostgreSQL with the queue on a Redis of the test's own, deciding through a
@@ -524,30 +532,7 @@ fn the_carrier_losing_entries_and_connections_loses_and_repeats_nothing() {
         "load went through: {} acknowledged",
         acked.len()
     );
-    let seen = runtime.block_on(async move {
-        let mut watched = watched;
-        let wanted: HashSet<String> = acked.iter().cloned().collect();
-        let (mut ids, mut last, mut left) = (Vec::new(), 0, wanted.len());
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while left > 0 {
-            let item = tokio::time::timeout_at(deadline, watched.message())
-                .await
-                .expect("every decision reaches the subscriber")
-                .unwrap()
-                .unwrap();
-            if let Some(Event::Decision(d)) = item.event {
-                let position = chargegate::cursor::Cursor::decode(&d.cursor)
-                    .unwrap()
-                    .position;
-                assert!(position > last, "in log order");
-                last = position;
-                left -= usize::from(wanted.contains(&d.request_id));
-                ids.push(d.request_id);
-            }
-        }
-        (ids, acked)
-    });
-    assert_exactly_once(&seen.1, &seen.0);
+    runtime.block_on(assert_watched_exactly_once(watched, &acked));
     let metrics = format!("http://{}/metrics", b.metrics.expect("metrics address"));
     let text =
         runtime.block_on(async { reqwest::get(&metrics).await.unwrap().text().await.unwrap() });

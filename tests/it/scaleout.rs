@@ -506,3 +506,44 @@ async fn audit_verify_walks_the_shared_chain_and_names_an_edited_or_deleted_reco
         "{deleted:?}"
     );
 }
+
+/// With the queue and the carrier on Redis: while Redis is down health is `NOT_SERVING`, a
+/// decision made on one instance still reaches a subscriber on another (the tailers read the
+/// log), and when Redis is back, empty, health is `SERVING` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_health_is_not_serving_and_decisions_still_travel() {
+    let Some(url) = postgres() else { return };
+    if !crate::support::redis_server::available() {
+        return;
+    }
+    let mut redis = crate::support::redis_server::RedisServer::start();
+    let db = backend::TestDatabase::create(&url);
+    let on_redis = |mut dir: TestDir| {
+        dir.queue_url = Some(redis.url());
+        let config = dir.config();
+        (dir, config)
+    };
+    let (_a, config_a) = on_redis(TestDir::sharing(&db));
+    let (_b, config_b) = on_redis(TestDir::sharing(&db));
+    let (a, b) = (
+        TestServer::start(config_a).await,
+        TestServer::start(config_b).await,
+    );
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut stream = crate::support::subscribe(&mut cb, &[STATION_A], "").await;
+    crate::support::poll_until("SERVING", || serving(&a), |s| *s).await;
+
+    tokio::task::block_in_place(|| redis.stop());
+    crate::support::poll_until("NOT_SERVING", || serving(&a), |s| !*s).await;
+    let during = authorize(&mut ca, STATION_A, TOKEN_GRANTED).await;
+    let seen = crate::support::next_decision(&mut stream).await;
+    assert_eq!(seen.request_id, during.request_id, "carried by the log");
+
+    tokio::task::block_in_place(|| redis.start_again());
+    crate::support::poll_until("SERVING again", || serving(&a), |s| *s).await;
+    let after = authorize(&mut ca, STATION_A, TOKEN_GRANTED).await;
+    let seen = crate::support::next_decision(&mut stream).await;
+    assert_eq!(seen.request_id, after.request_id, "carried again");
+    a.stop().await.expect("clean stop");
+    b.stop().await.expect("clean stop");
+}

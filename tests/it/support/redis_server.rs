@@ -70,10 +70,20 @@ impl RedisServer {
     /// `SHUTDOWN NOSAVE`, then a new empty server on the same port: every key is gone and
     /// every client's connection broke.
     pub fn lose_everything(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// `SHUTDOWN NOSAVE`: the server is gone until [`RedisServer::start_again`].
+    pub fn stop(&mut self) {
         if let Ok(mut c) = redis::Client::open(self.url()).and_then(|c| c.get_connection()) {
             let _ = redis::cmd("SHUTDOWN").arg("NOSAVE").query::<()>(&mut c);
         }
         let _ = self.child.wait();
+    }
+
+    /// A new empty server on the same port.
+    pub fn start_again(&mut self) {
         self.child = spawn(self.port);
         self.wait_until_it_answers();
     }
