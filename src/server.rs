@@ -107,6 +107,7 @@ impl Server {
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             commit = env!("CHARGEGATE_GIT_COMMIT"),
+            instance = %config.instance_id,
             "chargegate starting"
         );
         config.check_supported()?;

@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4; and p1d when named); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4, r2; and p1d when named); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -40,13 +40,20 @@ struct Args {
     /// side (`--server-arg=--audit-calls=false`); repeat for more.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
-    /// A PostgreSQL server whose user may create databases, for p1, p2 and p4.
+    /// A PostgreSQL server whose user may create databases, for p1, p2, p4 and r2.
     #[arg(
         long,
         env = "CHARGEGATE_BENCH_POSTGRES_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     postgres_url: String,
+    /// A Redis server for r2 (each run's keys are its fresh database's).
+    #[arg(
+        long,
+        env = "CHARGEGATE_BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    redis_url: String,
 }
 
 #[derive(Subcommand)]
@@ -84,9 +91,9 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 16] = [
+const ALL: [&str; 17] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
-    "p4",
+    "p4", "r2",
 ];
 /// Scenarios run only when named.
 const BY_NAME: [&str; 1] = ["p1d"];
@@ -158,6 +165,7 @@ fn main() -> anyhow::Result<()> {
             server_core,
             args.server_arg.clone(),
             args.postgres_url.clone(),
+            args.redis_url.clone(),
         )?;
         println!("machine: {machine}");
         for s in &selected {
@@ -184,6 +192,11 @@ fn main() -> anyhow::Result<()> {
                 "p2" => bench.p2().await,
                 "p4" => bench.p4().await,
                 "p1d" => bench.p1d().await,
+                "r2" if !bench.postgres_answers().await || !bench.redis_answers().await => {
+                    println!("r2: skipped: PostgreSQL or Redis does not answer");
+                    Ok(())
+                }
+                "r2" => bench.r2().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

@@ -72,6 +72,7 @@ pub struct Bench {
     next_dir: u32,
     /// The PostgreSQL server p1 and p2 create their databases on.
     postgres_url: String,
+    redis_url: String,
 }
 
 impl Bench {
@@ -82,6 +83,7 @@ impl Bench {
         server_core: Option<usize>,
         server_args: Vec<String>,
         postgres_url: String,
+        redis_url: String,
     ) -> anyhow::Result<Self> {
         Ok(Self {
             quick,
@@ -98,6 +100,7 @@ impl Bench {
             knee_rps: None,
             next_dir: 0,
             postgres_url,
+            redis_url,
         })
     }
 
@@ -238,6 +241,19 @@ impl Bench {
     /// True when the PostgreSQL server of p1 and p2 answers.
     pub async fn postgres_answers(&self) -> bool {
         postgres_admin(&self.postgres_url).await.is_ok()
+    }
+
+    pub async fn redis_answers(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.redis_url.as_str()) else {
+            return false;
+        };
+        match client.get_multiplexed_async_connection().await {
+            Ok(mut c) => redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
     }
 
     /// A fresh database on the PostgreSQL server; dropped by [`Bench::drop_database`].
@@ -439,12 +455,36 @@ impl Bench {
     /// the stream of the instance that decided (which on PostgreSQL publishes from the shared
     /// log too, so the two differ by the notification that crosses instances).
     pub async fn p4(&mut self) -> anyhow::Result<()> {
+        let row = self.across_instances(&[]).await?;
+        self.record("p4", row);
+        Ok(())
+    }
+
+    /// r2: p4 with the live carrier on Redis beside p4 on PostgreSQL alone, in alternating
+    /// rounds: the other instance's p99 against the deciding instance's, each way.
+    pub async fn r2(&mut self) -> anyhow::Result<()> {
+        let redis = self.redis_url.clone();
+        let mut rounds = Vec::new();
+        for _ in 0..2 {
+            let tailing = self.across_instances(&[]).await?;
+            let carried = self.across_instances(&["--queue-url", &redis]).await?;
+            rounds.push(json!({ "tailing": tailing, "carried": carried }));
+        }
+        self.record("r2", json!({ "rounds": rounds }));
+        Ok(())
+    }
+
+    /// Two instances on one fresh database (with `extra` flags each), `Authorize` through the
+    /// first at 2,000/s, subscribers on both.
+    async fn across_instances(&mut self, extra: &[&str]) -> anyhow::Result<Value> {
         let rate = 2000.0;
         let (warmup, measure) = (self.warmup(), self.measure(10));
         let store = self.create_database("chargegate_bench_p4").await?;
         let (dir_a, dir_b) = (self.fresh_dir("p4-a"), self.fresh_dir("p4-b"));
-        let a = self.chargegate_on(&dir_a, &["--store-url", &store])?;
-        let b = self.chargegate_on(&dir_b, &["--store-url", &store])?;
+        let mut flags = vec!["--store-url", &store];
+        flags.extend_from_slice(extra);
+        let a = self.chargegate_on(&dir_a, &flags)?;
+        let b = self.chargegate_on(&dir_b, &flags)?;
         let (on_a, on_b) = (E2e::open(&a.url).await?, E2e::open(&b.url).await?);
         let start = Instant::now() + Duration::from_millis(500);
         let schedule = (start, start + warmup, rate);
@@ -480,9 +520,7 @@ impl Bench {
             other.hist.lock().unwrap().clone(),
         );
         let q = |h: &Histogram<u64>, q: f64| ms(h.value_at_quantile(q));
-        self.record(
-            "p4",
-            json!({
+        Ok(json!({
                 "rate": rate,
                 "other_p50_ms": q(&other_hist, 0.5), "other_p99_ms": q(&other_hist, 0.99),
                 "same_p50_ms": q(&same_hist, 0.5), "same_p99_ms": q(&same_hist, 0.99),
@@ -492,9 +530,7 @@ impl Bench {
                 "acknowledged": ack.ok(),
                 "received_same": same.received.load(Ordering::Relaxed),
                 "received_other": other.received.load(Ordering::Relaxed),
-            }),
-        );
-        Ok(())
+        }))
     }
 
     /// g2: one call at a time; chargegate's extra latency in units of one fsync.
