@@ -1,7 +1,8 @@
 //! Health: `grpc.health.v1` for `""` and `chargegate.v1.ChargingAuthorization`, and the readiness
 //! behind `/readyz`. SERVING while every system the ports live on answers its [`Probe`];
 //! NOT_SERVING while one does not (each is checked every second) and from the first moment of
-//! shutdown.
+//! shutdown. Beside them, `liveness` is SERVING for as long as the process serves, for liveness
+//! probes.
 
 use std::{
     sync::{
@@ -16,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{proto::AUTHORIZATION_SERVICE, store::StoreError};
+
+/// The health service name for liveness probes.
+pub const LIVENESS: &str = "liveness";
 
 /// A system a port lives on (a database file, a PostgreSQL server, a Redis server), as health
 /// checks it.
@@ -59,6 +63,14 @@ impl Health {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// The `liveness` service: SERVING from now until the server exits, whatever its backends
+    /// do, for liveness probes (a restart does not bring a database back).
+    pub async fn alive(&self) {
+        self.reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+    }
+
     /// Reports the store's state when it changed; ignored once shutdown has started.
     pub async fn set(&self, serving: bool) {
         let mut reported = self.reported.lock().await;
@@ -100,6 +112,7 @@ impl Health {
         let mut reporter = self.reporter.clone();
         reporter.clear_service_status("").await;
         reporter.clear_service_status(AUTHORIZATION_SERVICE).await;
+        reporter.clear_service_status(LIVENESS).await;
     }
 
     /// Probes each system every second until `shutdown`: SERVING while all answer in time.

@@ -208,6 +208,7 @@ impl Server {
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = Health::new(reporter);
+        health.alive().await;
         health.set(true).await;
         let health_monitor = health
             .clone()

@@ -383,15 +383,20 @@ async fn migrate_applies_the_schema_once_and_serve_needs_the_token_key() {
     sql(&url, &format!("DROP DATABASE {name} WITH (FORCE)")).await;
 }
 
-/// The health of the whole server, as a probe asks it.
+/// The health of the whole server, as a readiness probe asks it.
 async fn serving(server: &TestServer) -> bool {
+    serving_as(server, "").await
+}
+
+/// The health of `service`, as a probe asks it.
+async fn serving_as(server: &TestServer, service: &str) -> bool {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
     let mut health = HealthClient::new(server.channel().await);
     health
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_owned(),
         })
         .await
         .map(|r| r.into_inner().status() == ServingStatus::Serving)
@@ -424,6 +429,11 @@ async fn while_postgresql_refuses_connections_calls_are_unavailable_and_health_n
         .expect_err("no acknowledgement without the database");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     crate::support::poll_until("NOT_SERVING", || serving(&server), |s| !*s).await;
+    // A liveness probe does not restart an instance for its database's sake.
+    assert!(
+        serving_as(&server, "liveness").await,
+        "liveness stays SERVING"
+    );
 
     // Back: service resumes on its own, and nothing acknowledged was lost.
     sql(
