@@ -5,6 +5,7 @@ mod support;
 mod audit;
 mod crash;
 mod decisions;
+mod deploy;
 mod grants;
 mod intake;
 mod lifecycle;
