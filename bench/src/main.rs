@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4, r2; and p1d when named); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4, r1, r2; and p1d when named); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -91,9 +91,9 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 17] = [
+const ALL: [&str; 18] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
-    "p4", "r2",
+    "p4", "r1", "r2",
 ];
 /// Scenarios run only when named.
 const BY_NAME: [&str; 1] = ["p1d"];
@@ -192,6 +192,7 @@ fn main() -> anyhow::Result<()> {
                 "p2" => bench.p2().await,
                 "p4" => bench.p4().await,
                 "p1d" => bench.p1d().await,
+                "r1" => bench.r1().await,
                 "r2" if !bench.postgres_answers().await || !bench.redis_answers().await => {
                     println!("r2: skipped: PostgreSQL or Redis does not answer");
                     Ok(())

@@ -460,6 +460,137 @@ impl Bench {
         Ok(())
     }
 
+    /// r1: the queued path (every request waits for the remote authorizer) closed loop at C=200,
+    /// on SQLite and on PostgreSQL with Redis, beside a bare HTTP client calling the same
+    /// authorizer at the same concurrency (chargegate's `workers`, 64) in the same run; two
+    /// alternating rounds, with the CPU each side used.
+    pub async fn r1(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["authorizer-server", "--slow-percent", "0"]);
+        let authorizer = ServerProcess::spawn(command, self.server_core.map(|_| 0))?;
+        let endpoint = format!("{}/authorize", authorizer.url);
+        let (warmup, measure) = (self.warmup(), self.measure(10));
+        let workers = 64;
+        let calls = if self.quick { 20_000 } else { 200_000 };
+        let mut rounds = Vec::new();
+        for _ in 0..2 {
+            // The authorizer's own limit at this concurrency.
+            let mut bare = Command::new(std::env::current_exe()?);
+            bare.args([
+                "post-client",
+                "--url",
+                &endpoint,
+                "--count",
+                &calls.to_string(),
+                "--concurrency",
+                &workers.to_string(),
+            ]);
+            let (authorizer_cpu, started) = (authorizer.cpu_time(), Instant::now());
+            procs::run_pinned(bare, self.server_core)?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let bare = json!({
+                "calls_per_s": (calls as f64 / elapsed).round(),
+                "authorizer_cores": round3((authorizer.cpu_time() - authorizer_cpu).as_secs_f64() / elapsed),
+            });
+            let mut row = json!({ "bare": bare });
+            let flags = ["--authorizer", "http", "--authorizer-url", &endpoint];
+            let sqlite = self
+                .queued_throughput("r1-sqlite", &flags, Some(&authorizer), (warmup, measure))
+                .await?;
+            row["sqlite"] = sqlite;
+            if self.postgres_answers().await && self.redis_answers().await {
+                let store = self.create_database("chargegate_bench_r1").await?;
+                let redis = self.redis_url.clone();
+                let mut flags = flags.to_vec();
+                flags.extend(["--store-url", &store, "--queue-url", &redis]);
+                let pg = self
+                    .queued_throughput("r1-redis", &flags, Some(&authorizer), (warmup, measure))
+                    .await?;
+                self.drop_database("chargegate_bench_r1").await?;
+                row["postgres_redis"] = pg;
+            }
+            let base = row["bare"]["calls_per_s"].as_f64().unwrap_or(1.0).max(1.0);
+            for k in ["sqlite", "postgres_redis"] {
+                if let Some(rate) = row[k]["decisions_per_s"].as_f64() {
+                    row[k]["ratio_to_bare"] = json!(round3(rate / base));
+                }
+            }
+            rounds.push(row);
+        }
+        authorizer.stop();
+        self.record(
+            "r1",
+            json!({ "concurrency": 200, "workers": workers, "rounds": rounds }),
+        );
+        Ok(())
+    }
+
+    /// Decisions per second of a chargegate started with `extra`, under a closed loop at C=200,
+    /// counted on a subscription over the window; with the cores it and `authorizer` used.
+    async fn queued_throughput(
+        &mut self,
+        name: &str,
+        extra: &[&str],
+        authorizer: Option<&ServerProcess>,
+        (warmup, measure): (Duration, Duration),
+    ) -> anyhow::Result<Value> {
+        let dir = self.fresh_dir(name);
+        let server = self.chargegate_on(&dir, extra)?;
+        let decided = Arc::new(AtomicU64::new(0));
+        let counting = Arc::new(AtomicBool::new(false));
+        let mut sub = Client::new(load::connect(&server.url, 1).await?.remove(0));
+        let mut stream = sub
+            .subscribe_decisions(SubscribeDecisionsRequest::default())
+            .await?
+            .into_inner();
+        let reader = {
+            let (decided, counting) = (decided.clone(), counting.clone());
+            tokio::spawn(async move {
+                while let Some(Ok(item)) = stream.next().await {
+                    if matches!(item.event, Some(Event::Decision(_)))
+                        && counting.load(Ordering::Relaxed)
+                    {
+                        decided.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        let channels = load::connect(&server.url, 8).await?;
+        let cpu = Arc::new(Mutex::new(None));
+        let window = {
+            let (flag, cpu, pid, authorizer_pid) = (
+                counting.clone(),
+                cpu.clone(),
+                server.pid,
+                authorizer.map(|a| a.pid),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                let authorizer_cpu = || authorizer_pid.map_or(Duration::ZERO, procs::cpu_time);
+                let before = (procs::cpu_time(pid), authorizer_cpu(), Instant::now());
+                flag.store(true, Ordering::Relaxed);
+                tokio::time::sleep(measure).await;
+                flag.store(false, Ordering::Relaxed);
+                let elapsed = before.2.elapsed().as_secs_f64();
+                *cpu.lock().unwrap() = Some((
+                    (procs::cpu_time(pid) - before.0).as_secs_f64() / elapsed,
+                    (authorizer_cpu() - before.1).as_secs_f64() / elapsed,
+                ));
+            })
+        };
+        let accepted =
+            load::closed_loop(&channels, 200, warmup, measure, round_robin_request()).await;
+        let _ = window.await;
+        reader.abort();
+        server.stop();
+        let (cores, authorizer_cores) = cpu.lock().unwrap().unwrap_or((0.0, 0.0));
+        Ok(json!({
+            "decisions_per_s": (decided.load(Ordering::Relaxed) as f64 / measure.as_secs_f64()).round(),
+            "accepted_per_s": accepted.rps.round(),
+            "chargegate_cores": round3(cores), "authorizer_cores": round3(authorizer_cores),
+        }))
+    }
+
     /// r2: p4 with the live carrier on Redis beside p4 on PostgreSQL alone, in alternating
     /// rounds: the other instance's p99 against the deciding instance's, each way.
     pub async fn r2(&mut self) -> anyhow::Result<()> {
@@ -1004,41 +1135,11 @@ impl Bench {
         let (warmup, measure) = (self.warmup(), self.measure(10));
 
         // Throughput: closed loop, decisions counted on a subscription over the window.
-        let (url, server) = self.chargegate(name, &extra)?;
-        let decided = Arc::new(AtomicU64::new(0));
-        let counting = Arc::new(AtomicBool::new(false));
-        let mut sub = Client::new(load::connect(&url, 1).await?.remove(0));
-        let mut stream = sub
-            .subscribe_decisions(SubscribeDecisionsRequest::default())
-            .await?
-            .into_inner();
-        let reader = {
-            let (decided, counting) = (decided.clone(), counting.clone());
-            tokio::spawn(async move {
-                while let Some(Ok(item)) = stream.next().await {
-                    if matches!(item.event, Some(Event::Decision(_)))
-                        && counting.load(Ordering::Relaxed)
-                    {
-                        decided.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        let channels = load::connect(&url, 8).await?;
-        let flag = counting.clone();
-        let window = tokio::spawn(async move {
-            tokio::time::sleep(warmup).await;
-            flag.store(true, Ordering::Relaxed);
-            tokio::time::sleep(measure).await;
-            flag.store(false, Ordering::Relaxed);
-        });
-        load::closed_loop(&channels, 200, warmup, measure, round_robin_request()).await;
-        let _ = window.await;
-        reader.abort();
-        if let Some(s) = server {
-            s.stop();
-        }
-        let decisions_per_s = decided.load(Ordering::Relaxed) as f64 / measure.as_secs_f64();
+        let decisions_per_s = self
+            .queued_throughput(name, &extra, authorizer.as_ref(), (warmup, measure))
+            .await?["decisions_per_s"]
+            .as_f64()
+            .unwrap_or(0.0);
 
         // Latency: open loop at a rate every configuration sustains; accept → decision as recorded.
         let (url, server) = self.chargegate(&format!("{name}-latency"), &extra)?;

@@ -40,9 +40,11 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Claim, ClaimHandle, EnqueueOutcome, Queue, QueuedRequest, Settled};
+use super::{
+    Claim, ClaimHandle, EnqueueOutcome, Queue, QueuedRequest, Settled, postgres::PostgresQueue,
+};
 use crate::{
-    decision::{Micros, NewDecision, RecordedDecision, Verdict},
+    decision::{NewDecision, RecordedDecision, Verdict},
     health::Probe,
     intake::NewRequest,
     store::{DecisionLog, StoreError, postgres::Postgres},
@@ -66,12 +68,28 @@ fn redis_error(e: redis::RedisError) -> StoreError {
     StoreError::backend(e)
 }
 
+/// A connection for commands, with a response timeout, that reconnects on its own.
+pub(crate) async fn command_connection(client: &Client) -> Result<ConnectionManager, StoreError> {
+    ConnectionManager::new_with_config(
+        client.clone(),
+        ConnectionManagerConfig::new()
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1)),
+    )
+    .await
+    .map_err(redis_error)
+}
+
 pub struct RedisQueue {
     shared: Arc<Shared>,
 }
 
 struct Shared {
     db: Postgres,
+    /// The `queue` rows, as the PostgreSQL queue keeps them: what Redis dispatches.
+    rows: PostgresQueue,
     client: Client,
     /// Commands with a response timeout; reconnects on its own.
     commands: ConnectionManager,
@@ -106,18 +124,10 @@ impl RedisQueue {
         lease: Duration,
     ) -> Result<Self, StoreError> {
         let client = Client::open(url).map_err(redis_error)?;
-        let commands = ConnectionManager::new_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(1)),
-        )
-        .await
-        .map_err(redis_error)?;
+        let commands = command_connection(&client).await?;
         let shared = Arc::new(Shared {
             key: format!("chargegate:{}:requests", db.log_id()),
+            rows: PostgresQueue::new(db.clone(), lease),
             db,
             client,
             commands,
@@ -463,12 +473,7 @@ impl Queue for RedisQueue {
         request: NewRequest,
         verdict: Verdict,
     ) -> Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError> {
-        let request = QueuedRequest::from(request);
-        let decision = request.decision(verdict, Micros::now());
-        self.shared
-            .db
-            .enqueue_decided(decision, request.callback())
-            .await
+        self.shared.rows.enqueue_decided(request, verdict).await
     }
 
     async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError> {
@@ -536,9 +541,7 @@ impl Queue for RedisQueue {
 
     /// Exact: every waiting request has its PostgreSQL row, whatever Redis holds.
     async fn depth(&self) -> Result<u64, StoreError> {
-        let n = self.shared.db.queue_depth().await?;
-        metrics::gauge!("chargegate_queue_depth").set(n as f64);
-        Ok(n)
+        self.shared.rows.depth().await
     }
 }
 

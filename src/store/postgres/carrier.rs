@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use redis::{
     AsyncConnectionConfig, Client, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    aio::ConnectionManager,
     streams::{StreamId, StreamReadReply},
 };
 use tokio::sync::mpsc;
@@ -79,16 +79,7 @@ pub(super) async fn start(
     stop: CancellationToken,
 ) -> Result<Carrier, StoreError> {
     let client = Client::open(url).map_err(StoreError::backend)?;
-    let commands = ConnectionManager::new_with_config(
-        client.clone(),
-        ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1)),
-    )
-    .await
-    .map_err(StoreError::backend)?;
+    let commands = crate::queue::redis::command_connection(&client).await?;
     let key = format!("chargegate:{log_id}:decisions");
     let (out_tx, out_rx) = mpsc::channel(OUTGOING);
     let (in_tx, in_rx) = mpsc::channel(256);

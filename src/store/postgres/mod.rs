@@ -314,17 +314,6 @@ impl Postgres {
             .map_err(db)
     }
 
-    /// Requests waiting for their decision (being decided included).
-    pub(crate) async fn queue_depth(&self) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM queue", &[])
-            .await
-            .map_err(db)?
-            .get(0);
-        Ok(n as u64)
-    }
-
     /// Leases to this instance, for `lease`, up to `max` queued requests whose dispatch lease ran
     /// out (their dispatch was lost, or their instance died), skipping rows another instance is
     /// leasing at this moment; returns their request_ids, oldest first.
