@@ -35,10 +35,13 @@ pub struct Backends {
 
 enum Kind {
     Sqlite(Database),
-    /// With the lock that keeps the data dir (and its claimant name) to this process.
-    Postgres(Postgres, #[allow(dead_code)] std::fs::File),
-    /// PostgreSQL with the queue dispatched through Redis.
-    PostgresRedis(Postgres, Arc<RedisQueue>, #[allow(dead_code)] std::fs::File),
+    /// With the queue dispatched through Redis when it is, and the lock that keeps the data dir
+    /// (and its claimant name) to this process.
+    Postgres(
+        Postgres,
+        Option<Arc<RedisQueue>>,
+        #[allow(dead_code)] std::fs::File,
+    ),
 }
 
 impl Backends {
@@ -70,7 +73,11 @@ impl Backends {
                     kind: Kind::Sqlite(db),
                 })
             }
-            (StoreBackend::Postgres { url }, QueueBackend::Postgres) => {
+            (StoreBackend::Postgres { url }, queue) => {
+                let redis_url = match queue {
+                    QueueBackend::Redis { url } => Some(url.as_str()),
+                    _ => None,
+                };
                 let (claimant, lock) = claimant(&config.data_dir)?;
                 let pg = Postgres::open(
                     url,
@@ -78,59 +85,49 @@ impl Backends {
                     hub,
                     fingerprinter.derive_key(chain::KEY_PURPOSE),
                     claimant,
-                    None,
-                    None,
+                    redis_url.map(|_| RedisQueue::dispatch_lease(lease)),
+                    redis_url,
                 )
                 .await?;
-                Ok(Self {
-                    log: Arc::new(pg.clone()),
-                    queue: Arc::new(PostgresQueue::new(pg.clone(), lease)),
-                    audit: Arc::new(pg.clone()),
-                    grants: Arc::new(pg.clone()),
-                    outbox: Arc::new(pg.clone()),
-                    outbox_wake: pg.wakes().outbox.clone(),
-                    probes: vec![("postgres", Arc::new(pg.clone()))],
-                    location: redacted(url),
-                    kind: Kind::Postgres(pg, lock),
-                })
-            }
-            (StoreBackend::Postgres { url }, QueueBackend::Redis { url: redis_url }) => {
-                let (claimant, lock) = claimant(&config.data_dir)?;
-                let pg = Postgres::open(
-                    url,
-                    config.queue_max,
-                    hub,
-                    fingerprinter.derive_key(chain::KEY_PURPOSE),
-                    claimant,
-                    Some(RedisQueue::dispatch_lease(lease)),
-                    Some(redis_url),
-                )
-                .await?;
-                let previous = consumer(&config.data_dir, &config.instance_id)?;
-                let queue = Arc::new(
-                    RedisQueue::open(
-                        redis_url,
-                        pg.clone(),
-                        config.instance_id.clone(),
-                        previous,
-                        lease,
-                    )
-                    .await?,
-                );
-                Ok(Self {
-                    log: Arc::new(pg.clone()),
-                    queue: queue.clone(),
-                    audit: Arc::new(pg.clone()),
-                    grants: Arc::new(pg.clone()),
-                    outbox: Arc::new(pg.clone()),
-                    outbox_wake: pg.wakes().outbox.clone(),
-                    probes: vec![("postgres", Arc::new(pg.clone())), ("redis", queue.clone())],
-                    location: format!(
-                        "{} with the queue on {}",
+                let mut probes: Vec<(&'static str, Arc<dyn Probe>)> =
+                    vec![("postgres", Arc::new(pg.clone()))];
+                let (queue, redis, location): (Arc<dyn Queue>, _, _) = match redis_url {
+                    None => (
+                        Arc::new(PostgresQueue::new(pg.clone(), lease)),
+                        None,
                         redacted(url),
-                        redacted(redis_url)
                     ),
-                    kind: Kind::PostgresRedis(pg, queue, lock),
+                    Some(redis_url) => {
+                        let previous = consumer(&config.data_dir, &config.instance_id)?;
+                        let queue = Arc::new(
+                            RedisQueue::open(
+                                redis_url,
+                                pg.clone(),
+                                config.instance_id.clone(),
+                                previous,
+                                lease,
+                            )
+                            .await?,
+                        );
+                        probes.push(("redis", queue.clone()));
+                        let location = format!(
+                            "{} with the queue on {}",
+                            redacted(url),
+                            redacted(redis_url)
+                        );
+                        (queue.clone(), Some(queue), location)
+                    }
+                };
+                Ok(Self {
+                    log: Arc::new(pg.clone()),
+                    queue,
+                    audit: Arc::new(pg.clone()),
+                    grants: Arc::new(pg.clone()),
+                    outbox: Arc::new(pg.clone()),
+                    outbox_wake: pg.wakes().outbox.clone(),
+                    probes,
+                    location,
+                    kind: Kind::Postgres(pg, redis, lock),
                 })
             }
             _ => Err(StoreError::backend(std::io::Error::other(
@@ -143,9 +140,10 @@ impl Backends {
     pub async fn close(&self) {
         match &self.kind {
             Kind::Sqlite(db) => db.close().await,
-            Kind::Postgres(pg, _) => pg.close().await,
-            Kind::PostgresRedis(pg, queue, _) => {
-                queue.close();
+            Kind::Postgres(pg, redis, _) => {
+                if let Some(queue) = redis {
+                    queue.close();
+                }
                 pg.close().await
             }
         }
@@ -154,7 +152,7 @@ impl Backends {
     /// The PostgreSQL store, when that is the backend (its grants change under other instances).
     pub fn postgres(&self) -> Option<&Postgres> {
         match &self.kind {
-            Kind::Postgres(pg, _) | Kind::PostgresRedis(pg, _, _) => Some(pg),
+            Kind::Postgres(pg, ..) => Some(pg),
             Kind::Sqlite(_) => None,
         }
     }

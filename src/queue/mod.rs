@@ -23,6 +23,10 @@ use crate::{
     webhook::Callback,
 };
 
+/// Deliveries of one queued request (to workers that died or hung each time) after which it is
+/// decided `UNKNOWN` / `authorizer_error` instead of handed out again.
+pub const MAX_DELIVERIES: usize = 5;
+
 /// What enqueueing a request did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EnqueueOutcome {

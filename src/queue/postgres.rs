@@ -3,18 +3,19 @@
 //! as River and pgmq do: instances never wait on each other's claims, and a row whose lease ran
 //! out (its instance died, or its authorizer was slower than the lease) is claimed again.
 //! Settling is idempotent by request_id (the decision log's key), so two instances that decide
-//! one request record one decision. Waiting workers are woken by `LISTEN` on enqueue, and poll.
+//! one request record one decision. A row leased [`MAX_DELIVERIES`] times is decided `UNKNOWN` /
+//! `authorizer_error` instead of asked again. Waiting workers are woken by `LISTEN` on enqueue,
+//! and poll.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Claim, ClaimHandle, EnqueueOutcome, Queue, QueuedRequest, Settled};
+use super::{Claim, ClaimHandle, EnqueueOutcome, MAX_DELIVERIES, Queue, QueuedRequest, Settled};
 use crate::{
     decision::{Micros, NewDecision, RecordedDecision, Verdict},
     intake::NewRequest,
     store::{StoreError, postgres::Postgres},
-    token::{DriverToken, Fingerprint},
 };
 
 /// The longest a worker waits before it looks for work again (a notification lost, a lease
@@ -54,43 +55,19 @@ impl Queue for PostgresQueue {
     }
 
     async fn claim(&self, max: usize) -> Result<Vec<Claim>, StoreError> {
-        let now = Micros::now().0;
-        let until = now + self.lease.as_micros() as i64;
-        let client = self.db.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE queue q SET claimed_until_us = $2, claimed_by = $4, claims = q.claims + 1
-                 FROM (SELECT id FROM queue
-                       WHERE claimed_until_us IS NULL OR claimed_until_us < $1
-                       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
-                 WHERE q.id = c.id
-                 RETURNING q.id, q.request_id, q.station_id, q.token_fp, q.callback_url,
-                           q.accepted_at_us, q.driver_token",
-            )
-            .await
-            .map_err(db)?;
-        let mut rows = client
-            .query(&stmt, &[&now, &until, &(max as i64), &self.db.instance()])
-            .await
-            .map_err(db)?;
-        rows.sort_by_key(|r| r.get::<_, i64>(0));
-        Ok(rows
+        let leased = self.db.lease_queued(max, self.lease).await?;
+        Ok(leased
             .into_iter()
-            .map(|r| {
+            .map(|l| {
                 let handle = LeasedRow {
                     db: self.db.clone(),
-                    id: r.get(0),
-                    until,
+                    id: l.id,
+                    until: l.until,
                 };
-                let request = QueuedRequest {
-                    request_id: r.get(1),
-                    station_id: r.get(2),
-                    fingerprint: Fingerprint::from_stored(r.get(3)),
-                    callback_url: r.get(4),
-                    accepted_at: Micros(r.get(5)),
-                    token: DriverToken::new(r.get::<_, String>(6)),
-                };
-                Claim::new(request, handle)
+                match l.claims >= MAX_DELIVERIES {
+                    true => Claim::exhausted(l.request, handle),
+                    false => Claim::new(l.request, handle),
+                }
             })
             .collect())
     }

@@ -41,7 +41,8 @@ use redis::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Claim, ClaimHandle, EnqueueOutcome, Queue, QueuedRequest, Settled, postgres::PostgresQueue,
+    Claim, ClaimHandle, EnqueueOutcome, MAX_DELIVERIES, Queue, QueuedRequest, Settled,
+    postgres::PostgresQueue,
 };
 use crate::{
     decision::{NewDecision, RecordedDecision, Verdict},
@@ -52,8 +53,6 @@ use crate::{
 
 /// The consumer group every instance reads in.
 const GROUP: &str = "workers";
-/// Deliveries of one entry before it is decided `UNKNOWN` / `authorizer_error`.
-pub const MAX_DELIVERIES: usize = 5;
 /// A `queue` row stays with the instance that dispatched it for this many leases before the
 /// sweeper dispatches it again: longer than a reclaim takes, so a live entry is rarely doubled.
 const DISPATCH_LEASES: u32 = 3;

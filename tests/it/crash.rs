@@ -64,6 +64,15 @@ async fn drive_load(url: String, round: usize, stop: Arc<AtomicBool>) -> Vec<Str
     Arc::try_unwrap(acked).unwrap().into_inner().unwrap()
 }
 
+/// A remote authorizer that allows every token after a few milliseconds: requests stay queued
+/// and decisions in flight long enough for a crash to catch some.
+fn allowing_authorizer(runtime: &tokio::runtime::Runtime) -> FakeAuthorizer {
+    runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
+        Duration::from_millis(5),
+        r#"{"allowed": "ALLOWED"}"#.into(),
+    )))
+}
+
 async fn connect(url: &str) -> ChargingAuthorizationClient<Channel> {
     ChargingAuthorizationClient::connect(url.to_owned())
         .await
@@ -207,10 +216,7 @@ fn kill_9_at_random_moments_never_loses_or_repeats_a_decision() {
 fn kill_9_with_requests_queued_for_a_remote_authorizer_never_loses_or_repeats_a_decision() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // A few milliseconds per answer keeps requests queued and decisions in flight at every kill.
-    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
-        Duration::from_millis(5),
-        r#"{"allowed": "ALLOWED"}"#.into(),
-    )));
+    let authorizer = allowing_authorizer(&runtime);
     let url = authorizer.url().to_string();
     kill_9_rounds(
         &runtime,
@@ -285,10 +291,7 @@ fn kill_9_of_one_of_three_instances_never_loses_or_repeats_a_decision() {
         return;
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
-        Duration::from_millis(5),
-        r#"{"allowed": "ALLOWED"}"#.into(),
-    )));
+    let authorizer = allowing_authorizer(&runtime);
     let remote = authorizer.url().to_string();
     let extra = ["--authorizer", "http", "--authorizer-url", &remote];
     let db = backend::TestDatabase::create(&url);
@@ -338,10 +341,7 @@ fn redis_losing_its_data_mid_load_loses_and_repeats_no_decision() {
     }
     let mut redis = redis_server::RedisServer::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
-        Duration::from_millis(5),
-        r#"{"allowed": "ALLOWED"}"#.into(),
-    )));
+    let authorizer = allowing_authorizer(&runtime);
     let remote = authorizer.url().to_string();
     let extra = ["--authorizer", "http", "--authorizer-url", &remote];
     let db = backend::TestDatabase::create(&url);
@@ -394,10 +394,7 @@ fn aborted_between_the_two_systems(failpoint: &str) {
     }
     let redis = redis_server::RedisServer::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let authorizer = runtime.block_on(FakeAuthorizer::start(Behaviour::Slow(
-        Duration::from_millis(5),
-        r#"{"allowed": "ALLOWED"}"#.into(),
-    )));
+    let authorizer = allowing_authorizer(&runtime);
     let remote = authorizer.url().to_string();
     let extra = [
         "--heartbeat-interval-ms",
@@ -533,9 +530,7 @@ fn the_carrier_losing_entries_and_connections_loses_and_repeats_nothing() {
         acked.len()
     );
     runtime.block_on(assert_watched_exactly_once(watched, &acked));
-    let metrics = format!("http://{}/metrics", b.metrics.expect("metrics address"));
-    let text =
-        runtime.block_on(async { reqwest::get(&metrics).await.unwrap().text().await.unwrap() });
+    let text = b.scrape_metrics();
     let backfilled: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("chargegate_fanout_backfills_total "))

@@ -417,15 +417,7 @@ fn a_fresh_server_exports_every_metric_at_zero_with_its_help() {
     let dir = TestDir::new();
     let acl = dir.write_acl("station_id,driver_token\n");
     let child = crate::support::binary::ChildServer::start_with_metrics(&dir, &acl, &[]);
-    let url = format!("http://{}/metrics", child.metrics.expect("metrics address"));
-    let text = tokio::runtime::Runtime::new().unwrap().block_on(async {
-        reqwest::get(&url)
-            .await
-            .expect("scrape")
-            .text()
-            .await
-            .expect("body")
-    });
+    let text = child.scrape_metrics();
     // CONTRACT §9, and a series of each that an alert would name.
     let expected: &[(&str, &str)] = &[
         (
@@ -526,23 +518,14 @@ fn metrics_say_which_backend_is_up() {
     let dir = TestDir::new();
     let acl = dir.write_acl("station_id,driver_token\n");
     let child = crate::support::binary::ChildServer::start_with_metrics(&dir, &acl, &[]);
-    let url = format!("http://{}/metrics", child.metrics.expect("metrics address"));
     let (used, unused) = match crate::support::backend::on_postgres() {
         true => ("postgres", "sqlite"),
         false => ("sqlite", "postgres"),
     };
     let up = format!("chargegate_backend_up{{backend=\"{used}\"}} 1");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
-        let text = runtime.block_on(async {
-            reqwest::get(&url)
-                .await
-                .expect("scrape")
-                .text()
-                .await
-                .expect("body")
-        });
+        let text = child.scrape_metrics();
         if text.lines().any(|l| l == up) || std::time::Instant::now() > deadline {
             break text;
         }

@@ -557,3 +557,52 @@ async fn while_redis_is_down_health_is_not_serving_and_decisions_still_travel() 
     a.stop().await.expect("clean stop");
     b.stop().await.expect("clean stop");
 }
+
+/// A queued request whose workers keep dying (its claims are never settled) is handed out at
+/// most `MAX_DELIVERIES` times: the last claim is marked exhausted, to be decided `UNKNOWN`
+/// without asking the authorizer again. On either shared queue.
+#[tokio::test]
+async fn a_request_handed_out_too_often_is_marked_exhausted() {
+    let Some(url) = postgres() else { return };
+    let db = backend::TestDatabase::create(&url);
+    let fingerprinter = Fingerprinter::new(b"test-token-hash-key").unwrap();
+    let lease = Duration::from_millis(200);
+    let (_dir, config) = instance(&db);
+    let backends =
+        chargegate::backends::Backends::open(&config, Arc::new(Hub::new()), &fingerprinter, lease)
+            .await
+            .unwrap();
+    let token = DriverToken::new(TOKEN_GRANTED);
+    backends
+        .queue
+        .enqueue(NewRequest {
+            request_id: "poisoned".into(),
+            station_id: STATION_A.into(),
+            fingerprint: fingerprinter.fingerprint(&token),
+            token,
+            callback_url: None,
+            accepted_at: Micros::now(),
+        })
+        .await
+        .unwrap();
+    let mut exhausted = Vec::new();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while exhausted.len() < chargegate::queue::MAX_DELIVERIES {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "handed out {exhausted:?}"
+        );
+        let claims = backends.queue.claim(10).await.unwrap();
+        if claims.is_empty() {
+            tokio::time::sleep(lease / 4).await;
+            continue;
+        }
+        assert_eq!(claims.len(), 1);
+        // The worker "dies": the claim is dropped, neither acknowledged nor handed back.
+        exhausted.push(claims[0].exhausted);
+    }
+    let mut expected = vec![false; chargegate::queue::MAX_DELIVERIES - 1];
+    expected.push(true);
+    assert_eq!(exhausted, expected, "only the last delivery is exhausted");
+    backends.close().await;
+}

@@ -82,6 +82,32 @@ struct Inner {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+/// The columns of a queued request, in the order [`queued_request`] reads them.
+const QUEUED_COLUMNS: &str =
+    "request_id, station_id, token_fp, callback_url, accepted_at_us, driver_token";
+
+/// The queued request in the [`QUEUED_COLUMNS`] of `row`, from column `at` on.
+fn queued_request(row: &tokio_postgres::Row, at: usize) -> QueuedRequest {
+    QueuedRequest {
+        request_id: row.get(at),
+        station_id: row.get(at + 1),
+        fingerprint: Fingerprint::from_stored(row.get(at + 2)),
+        callback_url: row.get(at + 3),
+        accepted_at: Micros(row.get(at + 4)),
+        token: DriverToken::new(row.get::<_, String>(at + 5)),
+    }
+}
+
+/// A queue row leased to this instance.
+pub(crate) struct LeasedRequest {
+    pub id: i64,
+    /// How often it has been leased, this time included.
+    pub claims: usize,
+    /// The lease's end, µs.
+    pub until: i64,
+    pub request: QueuedRequest,
+}
+
 /// A database that cannot be reached or refused a statement.
 fn db(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::backend(e)
@@ -269,22 +295,49 @@ impl Postgres {
     pub(crate) async fn queued(&self, ids: &[&str]) -> Result<Vec<QueuedRequest>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached(
-                "SELECT request_id, station_id, token_fp, callback_url, accepted_at_us, driver_token
-                 FROM queue WHERE request_id = ANY($1) ORDER BY id",
-            )
+            .prepare_cached(&format!(
+                "SELECT {QUEUED_COLUMNS} FROM queue WHERE request_id = ANY($1) ORDER BY id"
+            ))
             .await
             .map_err(db)?;
         let rows = client.query(&stmt, &[&ids]).await.map_err(db)?;
+        Ok(rows.iter().map(|r| queued_request(r, 0)).collect())
+    }
+
+    /// Leases to this instance, until `lease` from now, up to `max` queued requests nobody holds
+    /// (never leased, or their lease ran out), skipping rows another instance is leasing at
+    /// this moment, as River and pgmq do; oldest first.
+    pub(crate) async fn lease_queued(
+        &self,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<LeasedRequest>, StoreError> {
+        let now = Micros::now().0;
+        let until = now + lease.as_micros() as i64;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "UPDATE queue q SET claimed_until_us = $2, claimed_by = $4, claims = q.claims + 1
+                 FROM (SELECT id FROM queue
+                       WHERE claimed_until_us IS NULL OR claimed_until_us < $1
+                       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
+                 WHERE q.id = c.id
+                 RETURNING q.id, q.claims, {QUEUED_COLUMNS}"
+            ))
+            .await
+            .map_err(db)?;
+        let mut rows = client
+            .query(&stmt, &[&now, &until, &(max as i64), &self.instance()])
+            .await
+            .map_err(db)?;
+        rows.sort_by_key(|r| r.get::<_, i64>(0));
         Ok(rows
-            .into_iter()
-            .map(|r| QueuedRequest {
-                request_id: r.get(0),
-                station_id: r.get(1),
-                fingerprint: Fingerprint::from_stored(r.get(2)),
-                callback_url: r.get(3),
-                accepted_at: Micros(r.get(4)),
-                token: DriverToken::new(r.get::<_, String>(5)),
+            .iter()
+            .map(|r| LeasedRequest {
+                id: r.get(0),
+                claims: r.get::<_, i32>(1) as usize,
+                until,
+                request: queued_request(r, 2),
             })
             .collect())
     }
@@ -314,34 +367,19 @@ impl Postgres {
             .map_err(db)
     }
 
-    /// Leases to this instance, for `lease`, up to `max` queued requests whose dispatch lease ran
-    /// out (their dispatch was lost, or their instance died), skipping rows another instance is
-    /// leasing at this moment; returns their request_ids, oldest first.
+    /// Leases again, for `lease`, up to `max` queued requests whose dispatch lease ran out
+    /// (their dispatch was lost, or their instance died); returns their request_ids.
     pub(crate) async fn redispatch(
         &self,
         max: usize,
         lease: Duration,
     ) -> Result<Vec<String>, StoreError> {
-        let now = Micros::now().0;
-        let until = now + lease.as_micros() as i64;
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "UPDATE queue q SET claimed_until_us = $2, claimed_by = $4, claims = q.claims + 1
-                 FROM (SELECT id FROM queue
-                       WHERE claimed_until_us IS NULL OR claimed_until_us < $1
-                       ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED) c
-                 WHERE q.id = c.id
-                 RETURNING q.id, q.request_id",
-            )
-            .await
-            .map_err(db)?;
-        let mut rows = client
-            .query(&stmt, &[&now, &until, &(max as i64), &self.instance()])
-            .await
-            .map_err(db)?;
-        rows.sort_by_key(|r| r.get::<_, i64>(0));
-        Ok(rows.into_iter().map(|r| r.get(1)).collect())
+        Ok(self
+            .lease_queued(max, lease)
+            .await?
+            .into_iter()
+            .map(|l| l.request.request_id)
+            .collect())
     }
 
     async fn write<T>(

@@ -132,6 +132,24 @@ impl ChildServer {
         format!("http://{}", self.addr)
     }
 
+    /// `/metrics` as a scrape sees it (started with [`ChildServer::start_with_metrics`]).
+    pub fn scrape_metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.metrics.expect("metrics address"));
+        // On a thread of its own: callers may be inside a runtime.
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                reqwest::get(&url)
+                    .await
+                    .expect("scrape")
+                    .text()
+                    .await
+                    .expect("body")
+            })
+        })
+        .join()
+        .expect("the scrape thread")
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args(["-s", signal, &self.child.id().to_string()])
