@@ -111,6 +111,8 @@ pub struct Config {
     pub queue_max: u64,
     pub authorizer: AuthorizerConfig,
     pub authorize_timeout: Duration,
+    /// A claimed request's lease is `authorize_timeout + reclaim_margin`.
+    pub reclaim_margin: Duration,
     pub breaker: BreakerConfig,
     /// `None`: the decision cache is off.
     pub authorizer_cache_ttl: Option<Duration>,
@@ -162,6 +164,7 @@ impl Config {
             queue_max: 1_000_000,
             authorizer: AuthorizerConfig::Acl { file: None },
             authorize_timeout: Duration::from_millis(3000),
+            reclaim_margin: Duration::from_millis(30_000),
             breaker: BreakerConfig {
                 failures: 5,
                 cooldown: Duration::from_millis(30_000),
@@ -277,6 +280,9 @@ impl Config {
         };
         if let Some(d) = ms("authorize_timeout_ms")? {
             c.authorize_timeout = d;
+        }
+        if let Some(d) = ms("reclaim_margin_ms")? {
+            c.reclaim_margin = d;
         }
         if let Some(v) = get("authorizer_breaker_failures") {
             c.breaker.failures = parse_num("authorizer_breaker_failures", &v)? as u32;

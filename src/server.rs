@@ -19,7 +19,7 @@ use crate::{
     audit::{self, CallSink, layer::AuditLayer, signals::Signals},
     authorizer::{Authorizer, acl::AccessList, http::HttpAuthorizer},
     backends::Backends,
-    config::{AuthorizerConfig, Config, ConfigError},
+    config::{AuthorizerConfig, Config, ConfigError, StoreBackend},
     decide::Pipeline,
     fanout::Hub,
     health::Health,
@@ -39,8 +39,12 @@ use crate::{
     },
 };
 
-/// Time a claim may stay with a worker beyond the authorizer deadline before it is handed out again.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// The smallest `reclaim_margin_ms` that covers recording a decision on a shared queue: a store
+/// answer slow by its response timeout (2 s), the longest pause between attempts to record
+/// (2 s), and the second between two looks for requests to reclaim. Below it a live worker's
+/// request may be taken over and its authorizer asked twice (the decision is still recorded
+/// once).
+const SAFE_RECLAIM_MARGIN: Duration = Duration::from_secs(5);
 /// Unary calls (and stream openings) in flight per connection before the excess is shed.
 const CALLS_PER_CONNECTION: usize = 256;
 /// Concurrent HTTP/2 streams per connection (decision streams included). Past it a client queues
@@ -111,6 +115,15 @@ impl Server {
             "chargegate starting"
         );
         config.check_supported()?;
+        if !matches!(config.store, StoreBackend::Sqlite { .. })
+            && config.reclaim_margin < SAFE_RECLAIM_MARGIN
+        {
+            tracing::warn!(
+                reclaim_margin_ms = config.reclaim_margin.as_millis() as u64,
+                safe_ms = SAFE_RECLAIM_MARGIN.as_millis() as u64,
+                "reclaim_margin_ms is short for a shared queue: a request whose decision is slow to record may be taken over by another instance and its authorizer asked twice (it is still decided once)"
+            );
+        }
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| ServeError::DataDir(config.data_dir.display().to_string(), e))?;
         let fingerprinter = Fingerprinter::load(
@@ -128,7 +141,7 @@ impl Server {
             &config,
             hub.clone(),
             &fingerprinter,
-            config.authorize_timeout + LEASE_MARGIN,
+            config.authorize_timeout + config.reclaim_margin,
         )
         .await?;
 

@@ -268,6 +268,17 @@ pub const SETTINGS: &[Setting] = &[
         extension: false,
     },
     Setting {
+        key: "reclaim_margin_ms",
+        kind: Kind::Millis {
+            min: 100,
+            max: 600_000,
+        },
+        default: Default::Value("30000"),
+        meaning: "how long a queued request stays with its worker beyond `authorize_timeout_ms` (time to record its decision) before another worker may take it over",
+        group: "Decisions",
+        extension: true,
+    },
+    Setting {
         key: "authorizer_breaker_failures",
         kind: Kind::Count {
             min: 1,

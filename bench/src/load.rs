@@ -235,3 +235,97 @@ fn classify(status: &tonic::Status, outcomes: &Outcomes) {
 pub fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
+
+/// A closed loop on decisions: `concurrency` requests each in flight from its `Authorize` until
+/// its decision arrives on `decisions` (a subscription to every station), for
+/// `warmup + measure`. Counts the decisions of requests sent and decided in the window; latency
+/// is from the send to the decision. A request whose decision does not come within 30 s, or
+/// whose `Authorize` fails, is an error.
+pub async fn decided_loop(
+    channels: &[Channel],
+    mut decisions: tonic::Streaming<chargegate::proto::SubscribeDecisionsResponse>,
+    concurrency: usize,
+    warmup: Duration,
+    measure: Duration,
+    make: MakeRequest,
+) -> Closed {
+    use chargegate::proto::subscribe_decisions_response::Event;
+    use std::collections::HashMap;
+    use tokio::sync::oneshot;
+    use tokio_stream::StreamExt;
+
+    type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<()>>>>;
+    let waiting: Waiting = Arc::default();
+    let reader = {
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(item)) = decisions.next().await {
+                if let Some(Event::Decision(d)) = item.event
+                    && let Some(tx) = waiting.lock().unwrap().remove(&d.request_id)
+                {
+                    let _ = tx.send(());
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let (from, end) = (start + warmup, start + warmup + measure);
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(concurrency);
+    for t in 0..concurrency {
+        let mut client = Client::new(channels[t % channels.len()].clone());
+        let (make, counter, waiting) = (make.clone(), counter.clone(), waiting.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            let (mut done, mut errors) = (0u64, 0u64);
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let mut request = make(n);
+                request.request_id = format!("decided-loop-{n}");
+                let (tx, rx) = oneshot::channel();
+                waiting
+                    .lock()
+                    .unwrap()
+                    .insert(request.request_id.clone(), tx);
+                let decided = match client.authorize(request.clone()).await {
+                    Ok(_) => tokio::time::timeout(Duration::from_secs(30), rx)
+                        .await
+                        .is_ok_and(|r| r.is_ok()),
+                    Err(_) => {
+                        waiting.lock().unwrap().remove(&request.request_id);
+                        false
+                    }
+                };
+                let finished = Instant::now();
+                if sent >= from && finished <= end {
+                    match decided {
+                        true => {
+                            done += 1;
+                            let _ = hist.record((finished - sent).as_micros().max(1) as u64);
+                        }
+                        false => errors += 1,
+                    }
+                }
+            }
+            (done, hist, errors)
+        }));
+    }
+    let mut hist = histogram();
+    let (mut done, mut errors) = (0, 0);
+    for task in tasks {
+        let (d, h, e) = task.await.expect("load task");
+        done += d;
+        errors += e;
+        hist.add(h).expect("same bounds");
+    }
+    reader.abort();
+    Closed {
+        rps: done as f64 / measure.as_secs_f64(),
+        hist,
+        errors,
+    }
+}

@@ -525,8 +525,9 @@ impl Bench {
         Ok(())
     }
 
-    /// Decisions per second of a chargegate started with `extra`, under a closed loop at C=200,
-    /// counted on a subscription over the window; with the cores it and `authorizer` used.
+    /// Decisions per second of a chargegate started with `extra`, under a closed loop on
+    /// decisions at C=200 (each request in flight until its decision reaches a subscriber, so
+    /// the intake never runs ahead of the deciding), with the cores it and `authorizer` used.
     async fn queued_throughput(
         &mut self,
         name: &str,
@@ -536,41 +537,20 @@ impl Bench {
     ) -> anyhow::Result<Value> {
         let dir = self.fresh_dir(name);
         let server = self.chargegate_on(&dir, extra)?;
-        let decided = Arc::new(AtomicU64::new(0));
-        let counting = Arc::new(AtomicBool::new(false));
         let mut sub = Client::new(load::connect(&server.url, 1).await?.remove(0));
-        let mut stream = sub
+        let stream = sub
             .subscribe_decisions(SubscribeDecisionsRequest::default())
             .await?
             .into_inner();
-        let reader = {
-            let (decided, counting) = (decided.clone(), counting.clone());
-            tokio::spawn(async move {
-                while let Some(Ok(item)) = stream.next().await {
-                    if matches!(item.event, Some(Event::Decision(_)))
-                        && counting.load(Ordering::Relaxed)
-                    {
-                        decided.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
         let channels = load::connect(&server.url, 8).await?;
         let cpu = Arc::new(Mutex::new(None));
         let window = {
-            let (flag, cpu, pid, authorizer_pid) = (
-                counting.clone(),
-                cpu.clone(),
-                server.pid,
-                authorizer.map(|a| a.pid),
-            );
+            let (cpu, pid, authorizer_pid) = (cpu.clone(), server.pid, authorizer.map(|a| a.pid));
             tokio::spawn(async move {
                 tokio::time::sleep(warmup).await;
                 let authorizer_cpu = || authorizer_pid.map_or(Duration::ZERO, procs::cpu_time);
                 let before = (procs::cpu_time(pid), authorizer_cpu(), Instant::now());
-                flag.store(true, Ordering::Relaxed);
                 tokio::time::sleep(measure).await;
-                flag.store(false, Ordering::Relaxed);
                 let elapsed = before.2.elapsed().as_secs_f64();
                 *cpu.lock().unwrap() = Some((
                     (procs::cpu_time(pid) - before.0).as_secs_f64() / elapsed,
@@ -578,15 +558,23 @@ impl Bench {
                 ));
             })
         };
-        let accepted =
-            load::closed_loop(&channels, 200, warmup, measure, round_robin_request()).await;
+        let decided = load::decided_loop(
+            &channels,
+            stream,
+            200,
+            warmup,
+            measure,
+            round_robin_request(),
+        )
+        .await;
         let _ = window.await;
-        reader.abort();
         server.stop();
         let (cores, authorizer_cores) = cpu.lock().unwrap().unwrap_or((0.0, 0.0));
         Ok(json!({
-            "decisions_per_s": (decided.load(Ordering::Relaxed) as f64 / measure.as_secs_f64()).round(),
-            "accepted_per_s": accepted.rps.round(),
+            "decisions_per_s": decided.rps.round(),
+            "decision_p50_ms": ms(decided.hist.value_at_quantile(0.5)),
+            "decision_p99_ms": ms(decided.hist.value_at_quantile(0.99)),
+            "errors": decided.errors,
             "chargegate_cores": round3(cores), "authorizer_cores": round3(authorizer_cores),
         }))
     }

@@ -14,10 +14,12 @@
 //! transaction, then `XACK`s and `XDEL`s the entry. The stream is never trimmed by length: that
 //! would drop work not done yet.
 //!
-//! **Reclaim.** An entry pending longer than the lease (the authorizer deadline plus a margin:
-//! its consumer died, or hangs) is taken over with `XCLAIM` by whichever instance looks first
-//! (every second). An entry delivered [`MAX_DELIVERIES`] times is decided `UNKNOWN` /
-//! `authorizer_error` once instead of being retried forever.
+//! **Reclaim.** An entry pending longer than the lease (`authorize_timeout_ms` plus
+//! `reclaim_margin_ms`: its consumer died, or hangs) is taken over with `XCLAIM` by whichever
+//! instance looks first (every second). An entry delivered [`MAX_DELIVERIES`] times is decided
+//! `UNKNOWN` / `authorizer_error` once instead of being retried forever. A consumer idle for
+//! [`STALE_CONSUMER_LEASES`] leases with nothing pending (an instance name that is not coming
+//! back) is removed from the group.
 //!
 //! **The sweeper** closes the seams between the two systems: a `queue` row whose dispatch lease
 //! ran out (its `XADD` never happened because the instance died in between, or Redis lost the
@@ -36,7 +38,7 @@ use async_trait::async_trait;
 use redis::{
     AsyncConnectionConfig, Client, Value,
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
-    streams::{StreamClaimReply, StreamPendingCountReply, StreamReadReply},
+    streams::{StreamClaimReply, StreamInfoConsumersReply, StreamPendingCountReply, StreamReadReply},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +60,9 @@ const GROUP: &str = "workers";
 const DISPATCH_LEASES: u32 = 3;
 /// How often pending entries are looked at for reclaim, and the sweeper runs.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// A consumer idle this many leases with nothing pending is an instance name that is not coming
+/// back (its pending entries were reclaimed by now): housekeeping removes it from the group.
+const STALE_CONSUMER_LEASES: u32 = 10;
 /// The longest a blocking read waits before the worker looks again.
 const BLOCK: Duration = Duration::from_millis(250);
 /// The longest a command waits for Redis' answer.
@@ -329,6 +334,36 @@ impl Shared {
         Ok(())
     }
 
+    /// Removes from the group the consumers other than this one that have been idle for
+    /// [`STALE_CONSUMER_LEASES`] leases with nothing pending. A live instance reads every
+    /// [`BLOCK`], so it is never that idle; one removed by mistake is recreated by its next read.
+    async fn forget_stale_consumers(&self) -> Result<(), StoreError> {
+        let stale = (self.lease * STALE_CONSUMER_LEASES).as_millis() as usize;
+        let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.key)
+            .arg(GROUP)
+            .query_async(&mut self.commands())
+            .await
+            .map_err(redis_error)?;
+        for gone in reply
+            .consumers
+            .iter()
+            .filter(|c| c.name != self.consumer && c.pending == 0 && c.idle > stale)
+        {
+            let _: i64 = redis::cmd("XGROUP")
+                .arg("DELCONSUMER")
+                .arg(&self.key)
+                .arg(GROUP)
+                .arg(&gone.name)
+                .query_async(&mut self.commands())
+                .await
+                .map_err(redis_error)?;
+            tracing::info!(consumer = %gone.name, idle_ms = gone.idle, "removed a Redis consumer that is not coming back");
+        }
+        Ok(())
+    }
+
     /// `XCLAIM`s the `pending` entries idle at least `idle_ms` for this consumer.
     async fn claim_pending(
         &self,
@@ -407,7 +442,8 @@ impl Shared {
     }
 }
 
-/// Puts back on the stream the requests whose dispatch lease ran out, every second.
+/// Puts back on the stream the requests whose dispatch lease ran out, and removes consumers that
+/// are not coming back, every second.
 async fn sweep(shared: Arc<Shared>) {
     let lease = RedisQueue::dispatch_lease(shared.lease);
     let mut tick = tokio::time::interval(HOUSEKEEPING);
@@ -416,6 +452,9 @@ async fn sweep(shared: Arc<Shared>) {
         tokio::select! {
             _ = shared.stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if let Err(e) = shared.forget_stale_consumers().await {
+            tracing::debug!(error = %e, "looking for stale Redis consumers failed");
         }
         loop {
             let ids = match shared.db.redispatch(512, lease).await {

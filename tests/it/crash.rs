@@ -541,3 +541,23 @@ fn the_carrier_losing_entries_and_connections_loses_and_repeats_nothing() {
         "the lost entries were read from the log: {text}"
     );
 }
+
+/// On a shared queue a `reclaim_margin_ms` too short to record a decision in is said at start;
+/// the default is not.
+#[test]
+fn a_short_reclaim_margin_on_a_shared_queue_is_warned_about() {
+    let Some(url) = crate::scaleout::postgres() else {
+        return;
+    };
+    let db = backend::TestDatabase::create(&url);
+    let warned = |extra: &[&str]| {
+        let dir = TestDir::sharing(&db);
+        let acl = dir.write_acl(&standard_acl());
+        let child = ChildServer::start(&dir, &acl, extra);
+        let log = child.start_log.join("\n");
+        assert!(log.contains("chargegate starting"), "{log}");
+        log.contains("reclaim_margin_ms is short")
+    };
+    assert!(warned(&["--reclaim-margin-ms", "1000"]));
+    assert!(!warned(&[]));
+}

@@ -606,3 +606,81 @@ async fn a_request_handed_out_too_often_is_marked_exhausted() {
     assert_eq!(exhausted, expected, "only the last delivery is exhausted");
     backends.close().await;
 }
+
+/// A consumer of the Redis queue's group that stays idle with nothing pending (an instance
+/// name that never came back: a pod replaced under a new name) is removed from the group by
+/// the housekeeping of a live instance, which keeps its own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_gone_for_good_is_removed_from_the_group() {
+    let Some(url) = postgres() else { return };
+    if !crate::support::redis_server::available() {
+        return;
+    }
+    let redis = crate::support::redis_server::RedisServer::start();
+    let db = backend::TestDatabase::create(&url);
+    let mut dir = TestDir::sharing(&db);
+    dir.queue_url = Some(redis.url());
+    let config = dir.config();
+    let fingerprinter = Fingerprinter::new(b"test-token-hash-key").unwrap();
+    let lease = Duration::from_millis(100);
+    let backends =
+        chargegate::backends::Backends::open(&config, Arc::new(Hub::new()), &fingerprinter, lease)
+            .await
+            .unwrap();
+    let token = DriverToken::new(TOKEN_GRANTED);
+    backends
+        .queue
+        .enqueue(NewRequest {
+            request_id: "held".into(),
+            station_id: STATION_A.into(),
+            fingerprint: fingerprinter.fingerprint(&token),
+            token,
+            callback_url: None,
+            accepted_at: Micros::now(),
+        })
+        .await
+        .unwrap();
+    // This instance's consumer holds the request, and then idles as long as the ghost does.
+    assert_eq!(backends.queue.claim(1).await.unwrap().len(), 1);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("chargegate:*:requests")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "one request stream: {keys:?}");
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg(&["CREATECONSUMER", &keys[0], "workers", "ghost"])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let consumers = |mut c: redis::aio::MultiplexedConnection| {
+        let key = keys[0].clone();
+        async move {
+            let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&key)
+                .arg("workers")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            reply
+                .consumers
+                .into_iter()
+                .map(|c| c.name)
+                .collect::<BTreeSet<_>>()
+        }
+    };
+    let before = consumers(c.clone()).await;
+    assert!(before.contains("ghost"), "{before:?}");
+    assert!(before.contains(&config.instance_id), "{before:?}");
+    let after = crate::support::poll_until(
+        "the ghost consumer removed",
+        || consumers(c.clone()),
+        |names| !names.contains("ghost"),
+    )
+    .await;
+    assert!(after.contains(&config.instance_id), "kept its own: {after:?}");
+    backends.close().await;
+}
