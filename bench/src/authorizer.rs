@@ -12,18 +12,37 @@ struct Tail {
     every: u64,
     delay: std::time::Duration,
     calls: AtomicU64,
+    /// True while answers are held.
+    held: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves on an ephemeral port and prints `listen=<addr>`. With `slow_percent` > 0, one call in
-/// `100 / slow_percent` waits `slow_ms` before answering.
-pub fn serve(slow_percent: u64, slow_ms: u64) -> anyhow::Result<()> {
-    let tail = Arc::new(Tail {
-        every: 100u64.checked_div(slow_percent).map_or(0, |n| n.max(1)),
-        delay: std::time::Duration::from_millis(slow_ms),
-        calls: AtomicU64::new(0),
-    });
+/// `100 / slow_percent` waits `slow_ms` before answering. With `hold_while`, every answer waits
+/// while that file exists (looked at every 10 ms): calls are accepted and read, and answered
+/// when it is removed.
+pub fn serve(
+    slow_percent: u64,
+    slow_ms: u64,
+    hold_while: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
+        let (hold, held) = tokio::sync::watch::channel(false);
+        if let Some(path) = hold_while {
+            hold.send_replace(path.exists());
+            tokio::spawn(async move {
+                loop {
+                    hold.send_if_modified(|held| std::mem::replace(held, path.exists()) != *held);
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            });
+        }
+        let tail = Arc::new(Tail {
+            every: 100u64.checked_div(slow_percent).map_or(0, |n| n.max(1)),
+            delay: std::time::Duration::from_millis(slow_ms),
+            calls: AtomicU64::new(0),
+            held,
+        });
         let app = Router::new()
             .route("/authorize", post(answer))
             .with_state(tail);
@@ -35,6 +54,9 @@ pub fn serve(slow_percent: u64, slow_ms: u64) -> anyhow::Result<()> {
 }
 
 async fn answer(State(tail): State<Arc<Tail>>) -> &'static str {
+    if *tail.held.borrow() {
+        let _ = tail.held.clone().wait_for(|held| !held).await;
+    }
     let n = tail.calls.fetch_add(1, Ordering::Relaxed);
     if tail.every > 0 && n % tail.every == 0 {
         tokio::time::sleep(tail.delay).await;

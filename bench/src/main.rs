@@ -24,7 +24,7 @@ struct Args {
     /// Every scenario for a few seconds with smaller sizes (smoke runs, CI).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4, r1, r2; and p1d when named); repeat or separate with commas.
+    /// Run only these scenarios (g1, g1b, g2 … g8, g8c, a1, w1, u1, p1, p2, p4, r1, r2, r3; and p1d when named); repeat or separate with commas.
     #[arg(long, value_delimiter = ',')]
     scenario: Vec<String>,
     /// Where to write the JSON results; the PNG plot goes next to it.
@@ -47,7 +47,7 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     postgres_url: String,
-    /// A Redis server for r2 (each run's keys are its fresh database's).
+    /// A Redis server for r1, r2 and r3 (each run's keys are its fresh database's).
     #[arg(
         long,
         env = "CHARGEGATE_BENCH_REDIS_URL",
@@ -79,6 +79,9 @@ enum Mode {
         slow_percent: u64,
         #[arg(long, default_value_t = 50)]
         slow_ms: u64,
+        /// Hold every answer while this file exists (r3 builds its backlog so).
+        #[arg(long)]
+        hold_while: Option<std::path::PathBuf>,
     },
     /// (internal) Post webhook bodies with chargegate's HTTP client settings, then exit.
     PostClient {
@@ -91,9 +94,9 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 18] = [
+const ALL: [&str; 19] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
-    "p4", "r1", "r2",
+    "p4", "r1", "r2", "r3",
 ];
 /// Scenarios run only when named.
 const BY_NAME: [&str; 1] = ["p1d"];
@@ -117,7 +120,8 @@ fn main() -> anyhow::Result<()> {
         Some(Mode::AuthorizerServer {
             slow_percent,
             slow_ms,
-        }) => return authorizer::serve(slow_percent, slow_ms),
+            hold_while,
+        }) => return authorizer::serve(slow_percent, slow_ms, hold_while),
         Some(Mode::PostClient {
             url,
             count,
@@ -193,11 +197,12 @@ fn main() -> anyhow::Result<()> {
                 "p4" => bench.p4().await,
                 "p1d" => bench.p1d().await,
                 "r1" => bench.r1().await,
-                "r2" if !bench.postgres_answers().await || !bench.redis_answers().await => {
-                    println!("r2: skipped: PostgreSQL or Redis does not answer");
+                "r2" | "r3" if !bench.postgres_answers().await || !bench.redis_answers().await => {
+                    println!("{s}: skipped: PostgreSQL or Redis does not answer");
                     Ok(())
                 }
                 "r2" => bench.r2().await,
+                "r3" => bench.r3().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

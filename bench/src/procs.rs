@@ -53,9 +53,9 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-/// A server process under test.
-/// CPU time of every process named `postgres` (the server and its backends) on this machine.
-pub fn postgres_cpu_time() -> Duration {
+/// CPU time of every process named `name` on this machine (`postgres`: the server and its
+/// backends).
+pub fn named_cpu_time(name: &str) -> Duration {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Duration::ZERO;
     };
@@ -63,7 +63,7 @@ pub fn postgres_cpu_time() -> Duration {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "postgres")
+                .is_ok_and(|c| c.trim() == name)
         })
         .map(cpu_time)
         .sum()

@@ -408,7 +408,7 @@ impl Bench {
             let locks = LockWaits::sample(&store).await?;
             let (cpu_before, pg_before, bench_before, machine_before) = (
                 servers.iter().map(|s| s.cpu_time()).sum::<Duration>(),
-                procs::postgres_cpu_time(),
+                procs::named_cpu_time("postgres"),
                 procs::cpu_time(std::process::id()),
                 procs::machine_cpu_time(),
             );
@@ -417,7 +417,7 @@ impl Bench {
             let elapsed = started.elapsed().as_secs_f64();
             let cores = |d: Duration| round3(d.as_secs_f64() / elapsed);
             let used = servers.iter().map(|s| s.cpu_time()).sum::<Duration>() - cpu_before;
-            let pg = procs::postgres_cpu_time().saturating_sub(pg_before);
+            let pg = procs::named_cpu_time("postgres").saturating_sub(pg_before);
             let bench = procs::cpu_time(std::process::id()).saturating_sub(bench_before);
             let machine = procs::machine_cpu_time();
             let (busy, all) = (
@@ -525,6 +525,185 @@ impl Bench {
         Ok(())
     }
 
+    /// r3: a backlog of 1,000,000 queued requests (10,000 with `--quick`) drained by three
+    /// instances on PostgreSQL + Redis, beside `redis-benchmark`'s `XADD` and `XREADGROUP` rates
+    /// on the same Redis. The backlog builds while the remote authorizer holds its answers
+    /// (every worker waits on its call, nothing is decided); once every request is acknowledged
+    /// the answers are released and the drain is timed to the last decision on a subscriber.
+    pub async fn r3(&mut self) -> anyhow::Result<()> {
+        let backlog: u64 = if self.quick { 10_000 } else { 1_000_000 };
+        let hold = self.work.path().join("r3-hold");
+        std::fs::write(&hold, b"")?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["authorizer-server", "--slow-percent", "0", "--hold-while"]);
+        command.arg(&hold);
+        let authorizer = ServerProcess::spawn(command, self.server_core.map(|_| 0))?;
+        let endpoint = format!("{}/authorize", authorizer.url);
+        let store = self.create_database("chargegate_bench_r3").await?;
+        let redis = self.redis_url.clone();
+        let queue_max = (backlog * 2).to_string();
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let dir = self.fresh_dir(&format!("r3-{i}"));
+            servers.push(self.chargegate_on(
+                &dir,
+                &[
+                    "--authorizer", "http", "--authorizer-url", &endpoint,
+                    "--store-url", &store, "--queue-url", &redis,
+                    "--authorize-timeout-ms", "600000", "--queue-max", &queue_max,
+                ],
+            )?);
+        }
+        let mut sub = Client::new(load::connect(&servers[2].url, 1).await?.remove(0));
+        let mut stream = sub
+            .subscribe_decisions(SubscribeDecisionsRequest::default())
+            .await?
+            .into_inner();
+        let decided = Arc::new(AtomicU64::new(0));
+        let (all_decided, all_decided_rx) = tokio::sync::oneshot::channel::<Instant>();
+        let reader = {
+            let decided = decided.clone();
+            tokio::spawn(async move {
+                let mut all_decided = Some(all_decided);
+                while let Some(Ok(item)) = stream.next().await {
+                    if matches!(item.event, Some(Event::Decision(_)))
+                        && decided.fetch_add(1, Ordering::Relaxed) + 1 == backlog
+                        && let Some(tx) = all_decided.take()
+                    {
+                        let _ = tx.send(Instant::now());
+                    }
+                }
+            })
+        };
+        let mut channels = Vec::new();
+        for s in &servers {
+            channels.extend(load::connect(&s.url, 3).await?);
+        }
+        let (sent, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..200 {
+            let mut client = Client::new(channels[t % channels.len()].clone());
+            let (sent, refused, make) = (sent.clone(), refused.clone(), round_robin_request());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let n = sent.fetch_add(1, Ordering::Relaxed);
+                    if n >= backlog {
+                        return;
+                    }
+                    if client.authorize(make(n)).await.is_err() {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            task.await?;
+        }
+        let filled = started.elapsed().as_secs_f64();
+        let refused = refused.load(Ordering::Relaxed);
+        anyhow::ensure!(refused == 0, "{refused} requests of the backlog were refused");
+        anyhow::ensure!(
+            decided.load(Ordering::Relaxed) == 0,
+            "decisions came while the authorizer held its answers"
+        );
+        let before = (
+            servers.iter().map(|s| s.cpu_time()).sum::<Duration>(),
+            procs::named_cpu_time("postgres"),
+            procs::named_cpu_time("redis-server"),
+            authorizer.cpu_time(),
+            procs::machine_cpu_time().0,
+        );
+        let resumed = Instant::now();
+        std::fs::remove_file(&hold)?;
+        let patience = Duration::from_secs(if self.quick { 120 } else { 1800 });
+        let last = tokio::time::timeout(patience, all_decided_rx).await;
+        let drained = match last {
+            Ok(Ok(at)) => (at - resumed).as_secs_f64(),
+            _ => anyhow::bail!(
+                "{} of {backlog} decided within {patience:?}",
+                decided.load(Ordering::Relaxed)
+            ),
+        };
+        let cores = |after: Duration, before: Duration| {
+            round3(after.saturating_sub(before).as_secs_f64() / drained)
+        };
+        let row = json!({
+            "backlog": backlog,
+            "fill_accepts_per_s": (backlog as f64 / filled).round(),
+            "drain_s": round3(drained),
+            "drain_decisions_per_s": (backlog as f64 / drained).round(),
+            "instances_cores": cores(servers.iter().map(|s| s.cpu_time()).sum(), before.0),
+            "postgres_cores": cores(procs::named_cpu_time("postgres"), before.1),
+            "redis_cores": cores(procs::named_cpu_time("redis-server"), before.2),
+            "authorizer_cores": cores(authorizer.cpu_time(), before.3),
+            "machine_busy_cores": cores(procs::machine_cpu_time().0, before.4),
+        });
+        reader.abort();
+        drop(channels);
+        for s in servers {
+            s.stop();
+        }
+        authorizer.stop();
+        self.drop_database("chargegate_bench_r3").await?;
+        let redis_benchmark = self.redis_benchmark(if self.quick { 20_000 } else { 500_000 })?;
+        let mut row = row;
+        let drain = row["drain_decisions_per_s"].as_f64().unwrap_or(0.0);
+        let ratio = |key: &str| {
+            let rate = redis_benchmark[key].as_f64().unwrap_or(0.0).max(1.0);
+            json!(round3(drain / rate))
+        };
+        row["drain_to_xadd_p1"] = ratio("xadd_p1");
+        row["drain_to_xreadgroup_p1"] = ratio("xreadgroup_p1");
+        row["redis_benchmark"] = redis_benchmark;
+        self.record("r3", row);
+        Ok(())
+    }
+
+    /// `redis-benchmark`'s rates (50 clients, `n` commands) of `XADD` and then `XREADGROUP`
+    /// (`COUNT 1`, new entries) on one stream, without pipelining and with 16 commands a
+    /// round trip; the stream is removed afterwards.
+    fn redis_benchmark(&self, n: u64) -> anyhow::Result<Value> {
+        let url = url::Url::parse(&self.redis_url)?;
+        let (host, port) = (
+            url.host_str().unwrap_or("127.0.0.1").to_owned(),
+            url.port().unwrap_or(6379).to_string(),
+        );
+        let db = url.path().trim_start_matches('/');
+        let db = if db.is_empty() { "0" } else { db }.to_owned();
+        let key = "chargegate-bench:r3";
+        let cli = |args: &[&str]| -> anyhow::Result<String> {
+            let mut c = Command::new("redis-cli");
+            c.args(["-h", &host, "-p", &port, "-n", &db]).args(args);
+            procs::run_pinned(c, None)
+        };
+        let bench = |pipeline: &str, command: &[&str]| -> anyhow::Result<f64> {
+            let mut c = Command::new("redis-benchmark");
+            c.args(["-h", &host, "-p", &port, "--dbnum", &db, "-c", "50", "-P", pipeline])
+                .args(["-n", &n.to_string(), "--csv"])
+                .args(command);
+            let out = procs::run_pinned(c, self.server_core)?;
+            let last = out.lines().last().unwrap_or_default();
+            let rate = last.split(',').nth(1).unwrap_or_default().trim_matches('"');
+            rate.parse()
+                .map_err(|_| anyhow::anyhow!("redis-benchmark printed {out:?}"))
+        };
+        let mut row = json!({ "clients": 50, "commands": n });
+        for pipeline in ["1", "16"] {
+            cli(&["DEL", key])?;
+            cli(&["XGROUP", "CREATE", key, "g", "0", "MKSTREAM"])?;
+            row[format!("xadd_p{pipeline}")] =
+                json!(bench(pipeline, &["XADD", key, "*", "r", "0190d0c8-7f3a-7c1e-9a2b-3c4d5e6f7a8b"])?.round());
+            row[format!("xreadgroup_p{pipeline}")] = json!(bench(
+                pipeline,
+                &["XREADGROUP", "GROUP", "g", "c", "COUNT", "1", "STREAMS", key, ">"]
+            )?
+            .round());
+        }
+        cli(&["DEL", key])?;
+        Ok(row)
+    }
+
     /// Decisions per second of a chargegate started with `extra`, under a closed loop on
     /// decisions at C=200 (each request in flight until its decision reaches a subscriber, so
     /// the intake never runs ahead of the deciding), with the cores it and `authorizer` used.
@@ -549,13 +728,27 @@ impl Bench {
             tokio::spawn(async move {
                 tokio::time::sleep(warmup).await;
                 let authorizer_cpu = || authorizer_pid.map_or(Duration::ZERO, procs::cpu_time);
-                let before = (procs::cpu_time(pid), authorizer_cpu(), Instant::now());
+                let others = || {
+                    [
+                        procs::named_cpu_time("postgres"),
+                        procs::named_cpu_time("redis-server"),
+                        procs::machine_cpu_time().0,
+                    ]
+                };
+                let before = (procs::cpu_time(pid), authorizer_cpu(), others(), Instant::now());
                 tokio::time::sleep(measure).await;
-                let elapsed = before.2.elapsed().as_secs_f64();
-                *cpu.lock().unwrap() = Some((
-                    (procs::cpu_time(pid) - before.0).as_secs_f64() / elapsed,
-                    (authorizer_cpu() - before.1).as_secs_f64() / elapsed,
-                ));
+                let elapsed = before.3.elapsed().as_secs_f64();
+                let cores = |after: Duration, before: Duration| {
+                    round3(after.saturating_sub(before).as_secs_f64() / elapsed)
+                };
+                let after = others();
+                *cpu.lock().unwrap() = Some(json!({
+                    "chargegate_cores": cores(procs::cpu_time(pid), before.0),
+                    "authorizer_cores": cores(authorizer_cpu(), before.1),
+                    "postgres_cores": cores(after[0], before.2[0]),
+                    "redis_cores": cores(after[1], before.2[1]),
+                    "machine_busy_cores": cores(after[2], before.2[2]),
+                }));
             })
         };
         let decided = load::decided_loop(
@@ -569,14 +762,18 @@ impl Bench {
         .await;
         let _ = window.await;
         server.stop();
-        let (cores, authorizer_cores) = cpu.lock().unwrap().unwrap_or((0.0, 0.0));
-        Ok(json!({
+        let mut row = json!({
             "decisions_per_s": decided.rps.round(),
             "decision_p50_ms": ms(decided.hist.value_at_quantile(0.5)),
             "decision_p99_ms": ms(decided.hist.value_at_quantile(0.99)),
             "errors": decided.errors,
-            "chargegate_cores": round3(cores), "authorizer_cores": round3(authorizer_cores),
-        }))
+        });
+        if let (Some(row), Some(Value::Object(cpu))) =
+            (row.as_object_mut(), cpu.lock().unwrap().take())
+        {
+            row.extend(cpu);
+        }
+        Ok(row)
     }
 
     /// r2: p4 with the live carrier on Redis beside p4 on PostgreSQL alone, in alternating

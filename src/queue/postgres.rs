@@ -79,15 +79,11 @@ impl Queue for PostgresQueue {
         }
     }
 
+    /// Counted at most once a second (see `QueueCount`): approximate across instances.
     async fn depth(&self) -> Result<u64, StoreError> {
-        let client = self.db.client().await?;
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM queue", &[])
-            .await
-            .map_err(db)?
-            .get(0);
+        let n = self.db.queue_depth().await?;
         metrics::gauge!("chargegate_queue_depth").set(n as f64);
-        Ok(n as u64)
+        Ok(n)
     }
 }
 

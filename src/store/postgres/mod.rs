@@ -80,6 +80,8 @@ struct Inner {
     /// Stops the writer, the tailer and the listener.
     stop: CancellationToken,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The queue's length for `queue_max` and the depth, shared with the writer.
+    queue_count: Arc<writer::QueueCount>,
 }
 
 /// The columns of a queued request, in the order [`queued_request`] reads them.
@@ -201,6 +203,7 @@ impl Postgres {
             floor: AtomicU64::new(floor as u64),
             stop: stop.clone(),
             tasks: Default::default(),
+            queue_count: Default::default(),
         });
         drop(client);
         let (carrier, carried) = match carrier_url {
@@ -219,6 +222,7 @@ impl Postgres {
             wakes: wakes.clone(),
             dispatch_lease: dispatch_lease.map(|l| l.as_micros() as i64),
             instance: inner.instance.clone(),
+            queue_count: inner.queue_count.clone(),
             carrier,
         };
         let tasks = vec![
@@ -369,6 +373,21 @@ impl Postgres {
 
     /// Leases again, for `lease`, up to `max` queued requests whose dispatch lease ran out
     /// (their dispatch was lost, or their instance died); returns their request_ids.
+    /// The `queue` table's length, as the writer's `queue_max` check sees it.
+    pub(crate) async fn queue_depth(&self) -> Result<u64, StoreError> {
+        if let Some(n) = self.inner.queue_count.fresh() {
+            return Ok(n);
+        }
+        let client = self.client().await?;
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM queue", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        self.inner.queue_count.counted(n);
+        Ok(n.max(0) as u64)
+    }
+
     pub(crate) async fn redispatch(
         &self,
         max: usize,

@@ -63,6 +63,38 @@ enum Answer {
     Close,
 }
 
+/// How old the queue count that `queue_max` and the depth go by may be.
+const QUEUE_COUNT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The `queue` table's length as last counted, kept up to date with this instance's own inserts
+/// and deletes in between. Counting is a scan of the table (40 ms at 340,000 rows), so a batch
+/// counts at most every [`QUEUE_COUNT_TTL`], not on every commit; other instances' changes show
+/// at the next count, so across instances `queue_max` and the depth are approximate by what the
+/// others enqueued and decided within that second.
+#[derive(Default)]
+pub(super) struct QueueCount(std::sync::Mutex<Option<(std::time::Instant, i64)>>);
+
+impl QueueCount {
+    /// The length, when counted within [`QUEUE_COUNT_TTL`].
+    pub(super) fn fresh(&self) -> Option<u64> {
+        let counted = *self.0.lock().expect("queue count lock");
+        counted
+            .filter(|(at, _)| at.elapsed() < QUEUE_COUNT_TTL)
+            .map(|(_, n)| n.max(0) as u64)
+    }
+
+    pub(super) fn counted(&self, n: i64) {
+        *self.0.lock().expect("queue count lock") = Some((std::time::Instant::now(), n));
+    }
+
+    /// This instance committed `delta` rows more (or fewer).
+    pub(super) fn changed(&self, delta: i64) {
+        if let Some((_, n)) = self.0.lock().expect("queue count lock").as_mut() {
+            *n += delta;
+        }
+    }
+}
+
 pub(super) struct Writer {
     /// The writer's own connection, taken from the pool for as long as it works.
     pub(super) client: Option<Object>,
@@ -75,6 +107,7 @@ pub(super) struct Writer {
     /// instance (microseconds) before the sweeper dispatches it again; `None`: claimable at once.
     pub(super) dispatch_lease: Option<i64>,
     pub(super) instance: String,
+    pub(super) queue_count: std::sync::Arc<QueueCount>,
     /// With the live carrier: where new decisions go after their commit, for the other
     /// instances and for this instance's tailer.
     pub(super) carrier: Option<(carrier::Outgoing, mpsc::Sender<carrier::Carried>)>,
@@ -176,11 +209,16 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        let mut pending = if keyed.iter().any(|k| k.3) {
-            let n: i64 = tx.query_one(&st.count_queue, &[]).await?.get(0);
-            n as u64
-        } else {
-            0
+        let mut pending = match keyed.iter().any(|k| k.3) {
+            true => match self.queue_count.fresh() {
+                Some(n) => n,
+                None => {
+                    let n: i64 = tx.query_one(&st.count_queue, &[]).await?.get(0);
+                    self.queue_count.counted(n);
+                    n.max(0) as u64
+                }
+            },
+            false => 0,
         };
         let mut first_of: HashMap<&str, usize> = HashMap::new();
         let (mut candidates, mut over, mut later) = (Vec::new(), Vec::new(), Vec::new());
@@ -212,7 +250,7 @@ impl Writer {
             .iter()
             .any(|op| matches!(op, WriteOp::EnqueueDecided(..) | WriteOp::Settle(..)));
 
-        let (inserted, _, head, earlier) = tokio::try_join!(
+        let (inserted, deleted, head, earlier) = tokio::try_join!(
             biased;
             async {
                 match keys.ids.is_empty() {
@@ -295,7 +333,7 @@ impl Writer {
         let head_position = new_head.map(|h| h.0 as i64);
         let head_text = head_position.map(|h| h.to_string());
 
-        let (kept, ..) = tokio::try_join!(
+        let (kept, queue_inserted, ..) = tokio::try_join!(
             biased;
             async {
                 match unsure.is_empty() {
@@ -423,6 +461,8 @@ impl Writer {
         }
 
         tx.commit().await?;
+        self.queue_count
+            .changed(queue_inserted as i64 - deleted as i64);
         if new_head.is_some() {
             self.wakes.decisions.notify_one();
         }
