@@ -548,9 +548,18 @@ impl Bench {
             servers.push(self.chargegate_on(
                 &dir,
                 &[
-                    "--authorizer", "http", "--authorizer-url", &endpoint,
-                    "--store-url", &store, "--queue-url", &redis,
-                    "--authorize-timeout-ms", "600000", "--queue-max", &queue_max,
+                    "--authorizer",
+                    "http",
+                    "--authorizer-url",
+                    &endpoint,
+                    "--store-url",
+                    &store,
+                    "--queue-url",
+                    &redis,
+                    "--authorize-timeout-ms",
+                    "600000",
+                    "--queue-max",
+                    &queue_max,
                 ],
             )?);
         }
@@ -602,7 +611,10 @@ impl Bench {
         }
         let filled = started.elapsed().as_secs_f64();
         let refused = refused.load(Ordering::Relaxed);
-        anyhow::ensure!(refused == 0, "{refused} requests of the backlog were refused");
+        anyhow::ensure!(
+            refused == 0,
+            "{refused} requests of the backlog were refused"
+        );
         anyhow::ensure!(
             decided.load(Ordering::Relaxed) == 0,
             "decisions came while the authorizer held its answers"
@@ -679,9 +691,11 @@ impl Bench {
         };
         let bench = |pipeline: &str, command: &[&str]| -> anyhow::Result<f64> {
             let mut c = Command::new("redis-benchmark");
-            c.args(["-h", &host, "-p", &port, "--dbnum", &db, "-c", "50", "-P", pipeline])
-                .args(["-n", &n.to_string(), "--csv"])
-                .args(command);
+            c.args([
+                "-h", &host, "-p", &port, "--dbnum", &db, "-c", "50", "-P", pipeline,
+            ])
+            .args(["-n", &n.to_string(), "--csv"])
+            .args(command);
             let out = procs::run_pinned(c, self.server_core)?;
             let last = out.lines().last().unwrap_or_default();
             let rate = last.split(',').nth(1).unwrap_or_default().trim_matches('"');
@@ -692,13 +706,36 @@ impl Bench {
         for pipeline in ["1", "16"] {
             cli(&["DEL", key])?;
             cli(&["XGROUP", "CREATE", key, "g", "0", "MKSTREAM"])?;
-            row[format!("xadd_p{pipeline}")] =
-                json!(bench(pipeline, &["XADD", key, "*", "r", "0190d0c8-7f3a-7c1e-9a2b-3c4d5e6f7a8b"])?.round());
-            row[format!("xreadgroup_p{pipeline}")] = json!(bench(
-                pipeline,
-                &["XREADGROUP", "GROUP", "g", "c", "COUNT", "1", "STREAMS", key, ">"]
-            )?
-            .round());
+            row[format!("xadd_p{pipeline}")] = json!(
+                bench(
+                    pipeline,
+                    &[
+                        "XADD",
+                        key,
+                        "*",
+                        "r",
+                        "0190d0c8-7f3a-7c1e-9a2b-3c4d5e6f7a8b"
+                    ]
+                )?
+                .round()
+            );
+            row[format!("xreadgroup_p{pipeline}")] = json!(
+                bench(
+                    pipeline,
+                    &[
+                        "XREADGROUP",
+                        "GROUP",
+                        "g",
+                        "c",
+                        "COUNT",
+                        "1",
+                        "STREAMS",
+                        key,
+                        ">"
+                    ]
+                )?
+                .round()
+            );
         }
         cli(&["DEL", key])?;
         Ok(row)
@@ -735,7 +772,12 @@ impl Bench {
                         procs::machine_cpu_time().0,
                     ]
                 };
-                let before = (procs::cpu_time(pid), authorizer_cpu(), others(), Instant::now());
+                let before = (
+                    procs::cpu_time(pid),
+                    authorizer_cpu(),
+                    others(),
+                    Instant::now(),
+                );
                 tokio::time::sleep(measure).await;
                 let elapsed = before.3.elapsed().as_secs_f64();
                 let cores = |after: Duration, before: Duration| {

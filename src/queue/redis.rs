@@ -38,7 +38,9 @@ use async_trait::async_trait;
 use redis::{
     AsyncConnectionConfig, Client, Value,
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
-    streams::{StreamClaimReply, StreamInfoConsumersReply, StreamPendingCountReply, StreamReadReply},
+    streams::{
+        StreamClaimReply, StreamInfoConsumersReply, StreamPendingCountReply, StreamReadReply,
+    },
 };
 use tokio_util::sync::CancellationToken;
 

@@ -681,6 +681,9 @@ async fn a_consumer_gone_for_good_is_removed_from_the_group() {
         |names| !names.contains("ghost"),
     )
     .await;
-    assert!(after.contains(&config.instance_id), "kept its own: {after:?}");
+    assert!(
+        after.contains(&config.instance_id),
+        "kept its own: {after:?}"
+    );
     backends.close().await;
 }
