@@ -51,6 +51,15 @@ const CALLS_PER_CONNECTION: usize = 256;
 /// calls on its side, so overload costs the server nothing (HTTP/2 backpressure) instead of CPU
 /// spent refusing calls; a gateway with more stations names them in one subscription.
 pub const STREAMS_PER_CONNECTION: u32 = 256;
+/// Streams a connection may make the server reset for its errors (malformed requests, flow
+/// control) before it is closed with GOAWAY `ENHANCE_YOUR_CALM` (RUSTSEC-2024-0003; hyper's
+/// default, which tonic turns off unless it is set).
+const LOCAL_ERROR_RESETS: usize = 1024;
+/// Streams a peer may open and reset before the server accepted them (the rapid reset of
+/// CVE-2023-44487), h2's default, written out.
+const PENDING_ACCEPT_RESETS: usize = 20;
+/// The largest header list (metadata) a request may carry; past it the stream is refused.
+const HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -334,6 +343,9 @@ impl Server {
             .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
             .load_shed(true)
             .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
+            .http2_max_local_error_reset_streams(Some(LOCAL_ERROR_RESETS))
+            .http2_max_pending_accept_reset_streams(Some(PENDING_ACCEPT_RESETS))
+            .http2_max_header_list_size(HEADER_LIST_BYTES)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(audit_layer)

@@ -7,6 +7,7 @@ mod crash;
 mod decisions;
 mod deploy;
 mod grants;
+mod hostile;
 mod intake;
 mod lifecycle;
 mod remote;

@@ -20,6 +20,7 @@ use tonic::{Streaming, transport::Channel};
 pub mod backend;
 pub mod binary;
 pub mod fake_authorizer;
+pub mod h2raw;
 pub mod receiver;
 pub mod redis_server;
 
