@@ -127,6 +127,8 @@ pub struct Config {
     pub instance_id: String,
     pub tls: Option<TlsConfig>,
     pub clients_file: Option<PathBuf>,
+    /// The largest request message accepted.
+    pub max_message_bytes: usize,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -188,6 +190,7 @@ impl Config {
             instance_id: default_instance_id(),
             tls: None,
             clients_file: None,
+            max_message_bytes: 65_536,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_millis(10_000),
         }
@@ -251,6 +254,9 @@ impl Config {
         }
         if let Some(v) = get("workers") {
             c.workers = parse_num("workers", &v)? as usize;
+        }
+        if let Some(v) = get("max_message_bytes") {
+            c.max_message_bytes = parse_num("max_message_bytes", &v)? as usize;
         }
         if let Some(v) = get("queue_max") {
             c.queue_max = parse_num("queue_max", &v)?;

@@ -28,6 +28,7 @@ use crate::{
         charging_authorization_server::ChargingAuthorizationServer, grants_server::GrantsServer,
         webhooks_server::WebhooksServer,
     },
+    security::message_size::MessageSizeLayer,
     store::{self, GrantStore, StoreError},
     telemetry,
     token::{Fingerprinter, KeyError},
@@ -339,6 +340,8 @@ impl Server {
         ));
         let audit_layer = AuditLayer::new(config.audit_calls.then(|| call_sink.clone()));
         drop(call_sink);
+        // tonic's own limit stays as a backstop; the layer answers first, with the right code.
+        let max_message = config.max_message_bytes;
         let grpc = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
             .load_shed(true)
@@ -349,15 +352,25 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(audit_layer)
+            .layer(MessageSizeLayer::new(config.max_message_bytes))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(ChargingAuthorizationServer::new(authorization))
-            .add_service(GrantsServer::new(grants))
-            .add_service(WebhooksServer::new(WebhooksService { outbox }))
-            .add_service(AuditServer::new(AuditService {
-                trail: audit_trail.clone(),
-            }))
+            .add_service(
+                ChargingAuthorizationServer::new(authorization)
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(GrantsServer::new(grants).max_decoding_message_size(max_message))
+            .add_service(
+                WebhooksServer::new(WebhooksService { outbox })
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(
+                AuditServer::new(AuditService {
+                    trail: audit_trail.clone(),
+                })
+                .max_decoding_message_size(max_message),
+            )
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = accepting_stopped.await;
             });

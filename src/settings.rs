@@ -485,6 +485,17 @@ pub const SETTINGS: &[Setting] = &[
         extension: false,
     },
     Setting {
+        key: "max_message_bytes",
+        kind: Kind::Count {
+            min: 1024,
+            max: 4_194_304,
+        },
+        default: Default::Value("65536"),
+        meaning: "the largest request message; a larger one is answered `RESOURCE_EXHAUSTED` and the connection stays open",
+        group: "Security",
+        extension: false,
+    },
+    Setting {
         key: "instance_id",
         kind: Kind::Name,
         default: Default::Derived {

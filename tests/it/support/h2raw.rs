@@ -15,11 +15,13 @@ pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
 pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
+pub const PING: u8 = 0x6;
 pub const GOAWAY: u8 = 0x7;
 pub const CONTINUATION: u8 = 0x9;
 
 pub const END_STREAM: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
+pub const ACK: u8 = 0x1;
 
 /// HTTP/2 error code `ENHANCE_YOUR_CALM`: the peer made too much work.
 pub const ENHANCE_YOUR_CALM: u32 = 0xb;
@@ -49,6 +51,18 @@ pub fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
         out.extend_from_slice(value.as_bytes());
     }
     out
+}
+
+/// The request headers of a gRPC call of `path`.
+pub fn grpc_call(path: &str) -> Vec<u8> {
+    hpack(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ])
 }
 
 /// A frame the server sent.
@@ -86,6 +100,22 @@ impl RawConnection {
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
+    }
+
+    /// Whether the connection still answers a PING within `wait` (skipping other frames).
+    pub async fn answers_ping(&mut self, wait: Duration) -> bool {
+        if self.send(&frame(PING, 0, 0, b"chargeg8")).await.is_err() {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Some(f) if f.kind == PING && f.flags & ACK != 0 => return true,
+                Some(_) => continue,
+                None => return false,
+            }
+        }
     }
 
     /// The next frame, or `None` when the server closed the connection (or reset it) or nothing
