@@ -447,12 +447,6 @@ impl Config {
                 "TLS is not available in this build yet",
             ));
         }
-        if self.clients_file.is_some() {
-            return Err(ConfigError::invalid(
-                "clients_file",
-                "client identities are not available in this build yet",
-            ));
-        }
         Ok(())
     }
 

@@ -17,7 +17,7 @@
 //!
 //! Around them: [`settings`] (the one list of keys, defaults and meanings), [`config`] (every
 //! key, parsed once into types), [`backends`] (the ports' backends, chosen from the config),
-//! [`server`] (wiring and ordered shutdown), [`security`] (what bounds callers: message sizes),
+//! [`server`] (wiring and ordered shutdown), [`security`] (who may call what, and how much), [`reload`] (files re-read while serving),
 //! [`health`] (grpc.health.v1 and readiness), [`telemetry`] (logs, Prometheus), [`cli`] (the
 //! command line), [`token`] (driver tokens and their fingerprints), [`cursor`] (opaque log
 //! positions), [`decision`] (statuses, reasons, records) and [`proto`] (generated code).
@@ -46,6 +46,7 @@ pub mod health;
 pub mod intake;
 pub mod proto;
 pub mod queue;
+pub mod reload;
 pub mod security;
 pub mod server;
 pub mod settings;

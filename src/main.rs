@@ -119,7 +119,12 @@ fn serve(runtime: &tokio::runtime::Runtime, args: chargegate::cli::ServeArgs) ->
             eprintln!("chargegate: {e:#}");
             let config_error = matches!(
                 e.downcast_ref::<ServeError>(),
-                Some(ServeError::Config(_) | ServeError::AccessList(_) | ServeError::Key(_))
+                Some(
+                    ServeError::Config(_)
+                        | ServeError::AccessList(_)
+                        | ServeError::Clients(_)
+                        | ServeError::Key(_)
+                )
             );
             if config_error {
                 ExitCode::from(EXIT_CONFIG)

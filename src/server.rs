@@ -28,7 +28,7 @@ use crate::{
         charging_authorization_server::ChargingAuthorizationServer, grants_server::GrantsServer,
         webhooks_server::WebhooksServer,
     },
-    security::message_size::MessageSizeLayer,
+    security::{auth::AuthLayer, clients::Clients, message_size::MessageSizeLayer},
     store::{self, GrantStore, StoreError},
     telemetry,
     token::{Fingerprinter, KeyError},
@@ -71,6 +71,8 @@ pub enum ServeError {
     Key(#[from] KeyError),
     #[error(transparent)]
     AccessList(#[from] crate::authorizer::acl::AclError),
+    #[error(transparent)]
+    Clients(#[from] crate::security::clients::ClientsError),
     #[error("cannot open the store")]
     Store(#[from] StoreError),
     #[error("cannot create the data dir {0}")]
@@ -134,6 +136,19 @@ impl Server {
                 "reclaim_margin_ms is short for a shared queue: a request whose decision is slow to record may be taken over by another instance and its authorizer asked twice (it is still decided once)"
             );
         }
+        let clients = match &config.clients_file {
+            Some(path) => {
+                let clients = Arc::new(Clients::load(path)?);
+                tracing::info!(path = %path.display(), clients = clients.table().len(), "clients file loaded");
+                Some(clients)
+            }
+            None => {
+                tracing::warn!(
+                    "no clients_file: every RPC is open to anyone who reaches the port (CONTRACT §12); set clients_file to require bearer tokens"
+                );
+                None
+            }
+        };
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| ServeError::DataDir(config.data_dir.display().to_string(), e))?;
         let fingerprinter = Fingerprinter::load(
@@ -145,6 +160,10 @@ impl Server {
         // Background tasks stop on `background`; decision streams end on `streams`.
         let background = CancellationToken::new();
         let streams = CancellationToken::new();
+
+        if let Some(clients) = &clients {
+            clients.clone().watch(background.clone());
+        }
 
         let hub = Arc::new(Hub::new());
         let backends = Backends::open(
@@ -352,6 +371,7 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(audit_layer)
+            .layer(AuthLayer::new(clients))
             .layer(MessageSizeLayer::new(config.max_message_bytes))
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -480,7 +480,7 @@ pub const SETTINGS: &[Setting] = &[
         default: Default::Unset {
             example: "/etc/chargegate/clients.toml",
         },
-        meaning: NOT_BUILT,
+        meaning: "TOML file of the clients that may call (CONTRACT §7): bearer tokens as SHA-256 digests, roles `station` and `admin`, stations, an optional `rate`; re-read on change and SIGHUP; unset: every RPC is open, and the server warns at start",
         group: "Security",
         extension: false,
     },

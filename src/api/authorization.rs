@@ -20,6 +20,7 @@ use crate::{
         charging_authorization_server::ChargingAuthorization,
     },
     queue::{EnqueueOutcome, Queue},
+    security::auth::Caller,
     store::{DecisionLog, RequestState, StationFilter},
     token::Fingerprinter,
 };
@@ -53,7 +54,8 @@ impl ChargingAuthorization for AuthorizationService {
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<AuthorizeResponse>, Status> {
         let slot = audit::slot(&request);
-        let result = self.accept(request.into_inner(), slot).await;
+        let caller = Caller::of(&request);
+        let result = self.accept(request.into_inner(), slot, &caller).await;
         let outcome = match &result {
             Ok(ack) if ack.duplicate => "duplicate",
             Ok(_) => "accepted",
@@ -70,9 +72,11 @@ impl ChargingAuthorization for AuthorizationService {
         request: Request<SubscribeDecisionsRequest>,
     ) -> Result<Response<Self::SubscribeDecisionsStream>, Status> {
         audit::note(&request, &request.get_ref().station_ids.join(","), "");
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         let filter = parse_station_filter(&request.station_ids).map_err(invalid_argument)?;
         let start = self.parse_start(&request.after_cursor).await?;
+        let filter = caller.subscription(filter)?;
         let ctx = StreamContext {
             hub: self.hub.clone(),
             log: self.log.clone(),
@@ -89,6 +93,7 @@ impl ChargingAuthorization for AuthorizationService {
         request: Request<GetDecisionRequest>,
     ) -> Result<Response<GetDecisionResponse>, Status> {
         audit::note(&request, "", &request.get_ref().request_id);
+        let caller = Caller::of(&request);
         let request_id = request.into_inner().request_id;
         if request_id.is_empty() || request_id.len() > intake::MAX_REQUEST_ID_LEN {
             return Err(invalid_argument(vec![FieldViolation::new(
@@ -104,6 +109,9 @@ impl ChargingAuthorization for AuthorizationService {
             .request_state(&request_id)
             .await
             .map_err(|e| store_unavailable(&e))?;
+        if let Some(station) = state.as_ref().map(RequestState::station_id) {
+            caller.check_station(station)?;
+        }
         let decision = match state {
             None => {
                 return Err(Status::not_found(
@@ -137,6 +145,7 @@ impl AuthorizationService {
         &self,
         request: AuthorizeRequest,
         slot: Option<Arc<AuditSlot>>,
+        caller: &Caller,
     ) -> Result<AuthorizeResponse, (&'static str, Status)> {
         // A refused call is noted with what the caller sent (see `AuditSlot::note`), an accepted
         // one with its canonical station, parsed once.
@@ -152,6 +161,9 @@ impl AuthorizationService {
         if let Some(slot) = slot {
             slot.note_canonical(&new.station_id, &new.request_id);
         }
+        caller
+            .check_station(&new.station_id)
+            .map_err(|status| ("permission_denied", status))?;
         let span = tracing::Span::current();
         span.record("request_id", new.request_id.as_str());
         span.record("station_id", new.station_id.as_str());

@@ -114,7 +114,7 @@ impl Call {
             },
             method: self.method.to_owned(),
             peer: self.peer.clone(),
-            client: String::new(),
+            client: self.slot.client(),
             station_id,
             request_id,
             code: code_name.to_owned(),

@@ -89,9 +89,20 @@ pub struct CallRecord {
 #[derive(Debug, Default)]
 pub struct AuditSlot {
     noted: Mutex<(String, String)>,
+    /// The client's name, set by the authentication layer.
+    client: std::sync::OnceLock<String>,
 }
 
 impl AuditSlot {
+    /// Notes the name of the client making the call (never its credential).
+    pub fn note_client(&self, name: &str) {
+        let _ = self.client.set(name.to_owned());
+    }
+
+    fn client(&self) -> String {
+        self.client.get().cloned().unwrap_or_default()
+    }
+
     fn take(&self) -> (String, String) {
         std::mem::take(&mut *self.noted.lock().expect("audit slot lock"))
     }

@@ -14,7 +14,6 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime},
 };
 
 use async_trait::async_trait;
@@ -28,8 +27,6 @@ use crate::{
     token::{self, DriverToken, Fingerprint, Fingerprinter},
 };
 
-/// How often the file's metadata is checked for changes.
-const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The station of a grant that covers every station.
 pub const ANY_STATION: &str = "*";
 
@@ -209,43 +206,19 @@ impl AccessList {
         fingerprinter: Fingerprinter,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut hangup = match tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::hangup(),
-            ) {
-                Ok(s) => Some(s),
+        crate::reload::watch("access list", vec![path.clone()], shutdown, move |forced| {
+            match load_file(&path, &fingerprinter) {
+                Ok(table) => {
+                    let grants = table.len();
+                    self.replace(table);
+                    metrics::counter!("chargegate_acl_reloads_total", "outcome" => "ok")
+                        .increment(1);
+                    tracing::info!(path = %path.display(), grants, forced, "access list reloaded");
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP; the access list reloads on change only");
-                    None
-                }
-            };
-            let mut seen = file_stamp(&path);
-            let mut poll = tokio::time::interval(POLL_INTERVAL);
-            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                let forced = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = poll.tick() => false,
-                    Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
-                };
-                let stamp = file_stamp(&path);
-                if !forced && stamp == seen {
-                    continue;
-                }
-                seen = stamp;
-                match load_file(&path, &fingerprinter) {
-                    Ok(table) => {
-                        let grants = table.len();
-                        self.replace(table);
-                        metrics::counter!("chargegate_acl_reloads_total", "outcome" => "ok")
-                            .increment(1);
-                        tracing::info!(path = %path.display(), grants, forced, "access list reloaded");
-                    }
-                    Err(e) => {
-                        metrics::counter!("chargegate_acl_reloads_total", "outcome" => "error")
-                            .increment(1);
-                        tracing::error!(error = %e, "access list not reloaded; the previous list stays in force");
-                    }
+                    metrics::counter!("chargegate_acl_reloads_total", "outcome" => "error")
+                        .increment(1);
+                    tracing::error!(error = %e, "access list not reloaded; the previous list stays in force");
                 }
             }
         })
@@ -266,13 +239,6 @@ impl Authorizer for AccessList {
     fn authorize_at_once(&self, request: AuthorizationRequest<'_>) -> Option<Verdict> {
         Some(self.verdict(request))
     }
-}
-
-/// What identifies a version of the file: modification time, length and inode.
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }
 
 fn load_file(path: &Path, fingerprinter: &Fingerprinter) -> Result<GrantTable, AclError> {

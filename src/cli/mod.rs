@@ -59,6 +59,30 @@ pub enum Command {
     Config(ConfigArgs),
     /// Apply the PostgreSQL schema of `store_url` and exit (the server also does at start-up).
     Migrate(Box<ServeArgs>),
+    /// Make bearer tokens for `clients_file`.
+    Clients(ClientsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClientsArgs {
+    #[command(subcommand)]
+    pub command: ClientsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientsCommand {
+    /// Print a new random bearer token once, and the `[[client]]` lines holding its SHA-256
+    /// (the server keeps only the digest: the token cannot be printed again).
+    NewToken {
+        /// The client's name (its subject CN too, when it uses a client certificate).
+        name: String,
+        /// Stations it may speak for (UUIDs), or * for every station.
+        #[arg(long = "station", default_value = "*")]
+        stations: Vec<String>,
+        /// Its roles: station, admin.
+        #[arg(long = "role", default_value = "station", value_parser = ["station", "admin"])]
+        roles: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -384,6 +408,37 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
         Command::Grants(args) => grants(args).await,
         Command::Webhooks(args) => webhooks(args).await,
         Command::Audit(args) => audit::run(args.command).await,
+        Command::Clients(ClientsArgs {
+            command:
+                ClientsCommand::NewToken {
+                    name,
+                    stations,
+                    roles,
+                },
+        }) => {
+            let (token, digest) = crate::security::clients::new_token();
+            let list = |xs: &[String]| {
+                xs.iter()
+                    .map(|x| format!("{x:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            out!("{token}");
+            out!();
+            out!(
+                "# The line above is {name:?}'s bearer token, shown this once: give it to the client."
+            );
+            out!("# Add these lines to clients_file, which keeps only its SHA-256 (to rotate a");
+            out!(
+                "# token, list the old and the new digest in token_sha256 until the client moved):"
+            );
+            out!("[[client]]");
+            out!("name = {name:?}");
+            out!("token_sha256 = {digest:?}");
+            out!("stations = [{}]", list(&stations));
+            out!("roles = [{}]", list(&roles));
+            Ok(())
+        }
         Command::Get(args) => {
             let mut client = connect(&args.server).await?;
             let decision = client

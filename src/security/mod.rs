@@ -1,4 +1,6 @@
-//! What keeps hostile or runaway callers from hurting the server: the size of a request message
-//! (and, as they arrive, identities, scopes and rate limits).
+//! What keeps callers to what they may do: who they are and what their roles allow
+//! ([`auth`], [`clients`]), and how large a request may be ([`message_size`]).
 
+pub mod auth;
+pub mod clients;
 pub mod message_size;

@@ -70,6 +70,16 @@ pub enum RequestState {
     Decided(RecordedDecision),
 }
 
+impl RequestState {
+    /// The station the request was made at.
+    pub fn station_id(&self) -> &str {
+        match self {
+            RequestState::Pending { station_id, .. } => station_id,
+            RequestState::Decided(d) => d.station_id(),
+        }
+    }
+}
+
 /// The decision log: append-only, one record per request_id, each at a position that orders it.
 #[async_trait]
 pub trait DecisionLog: Send + Sync + 'static {

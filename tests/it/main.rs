@@ -12,5 +12,6 @@ mod intake;
 mod lifecycle;
 mod remote;
 mod scaleout;
+mod security;
 mod streams;
 mod webhooks;
