@@ -129,6 +129,14 @@ pub struct Config {
     pub clients_file: Option<PathBuf>,
     /// The largest request message accepted.
     pub max_message_bytes: usize,
+    /// Calls a second per client; 0: off.
+    pub rate_per_client_per_s: u32,
+    /// `Authorize` calls a second per station; 0: off.
+    pub rate_per_station_per_s: u32,
+    /// Unary calls served at once before the excess is shed.
+    pub max_calls_in_flight: usize,
+    /// Decision streams one client may hold open.
+    pub subscriptions_per_client: usize,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -191,6 +199,10 @@ impl Config {
             tls: None,
             clients_file: None,
             max_message_bytes: 65_536,
+            rate_per_client_per_s: 0,
+            rate_per_station_per_s: 0,
+            max_calls_in_flight: 4096,
+            subscriptions_per_client: 1000,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_millis(10_000),
         }
@@ -254,6 +266,18 @@ impl Config {
         }
         if let Some(v) = get("workers") {
             c.workers = parse_num("workers", &v)? as usize;
+        }
+        if let Some(v) = get("rate_per_client_per_s") {
+            c.rate_per_client_per_s = parse_num("rate_per_client_per_s", &v)? as u32;
+        }
+        if let Some(v) = get("rate_per_station_per_s") {
+            c.rate_per_station_per_s = parse_num("rate_per_station_per_s", &v)? as u32;
+        }
+        if let Some(v) = get("max_calls_in_flight") {
+            c.max_calls_in_flight = parse_num("max_calls_in_flight", &v)? as usize;
+        }
+        if let Some(v) = get("subscriptions_per_client") {
+            c.subscriptions_per_client = parse_num("subscriptions_per_client", &v)? as usize;
         }
         if let Some(v) = get("max_message_bytes") {
             c.max_message_bytes = parse_num("max_message_bytes", &v)? as usize;

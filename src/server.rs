@@ -28,7 +28,12 @@ use crate::{
         charging_authorization_server::ChargingAuthorizationServer, grants_server::GrantsServer,
         webhooks_server::WebhooksServer,
     },
-    security::{auth::AuthLayer, clients::Clients, message_size::MessageSizeLayer},
+    security::{
+        auth::AuthLayer,
+        clients::Clients,
+        message_size::MessageSizeLayer,
+        rate::{RateLimitLayer, RateLimits, SubscriptionSlots},
+    },
     store::{self, GrantStore, StoreError},
     telemetry,
     token::{Fingerprinter, KeyError},
@@ -325,7 +330,14 @@ impl Server {
         let reflection_v1alpha = reflection()
             .build_v1alpha()
             .expect("the descriptor sets are compiled in");
+        let rate_limits = Arc::new(RateLimits::new(
+            config.rate_per_client_per_s,
+            config.rate_per_station_per_s,
+        ));
+        tokio::spawn(rate_limits.clone().sweep(background.clone()));
         let authorization = AuthorizationService {
+            limits: rate_limits.clone(),
+            subscriptions: SubscriptionSlots::new(config.subscriptions_per_client),
             queue: queue.clone(),
             authorizer,
             signals,
@@ -372,6 +384,10 @@ impl Server {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(audit_layer)
             .layer(AuthLayer::new(clients))
+            .layer(RateLimitLayer::new(
+                rate_limits.clone(),
+                config.max_calls_in_flight,
+            ))
             .layer(MessageSizeLayer::new(config.max_message_bytes))
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -485,6 +485,50 @@ pub const SETTINGS: &[Setting] = &[
         extension: false,
     },
     Setting {
+        key: "rate_per_client_per_s",
+        kind: Kind::Count {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: Default::Value("0"),
+        meaning: "calls a second per client (its peer's IP address without `clients_file`), in a bucket of twice that; past it `RESOURCE_EXHAUSTED` with `RetryInfo`; a client's own `rate` overrides it; 0: off",
+        group: "Security",
+        extension: false,
+    },
+    Setting {
+        key: "rate_per_station_per_s",
+        kind: Kind::Count {
+            min: 0,
+            max: 1_000_000,
+        },
+        default: Default::Value("0"),
+        meaning: "`Authorize` calls a second per station, in a bucket of twice that; past it `RESOURCE_EXHAUSTED` with `RetryInfo`, nothing enqueued; 0: off",
+        group: "Security",
+        extension: false,
+    },
+    Setting {
+        key: "max_calls_in_flight",
+        kind: Kind::Count {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: Default::Value("4096"),
+        meaning: "unary calls being served at once; the excess is shed at once with `RESOURCE_EXHAUSTED`, never queued (health and reflection are never shed)",
+        group: "Security",
+        extension: true,
+    },
+    Setting {
+        key: "subscriptions_per_client",
+        kind: Kind::Count {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: Default::Value("1000"),
+        meaning: "decision streams one client (its peer's IP address without `clients_file`) may hold open; past it `RESOURCE_EXHAUSTED`",
+        group: "Security",
+        extension: true,
+    },
+    Setting {
         key: "max_message_bytes",
         kind: Kind::Count {
             min: 1024,

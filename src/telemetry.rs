@@ -93,6 +93,8 @@ const METRICS: &[Metric] = &[
                 "conflict",
                 "queue_full",
                 "unavailable",
+                "permission_denied",
+                "rate_limited",
             ],
         ),
     },
@@ -185,6 +187,24 @@ const METRICS: &[Metric] = &[
         kind: Kind::Counter,
         help: "Reloads of the access-list file, by outcome: ok, or error (the previous list stays) (reloads).",
         series: Series::Label("outcome", &["ok", "error"]),
+    },
+    Metric {
+        name: "chargegate_clients_reloads_total",
+        kind: Kind::Counter,
+        help: "Reloads of the clients file, by outcome: ok, or error (the clients in force stay) (reloads).",
+        series: Series::Label("outcome", &["ok", "error"]),
+    },
+    Metric {
+        name: "chargegate_rate_limited_total",
+        kind: Kind::Counter,
+        help: "Calls refused by a rate limit, by the bucket that refused: client or station (calls).",
+        series: Series::Label("scope", &["client", "station"]),
+    },
+    Metric {
+        name: "chargegate_calls_shed_total",
+        kind: Kind::Counter,
+        help: "Calls refused at once for overload, by reason: in_flight (max_calls_in_flight), subscriptions (subscriptions_per_client) (calls).",
+        series: Series::Label("reason", &["in_flight", "subscriptions"]),
     },
     Metric {
         name: "chargegate_store_commit_seconds",

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeSet, pin::Pin, sync::Arc, time::Duration};
 
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -20,7 +20,10 @@ use crate::{
         charging_authorization_server::ChargingAuthorization,
     },
     queue::{EnqueueOutcome, Queue},
-    security::auth::Caller,
+    security::{
+        auth::Caller,
+        rate::{RateLimits, SubscriptionSlots},
+    },
     store::{DecisionLog, RequestState, StationFilter},
     token::Fingerprinter,
 };
@@ -44,6 +47,10 @@ pub struct AuthorizationService {
     pub heartbeat_interval: Duration,
     /// Cancelled at shutdown; every decision stream then ends with UNAVAILABLE.
     pub streams_shutdown: CancellationToken,
+    /// Station buckets for `Authorize`.
+    pub limits: Arc<RateLimits>,
+    /// Open decision streams per client.
+    pub subscriptions: SubscriptionSlots,
 }
 
 #[tonic::async_trait]
@@ -73,19 +80,24 @@ impl ChargingAuthorization for AuthorizationService {
     ) -> Result<Response<Self::SubscribeDecisionsStream>, Status> {
         audit::note(&request, &request.get_ref().station_ids.join(","), "");
         let caller = Caller::of(&request);
+        let peer = request.remote_addr();
         let request = request.into_inner();
         let filter = parse_station_filter(&request.station_ids).map_err(invalid_argument)?;
         let start = self.parse_start(&request.after_cursor).await?;
         let filter = caller.subscription(filter)?;
+        // Held by the stream: dropping the stream frees it.
+        let slot = self.subscriptions.open(&caller, peer)?;
         let ctx = StreamContext {
             hub: self.hub.clone(),
             log: self.log.clone(),
             heartbeat_interval: self.heartbeat_interval,
             shutdown: self.streams_shutdown.clone(),
         };
-        Ok(Response::new(Box::pin(fanout::decision_stream(
-            ctx, filter, start,
-        ))))
+        let stream = fanout::decision_stream(ctx, filter, start).map(move |item| {
+            let _held = &slot;
+            item
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_decision(
@@ -164,6 +176,9 @@ impl AuthorizationService {
         caller
             .check_station(&new.station_id)
             .map_err(|status| ("permission_denied", status))?;
+        self.limits
+            .check_station(&new.station_id)
+            .map_err(|status| ("rate_limited", status))?;
         let span = tracing::Span::current();
         span.record("request_id", new.request_id.as_str());
         span.record("station_id", new.station_id.as_str());

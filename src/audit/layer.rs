@@ -53,6 +53,11 @@ const STREAMING: [&str; 5] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
 ];
 
+/// Whether `path` is a server-streaming method.
+pub(crate) fn is_streaming(path: &str) -> bool {
+    STREAMING.contains(&path)
+}
+
 /// The layer; without a sink (`audit_calls = false`) it lets calls through unrecorded.
 #[derive(Clone)]
 pub struct AuditLayer {

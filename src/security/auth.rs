@@ -44,6 +44,11 @@ fn need(path: &str) -> Need {
     }
 }
 
+/// Health and reflection: open to every caller, never limited.
+pub fn is_open(path: &str) -> bool {
+    need(path) == Need::Nothing
+}
+
 /// Who is calling, as handlers see it.
 #[derive(Clone, Debug)]
 pub enum Caller {

@@ -1,8 +1,8 @@
 //! Client identities (`clients_file`): the status matrix of credentials, roles and station
 //! scopes, call records that name the client, and reloads that keep the old file when the new
-//! one is bad.
+//! one is bad. Rate limits: buckets per station and per client, capped subscriptions.
 
-use std::{os::unix::fs::PermissionsExt, path::PathBuf};
+use std::{os::unix::fs::PermissionsExt, path::PathBuf, time::Duration};
 
 use chargegate::{
     proto::{
@@ -16,6 +16,7 @@ use chargegate::{
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, metadata::MetadataValue, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_types::StatusExt;
 
 use crate::support::*;
 
@@ -311,4 +312,138 @@ async fn the_clients_file_reloads_and_a_bad_one_keeps_the_clients_in_force() {
     let refused = TestServer::start(config).await.stop().await;
     let message = format!("{:#}", anyhow::Error::from(refused.expect_err("refused")));
     assert!(message.contains("writable by group or others"), "{message}");
+}
+
+/// The retry delay and the quota subject of a `RESOURCE_EXHAUSTED`.
+fn limited(status: &tonic::Status) -> (Duration, String) {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let details = status.get_error_details();
+    let delay = details
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("a RetryInfo with a delay");
+    let subject = details
+        .quota_failure()
+        .and_then(|q| q.violations.first().map(|v| v.subject.clone()))
+        .expect("a QuotaFailure naming the scope");
+    (delay, subject)
+}
+
+/// Calls `call` until it is refused; the calls that passed, and the refusal.
+async fn until_refused<F, Fut>(mut call: F) -> (usize, tonic::Status)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    for i in 0..200 {
+        if let Err(status) = call(i).await {
+            return (i, status);
+        }
+    }
+    panic!("200 calls passed a limit of a few a second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_station_over_its_rate_waits_as_told_and_its_sibling_does_not() {
+    let dir = TestDir::new();
+    let mut config = dir.config();
+    config.rate_per_station_per_s = 5;
+    let server = TestServer::start(config).await;
+    let mut calls = server.client().await;
+    let (passed, refusal) = until_refused(|i| {
+        let mut calls = calls.clone();
+        async move {
+            authorize_as(&mut calls, STATION_A, TOKEN_GRANTED, &format!("a-{i}"))
+                .await
+                .map(drop)
+        }
+    })
+    .await;
+    assert!(passed >= 10, "a burst of twice the rate passes: {passed}");
+    let (delay, subject) = limited(&refusal);
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_millis(200),
+        "0 < {delay:?} <= 1/rate"
+    );
+    assert_eq!(subject, format!("station:{STATION_A}"));
+    // Nothing was enqueued for the refused call: its request_id is unknown.
+    let unknown = calls
+        .get_decision(GetDecisionRequest {
+            request_id: format!("a-{passed}"),
+        })
+        .await
+        .expect_err("never enqueued");
+    assert_eq!(unknown.code(), Code::NotFound);
+    // The sibling station has a bucket of its own.
+    authorize_as(&mut calls, STATION_B, TOKEN_WILDCARD, "b-0")
+        .await
+        .expect("another station passes");
+    // After the delay, the same station passes (the refused request_id, retried, is accepted).
+    tokio::time::sleep(delay).await;
+    let ack = authorize_as(&mut calls, STATION_A, TOKEN_GRANTED, &format!("a-{passed}"))
+        .await
+        .expect("passes after the delay");
+    assert!(!ack.duplicate);
+    assert!(metric("chargegate_rate_limited_total{scope=\"station\"}") >= 1.0);
+    server.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_s_own_rate_overrides_the_default_and_subscriptions_are_capped() {
+    let dir = TestDir::new();
+    let slow = client("gw-slow", &["*"], &["station"]);
+    let slow = TestClient {
+        table: slow
+            .table
+            .replace("roles = ", "rate = { per_second = 2 }\nroles = "),
+        ..slow
+    };
+    let other = client("gw-other", &["*"], &["station"]);
+    let mut config = dir.config();
+    config.clients_file = Some(write_clients(&dir, &[&slow, &other]));
+    config.rate_per_client_per_s = 1000;
+    config.subscriptions_per_client = 2;
+    let server = TestServer::start(config).await;
+    let channel = server.channel().await;
+    let (slow_auth, other_auth) = (bearer(&slow.token), bearer(&other.token));
+    let (passed, refusal) = until_refused(|_| {
+        let (channel, auth) = (channel.clone(), slow_auth.clone());
+        async move {
+            authorize_with(&channel, &[&auth], STATION_A)
+                .await
+                .map(drop)
+        }
+    })
+    .await;
+    assert!(
+        (4..20).contains(&passed),
+        "a bucket of 4, not 2,000: {passed}"
+    );
+    let (delay, subject) = limited(&refusal);
+    assert!(delay <= Duration::from_millis(500), "{delay:?}");
+    assert_eq!(subject, "client:gw-slow");
+    authorize_with(&channel, &[&other_auth], STATION_A)
+        .await
+        .expect("another client has its own bucket");
+
+    // Two subscriptions open; a third is refused; closing one makes room.
+    let subscribe = || {
+        let mut calls = ChargingAuthorizationClient::new(channel.clone());
+        let auth = other_auth.clone();
+        async move {
+            calls
+                .subscribe_decisions(with_auth(SubscribeDecisionsRequest::default(), &[&auth]))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let first = subscribe().await.expect("first");
+    let _second = subscribe().await.expect("second");
+    let (_, subject) = limited(&subscribe().await.expect_err("a third"));
+    assert_eq!(subject, "subscriptions:gw-other");
+    drop(first);
+    poll_until("room for a subscription", subscribe, Result::is_ok)
+        .await
+        .expect("room again");
+    server.stop().await.expect("clean stop");
 }
