@@ -137,6 +137,8 @@ pub struct Config {
     pub max_calls_in_flight: usize,
     /// Decision streams one client may hold open.
     pub subscriptions_per_client: usize,
+    /// The longest a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -203,6 +205,7 @@ impl Config {
             rate_per_station_per_s: 0,
             max_calls_in_flight: 4096,
             subscriptions_per_client: 1000,
+            tls_handshake_timeout: Duration::from_millis(10_000),
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_millis(10_000),
         }
@@ -359,6 +362,9 @@ impl Config {
                 "must not be less than webhook_backoff_base_ms",
             ));
         }
+        if let Some(d) = ms("tls_handshake_timeout_ms")? {
+            c.tls_handshake_timeout = d;
+        }
         if let Some(d) = ms("heartbeat_interval_ms")? {
             c.heartbeat_interval = d;
         }
@@ -463,12 +469,6 @@ impl Config {
             return Err(ConfigError::invalid(
                 "token_hash_key",
                 "must be set when store_url is PostgreSQL: every instance must fingerprint tokens alike",
-            ));
-        }
-        if self.tls.is_some() {
-            return Err(ConfigError::invalid(
-                "tls_cert",
-                "TLS is not available in this build yet",
             ));
         }
         Ok(())

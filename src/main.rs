@@ -123,6 +123,7 @@ fn serve(runtime: &tokio::runtime::Runtime, args: chargegate::cli::ServeArgs) ->
                     ServeError::Config(_)
                         | ServeError::AccessList(_)
                         | ServeError::Clients(_)
+                        | ServeError::Tls(_)
                         | ServeError::Key(_)
                 )
             );

@@ -33,6 +33,7 @@ use crate::{
         clients::Clients,
         message_size::MessageSizeLayer,
         rate::{RateLimitLayer, RateLimits, SubscriptionSlots},
+        tls::TlsFiles,
     },
     store::{self, GrantStore, StoreError},
     telemetry,
@@ -78,6 +79,8 @@ pub enum ServeError {
     AccessList(#[from] crate::authorizer::acl::AclError),
     #[error(transparent)]
     Clients(#[from] crate::security::clients::ClientsError),
+    #[error(transparent)]
+    Tls(#[from] crate::security::tls::TlsError),
     #[error("cannot open the store")]
     Store(#[from] StoreError),
     #[error("cannot create the data dir {0}")]
@@ -154,6 +157,10 @@ impl Server {
                 None
             }
         };
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(TlsFiles::load(files)?)),
+            None => None,
+        };
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| ServeError::DataDir(config.data_dir.display().to_string(), e))?;
         let fingerprinter = Fingerprinter::load(
@@ -168,6 +175,9 @@ impl Server {
 
         if let Some(clients) = &clients {
             clients.clone().watch(background.clone());
+        }
+        if let Some(tls) = &tls {
+            tls.clone().watch(background.clone());
         }
 
         let hub = Arc::new(Hub::new());
@@ -357,8 +367,10 @@ impl Server {
         };
 
         let local = listener.local_addr().ok();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_accepting, accepting_stopped) = tokio::sync::oneshot::channel::<()>();
+        // Mutual TLS without clients_file: any certificate the CA signed is an identity.
+        let require_certificate =
+            clients.is_none() && config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         // Overload protection: a bounded number of concurrent HTTP/2 streams per connection, and of
         // calls in flight, the excess refused at once (RESOURCE_EXHAUSTED), never queued without bound.
         // Every call is recorded by one layer around every service (unless turned off).
@@ -383,7 +395,7 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(audit_layer)
-            .layer(AuthLayer::new(clients))
+            .layer(AuthLayer::new(clients, require_certificate))
             .layer(RateLimitLayer::new(
                 rate_limits.clone(),
                 config.max_calls_in_flight,
@@ -406,16 +418,35 @@ impl Server {
                     trail: audit_trail.clone(),
                 })
                 .max_decoding_message_size(max_message),
-            )
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = accepting_stopped.await;
-            });
+            );
+        let accept_stop = CancellationToken::new();
+        let stopped = async move {
+            let _ = accepting_stopped.await;
+        };
+        let grpc: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+        > =
+            match &tls {
+                Some(tls) => Box::pin(grpc.serve_with_incoming_shutdown(
+                    tls.clone().incoming(
+                        listener,
+                        config.tls_handshake_timeout,
+                        accept_stop.clone(),
+                    ),
+                    stopped,
+                )),
+                None => Box::pin(grpc.serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopped,
+                )),
+            };
+        let tls_on = tls.is_some();
         match local {
-            Some(addr) => tracing::info!(listen = %addr, "chargegate serving"),
-            None => tracing::info!("chargegate serving"),
+            Some(addr) => tracing::info!(listen = %addr, tls = tls_on, "chargegate serving"),
+            None => tracing::info!(tls = tls_on, "chargegate serving"),
         }
 
-        let mut grpc = Box::pin(grpc);
+        let mut grpc = grpc;
         let mut result = Ok(());
         let mut grpc_done = false;
         tokio::select! {
@@ -435,6 +466,7 @@ impl Server {
         streams.cancel();
         pipeline_stop.cancel();
         let _ = stop_accepting.send(());
+        accept_stop.cancel();
         health.close_watches().await;
         if !grpc_done && tokio::time::timeout_at(deadline, &mut grpc).await.is_err() {
             tracing::warn!("calls still open at the end of the grace period were cut");

@@ -156,7 +156,6 @@ pub(crate) fn get(key: &'static str) -> &'static Setting {
 }
 
 const DAY_MS: u64 = 86_400_000;
-const NOT_BUILT: &str = "not built yet: a set value is refused at start-up";
 
 /// Every key, in the order the defaults file and the README list them.
 pub const SETTINGS: &[Setting] = &[
@@ -450,7 +449,7 @@ pub const SETTINGS: &[Setting] = &[
         default: Default::Unset {
             example: "/etc/chargegate/tls.crt",
         },
-        meaning: NOT_BUILT,
+        meaning: "PEM certificate chain of the gRPC listener; with `tls_key`, TLS 1.2/1.3 with ALPN `h2` (plaintext is refused); re-read on change and SIGHUP, a bad new file keeps the old one",
         group: "Security",
         extension: false,
     },
@@ -460,7 +459,7 @@ pub const SETTINGS: &[Setting] = &[
         default: Default::Unset {
             example: "/etc/chargegate/tls.key",
         },
-        meaning: NOT_BUILT,
+        meaning: "PEM private key of `tls_cert`; refused when group or others may read it",
         group: "Security",
         extension: false,
     },
@@ -470,9 +469,20 @@ pub const SETTINGS: &[Setting] = &[
         default: Default::Unset {
             example: "/etc/chargegate/clients-ca.crt",
         },
-        meaning: NOT_BUILT,
+        meaning: "PEM CA certificates for mutual TLS: a client certificate chaining to it whose subject CN is a client's `name` identifies that client; health works without one",
         group: "Security",
         extension: false,
+    },
+    Setting {
+        key: "tls_handshake_timeout_ms",
+        kind: Kind::Millis {
+            min: 100,
+            max: 600_000,
+        },
+        default: Default::Value("10000"),
+        meaning: "the longest a TLS handshake may take before its connection is closed (at most 1,024 are in progress at once)",
+        group: "Security",
+        extension: true,
     },
     Setting {
         key: "clients_file",

@@ -203,8 +203,14 @@ const METRICS: &[Metric] = &[
     Metric {
         name: "chargegate_calls_shed_total",
         kind: Kind::Counter,
-        help: "Calls refused at once for overload, by reason: in_flight (max_calls_in_flight), subscriptions (subscriptions_per_client) (calls).",
-        series: Series::Label("reason", &["in_flight", "subscriptions"]),
+        help: "Calls refused at once for overload, by reason: in_flight (max_calls_in_flight), subscriptions (subscriptions_per_client), handshakes (TLS handshakes in progress past 1,024) (calls).",
+        series: Series::Label("reason", &["in_flight", "subscriptions", "handshakes"]),
+    },
+    Metric {
+        name: "chargegate_tls_reloads_total",
+        kind: Kind::Counter,
+        help: "Reloads of the TLS certificate, key and client CA, by outcome: ok, or error (the certificate in force stays) (reloads).",
+        series: Series::Label("outcome", &["ok", "error"]),
     },
     Metric {
         name: "chargegate_store_commit_seconds",

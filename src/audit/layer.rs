@@ -17,7 +17,7 @@ use std::{
 };
 
 use http_body::{Body, Frame, SizeHint};
-use tonic::{Code, transport::server::TcpConnectInfo};
+use tonic::Code;
 use tower::{Layer, Service};
 
 use super::{AuditSlot, CallRecord, CallSink, StreamEvent};
@@ -163,10 +163,7 @@ where
                 ))
             });
         };
-        let peer = request
-            .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
+        let peer = crate::security::peer_addr(request.extensions())
             .map(|a| a.to_string())
             .unwrap_or_default();
         let slot = Arc::new(AuditSlot::default());

@@ -101,15 +101,20 @@ impl Caller {
     }
 }
 
-/// The layer; `None` when no `clients_file` is set.
+/// The layer: `clients` when `clients_file` is set; `require_certificate` with mutual TLS
+/// and no `clients_file` (any certificate the CA signed is then an identity).
 #[derive(Clone)]
 pub struct AuthLayer {
     clients: Option<Arc<Clients>>,
+    require_certificate: bool,
 }
 
 impl AuthLayer {
-    pub fn new(clients: Option<Arc<Clients>>) -> Self {
-        Self { clients }
+    pub fn new(clients: Option<Arc<Clients>>, require_certificate: bool) -> Self {
+        Self {
+            clients,
+            require_certificate,
+        }
     }
 }
 
@@ -120,6 +125,7 @@ impl<S> Layer<S> for AuthLayer {
         Authenticated {
             inner,
             clients: self.clients.clone(),
+            require_certificate: self.require_certificate,
         }
     }
 }
@@ -128,6 +134,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Authenticated<S> {
     inner: S,
     clients: Option<Arc<Clients>>,
+    require_certificate: bool,
 }
 
 impl<S, B> Service<http::Request<B>> for Authenticated<S>
@@ -143,13 +150,21 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let Some(clients) = &self.clients else {
-            return Either::Right(self.inner.call(request));
-        };
         let need = need(request.uri().path());
         if need == Need::Nothing {
             return Either::Right(self.inner.call(request));
         }
+        let Some(clients) = &self.clients else {
+            if self.require_certificate
+                && super::peer_certificate_name(request.extensions()).is_none()
+            {
+                return Either::Left(ready(Ok(Status::unauthenticated(
+                    "this server needs a client certificate for every call but health and reflection",
+                )
+                .into_http())));
+            }
+            return Either::Right(self.inner.call(request));
+        };
         match identify(clients, &request).and_then(|client| permit(client, need)) {
             Ok(client) => {
                 if let Some(slot) = request.extensions().get::<Arc<AuditSlot>>() {
@@ -163,13 +178,22 @@ where
     }
 }
 
-/// The client a request's credential names. Messages never repeat the credential.
+/// The client a request's credential names: its bearer token, or else the subject CN of its
+/// verified client certificate. Messages never repeat the credential.
 fn identify<B>(clients: &Clients, request: &http::Request<B>) -> Result<Arc<Client>, Status> {
     let mut values = request
         .headers()
         .get_all(http::header::AUTHORIZATION)
         .iter();
-    let (Some(value), None) = (values.next(), values.next()) else {
+    let first = values.next();
+    if first.is_none()
+        && let Some(name) = super::peer_certificate_name(request.extensions())
+    {
+        return clients.table().by_name(&name).ok_or_else(|| {
+            Status::unauthenticated("the client certificate names no client of clients_file")
+        });
+    }
+    let (Some(value), None) = (first, values.next()) else {
         return Err(Status::unauthenticated(
             "send one `authorization: Bearer <token>` header",
         ));

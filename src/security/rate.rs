@@ -346,10 +346,7 @@ where
             .get::<Caller>()
             .cloned()
             .unwrap_or(Caller::Open);
-        let peer = request
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|i| i.remote_addr());
+        let peer = super::peer_addr(request.extensions());
         if let Err(status) = self.limits.check_client(&caller, peer) {
             return refuse(status);
         }
@@ -429,7 +426,10 @@ mod tests {
         let details = Status::from_header_map(shed.headers())
             .expect("a status")
             .get_error_details();
-        assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(SHED_RETRY));
+        assert_eq!(
+            details.retry_info().and_then(|r| r.retry_delay),
+            Some(SHED_RETRY)
+        );
         for passing in [
             "/chargegate.v1.ChargingAuthorization/SubscribeDecisions",
             "/grpc.health.v1.Health/Check",
@@ -444,7 +444,10 @@ mod tests {
         tokio::task::yield_now().await;
         gate.notify_waiters();
         first.await.unwrap().unwrap();
-        assert!(service.call(call(unary)).now_or_never().is_none(), "room again");
+        assert!(
+            service.call(call(unary)).now_or_never().is_none(),
+            "room again"
+        );
     }
 
     #[test]

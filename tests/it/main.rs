@@ -14,4 +14,5 @@ mod remote;
 mod scaleout;
 mod security;
 mod streams;
+mod tls;
 mod webhooks;

@@ -21,6 +21,7 @@ pub mod backend;
 pub mod binary;
 pub mod fake_authorizer;
 pub mod h2raw;
+pub mod pki;
 pub mod receiver;
 pub mod redis_server;
 

@@ -1,0 +1,199 @@
+//! TLS on the gRPC listener (CONTRACT §12): TLS 1.2 and 1.3 with rustls, ALPN `h2`, and with
+//! `tls_client_ca` mutual TLS, where a client certificate is optional at the handshake (health
+//! probes carry none) and names its client by its subject CN.
+//!
+//! tonic reloads nothing, so the listener is an acceptor of ours fed to
+//! `serve_with_incoming_shutdown`: it accepts TCP, bounds the handshakes in progress
+//! ([`MAX_HANDSHAKES`]; past it a new connection is closed at once) and the time each may take
+//! (`tls_handshake_timeout_ms`), and hands tonic the finished streams, whose
+//! `TlsConnectInfo` keeps `remote_addr()` and `peer_certs()` working. Each handshake uses the
+//! configuration in force when it starts: the certificate, key and CA files are re-read when
+//! they change and on SIGHUP, and a set that does not load (bad PEM, a key that is not the
+//! certificate's, a key readable by group or others) keeps the previous one, says why, and is
+//! counted in `chargegate_tls_reloads_total{outcome}`. Open connections are not touched.
+
+use std::{
+    path::Path,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, mpsc},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TlsConfig;
+
+/// TLS handshakes in progress at once; a connection past it is closed before its handshake.
+pub const MAX_HANDSHAKES: usize = 1024;
+
+/// Why a certificate, key or CA file could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("TLS: {0}")]
+pub struct TlsError(String);
+
+/// The TLS configuration in force, replaced whole when its files change.
+pub struct TlsFiles {
+    files: TlsConfig,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl TlsFiles {
+    /// Loads the certificate, the key and the client CA.
+    pub fn load(files: &TlsConfig) -> Result<Self, TlsError> {
+        Ok(Self {
+            current: RwLock::new(Arc::new(server_config(files)?)),
+            files: files.clone(),
+        })
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().expect("tls lock").clone())
+    }
+
+    /// Re-reads the files when one changes and on SIGHUP, until `shutdown`.
+    pub fn watch(self: Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let mut paths = vec![self.files.cert.clone(), self.files.key.clone()];
+        paths.extend(self.files.client_ca.clone());
+        crate::reload::watch(
+            "TLS files",
+            paths,
+            shutdown,
+            move |forced| match server_config(&self.files) {
+                Ok(config) => {
+                    *self.current.write().expect("tls lock") = Arc::new(config);
+                    metrics::counter!("chargegate_tls_reloads_total", "outcome" => "ok")
+                        .increment(1);
+                    tracing::info!(cert = %self.files.cert.display(), forced, "TLS certificate reloaded; new connections use it");
+                }
+                Err(e) => {
+                    metrics::counter!("chargegate_tls_reloads_total", "outcome" => "error")
+                        .increment(1);
+                    tracing::error!(error = %e, "TLS files not reloaded; the certificate in force stays");
+                }
+            },
+        )
+    }
+
+    /// Accepts connections on `listener` and yields those whose handshake finished within
+    /// `timeout`, until `stop`.
+    pub fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+        timeout: Duration,
+        stop: CancellationToken,
+    ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = mpsc::channel(64);
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of file descriptors and the like: wait a little, go on.
+                            tracing::warn!(error = %e, "accepting a connection failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    metrics::counter!("chargegate_calls_shed_total", "reason" => "handshakes")
+                        .increment(1);
+                    tracing::debug!(%peer, "too many TLS handshakes in progress; connection closed");
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx, stop) = (self.acceptor(), tx.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let handshake = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        h = tokio::time::timeout(timeout, acceptor.accept(tcp)) => h,
+                    };
+                    drop(permit);
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+fn server_config(files: &TlsConfig) -> Result<ServerConfig, TlsError> {
+    crate::reload::check_private(&files.key, true).map_err(TlsError)?;
+    let certs = read_certs(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        TlsError(format!(
+            "{}: no private key in PEM form ({e})",
+            files.key.display()
+        ))
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError(e.to_string()))?;
+    let verifier = match &files.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certs(ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError(format!("{}: {e}", ca.display())))?;
+            }
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError(format!("{}: {e}", ca.display())))?
+        }
+        None => WebPkiClientVerifier::no_client_auth(),
+    };
+    let mut config = builder
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            TlsError(format!(
+                "{} and {}: {e}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "{}: no certificate in PEM form",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The subject CN of a DER certificate.
+pub fn common_name(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
