@@ -137,8 +137,11 @@ pub struct Config {
     pub max_calls_in_flight: usize,
     /// Decision streams one client may hold open.
     pub subscriptions_per_client: usize,
-    /// The longest a TLS handshake may take.
-    pub tls_handshake_timeout: Duration,
+    /// The longest a new connection may take to finish its handshake.
+    pub handshake_timeout: Duration,
+    /// `None`: connections may live for ever.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
 }
@@ -205,7 +208,9 @@ impl Config {
             rate_per_station_per_s: 0,
             max_calls_in_flight: 4096,
             subscriptions_per_client: 1000,
-            tls_handshake_timeout: Duration::from_millis(10_000),
+            handshake_timeout: Duration::from_millis(10_000),
+            max_connection_age: Some(Duration::from_millis(3_600_000)),
+            max_connection_age_grace: Duration::from_millis(60_000),
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_millis(10_000),
         }
@@ -362,8 +367,14 @@ impl Config {
                 "must not be less than webhook_backoff_base_ms",
             ));
         }
-        if let Some(d) = ms("tls_handshake_timeout_ms")? {
-            c.tls_handshake_timeout = d;
+        if let Some(d) = ms("max_connection_age_ms")? {
+            c.max_connection_age = (!d.is_zero()).then_some(d);
+        }
+        if let Some(d) = ms("max_connection_age_grace_ms")? {
+            c.max_connection_age_grace = d;
+        }
+        if let Some(d) = ms("handshake_timeout_ms")? {
+            c.handshake_timeout = d;
         }
         if let Some(d) = ms("heartbeat_interval_ms")? {
             c.heartbeat_interval = d;

@@ -9,7 +9,6 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 
 use crate::{
     api::{
@@ -31,9 +30,10 @@ use crate::{
     security::{
         auth::AuthLayer,
         clients::Clients,
+        listener::{self, Preface},
         message_size::MessageSizeLayer,
         rate::{RateLimitLayer, RateLimits, SubscriptionSlots},
-        tls::TlsFiles,
+        tls::{TlsFiles, TlsHandshake},
     },
     store::{self, GrantStore, StoreError},
     telemetry,
@@ -385,7 +385,13 @@ impl Server {
         drop(call_sink);
         // tonic's own limit stays as a backstop; the layer answers first, with the right code.
         let max_message = config.max_message_bytes;
-        let grpc = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(age) = config.max_connection_age {
+            // GOAWAY at the age; the listener closes the connection after the grace (tonic,
+            // given a grace, sends no GOAWAY at all).
+            builder = builder.max_connection_age(age);
+        }
+        let grpc = builder
             .concurrency_limit_per_connection(CALLS_PER_CONNECTION)
             .load_shed(true)
             .max_concurrent_streams(Some(STREAMS_PER_CONNECTION))
@@ -420,26 +426,32 @@ impl Server {
                 .max_decoding_message_size(max_message),
             );
         let accept_stop = CancellationToken::new();
+        let limits = listener::Limits {
+            handshake: config.handshake_timeout,
+            lifetime: config
+                .max_connection_age
+                .map(|age| age + config.max_connection_age_grace),
+        };
         let stopped = async move {
             let _ = accepting_stopped.await;
         };
         let grpc: std::pin::Pin<
             Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-        > =
-            match &tls {
-                Some(tls) => Box::pin(grpc.serve_with_incoming_shutdown(
-                    tls.clone().incoming(
-                        listener,
-                        config.tls_handshake_timeout,
-                        accept_stop.clone(),
-                    ),
-                    stopped,
-                )),
-                None => Box::pin(grpc.serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    stopped,
-                )),
-            };
+        > = match &tls {
+            Some(tls) => Box::pin(grpc.serve_with_incoming_shutdown(
+                listener::incoming(
+                    listener,
+                    TlsHandshake(tls.clone()),
+                    limits,
+                    accept_stop.clone(),
+                ),
+                stopped,
+            )),
+            None => Box::pin(grpc.serve_with_incoming_shutdown(
+                listener::incoming(listener, Preface, limits, accept_stop.clone()),
+                stopped,
+            )),
+        };
         let tls_on = tls.is_some();
         match local {
             Some(addr) => tracing::info!(listen = %addr, tls = tls_on, "chargegate serving"),

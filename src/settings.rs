@@ -474,13 +474,35 @@ pub const SETTINGS: &[Setting] = &[
         extension: false,
     },
     Setting {
-        key: "tls_handshake_timeout_ms",
+        key: "handshake_timeout_ms",
         kind: Kind::Millis {
             min: 100,
             max: 600_000,
         },
         default: Default::Value("10000"),
-        meaning: "the longest a TLS handshake may take before its connection is closed (at most 1,024 are in progress at once)",
+        meaning: "the longest a new connection may take to finish its TLS handshake, or on plaintext to send the HTTP/2 preface, before it is closed (at most 1,024 are in progress at once)",
+        group: "Security",
+        extension: true,
+    },
+    Setting {
+        key: "max_connection_age_ms",
+        kind: Kind::Millis {
+            min: 0,
+            max: 604_800_000,
+        },
+        default: Default::Value("3600000"),
+        meaning: "a connection older than this is sent GOAWAY (clients reconnect, so load spreads over new instances); its calls and streams get `max_connection_age_grace_ms` to finish, streams then end and resume from their cursor; 0: off",
+        group: "Security",
+        extension: true,
+    },
+    Setting {
+        key: "max_connection_age_grace_ms",
+        kind: Kind::Millis {
+            min: 0,
+            max: 3_600_000,
+        },
+        default: Default::Value("60000"),
+        meaning: "after `max_connection_age_ms`, how long open calls and streams may go on before the connection is closed",
         group: "Security",
         extension: true,
     },

@@ -1,9 +1,11 @@
-//! What keeps callers to what they may do: TLS ([`tls`]), who they are and what their roles
+//! What keeps callers to what they may do: a listener that hands over only finished handshakes
+//! ([`listener`]), TLS ([`tls`]), who they are and what their roles
 //! allow ([`auth`], [`clients`]), how large a request may be ([`message_size`]), and how many a caller may make
 //! ([`rate`]).
 
 pub mod auth;
 pub mod clients;
+pub mod listener;
 pub mod message_size;
 pub mod rate;
 pub mod tls;

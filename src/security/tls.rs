@@ -2,11 +2,10 @@
 //! `tls_client_ca` mutual TLS, where a client certificate is optional at the handshake (health
 //! probes carry none) and names its client by its subject CN.
 //!
-//! tonic reloads nothing, so the listener is an acceptor of ours fed to
-//! `serve_with_incoming_shutdown`: it accepts TCP, bounds the handshakes in progress
-//! ([`MAX_HANDSHAKES`]; past it a new connection is closed at once) and the time each may take
-//! (`tls_handshake_timeout_ms`), and hands tonic the finished streams, whose
-//! `TlsConnectInfo` keeps `remote_addr()` and `peer_certs()` working. Each handshake uses the
+//! tonic reloads nothing, so the handshake is done by the listener of ours
+//! ([`super::listener`], which bounds handshakes in number and time) and tonic gets the finished
+//! streams, whose `TlsConnectInfo` keeps `remote_addr()` and `peer_certs()` working. Each
+//! handshake uses the
 //! configuration in force when it starts: the certificate, key and CA files are re-read when
 //! they change and on SIGHUP, and a set that does not load (bad PEM, a key that is not the
 //! certificate's, a key readable by group or others) keeps the previous one, says why, and is
@@ -15,7 +14,6 @@
 use std::{
     path::Path,
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use rustls::{
@@ -23,18 +21,12 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
-};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use super::listener::Handshake;
 use crate::config::TlsConfig;
-
-/// TLS handshakes in progress at once; a connection past it is closed before its handshake.
-pub const MAX_HANDSHAKES: usize = 1024;
 
 /// Why a certificate, key or CA file could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,56 +75,17 @@ impl TlsFiles {
             },
         )
     }
+}
 
-    /// Accepts connections on `listener` and yields those whose handshake finished within
-    /// `timeout`, until `stop`.
-    pub fn incoming(
-        self: Arc<Self>,
-        listener: TcpListener,
-        timeout: Duration,
-        stop: CancellationToken,
-    ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
-        let (tx, rx) = mpsc::channel(64);
-        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // Out of file descriptors and the like: wait a little, go on.
-                            tracing::warn!(error = %e, "accepting a connection failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    metrics::counter!("chargegate_calls_shed_total", "reason" => "handshakes")
-                        .increment(1);
-                    tracing::debug!(%peer, "too many TLS handshakes in progress; connection closed");
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, tx, stop) = (self.acceptor(), tx.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let handshake = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        h = tokio::time::timeout(timeout, acceptor.accept(tcp)) => h,
-                    };
-                    drop(permit);
-                    match handshake {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(Ok(stream)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        ReceiverStream::new(rx)
+/// The TLS handshake, with the configuration in force when it starts.
+#[derive(Clone)]
+pub struct TlsHandshake(pub Arc<TlsFiles>);
+
+impl Handshake for TlsHandshake {
+    type Stream = TlsStream<TcpStream>;
+
+    async fn handshake(&self, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        self.0.acceptor().accept(tcp).await
     }
 }
 

@@ -258,7 +258,7 @@ async fn silent_connections_are_closed_after_the_handshake_timeout() {
     let ca = Ca::new("ca");
     let tls = TlsDir::new(&ca.server(), None);
     let mut config = tls.config();
-    config.tls_handshake_timeout = Duration::from_millis(1000);
+    config.handshake_timeout = Duration::from_millis(1000);
     let server = TestServer::start(config).await;
     let mut silent = Vec::new();
     for _ in 0..300 {

@@ -102,6 +102,11 @@ impl RawConnection {
         self.stream.write_all(bytes).await
     }
 
+    /// Whether the server closes the connection within `wait`, whatever it sends before.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        closed_within(&mut self.stream, wait).await
+    }
+
     /// Whether the connection still answers a PING within `wait` (skipping other frames).
     pub async fn answers_ping(&mut self, wait: Duration) -> bool {
         if self.send(&frame(PING, 0, 0, b"chargeg8")).await.is_err() {
@@ -136,4 +141,18 @@ impl RawConnection {
         };
         tokio::time::timeout(wait, read).await.ok().flatten()
     }
+}
+
+/// Whether the server closes `stream` within `wait`, whatever it sends before.
+pub async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    let drain = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(wait, drain).await.is_ok()
 }
