@@ -37,7 +37,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                 to,
                 limit: listing.limit,
             };
-            let decisions = query_decisions(&listing.server.server, request).await?;
+            let decisions = query_decisions(&listing.server, request).await?;
             print_rows(
                 listing.format,
                 &DECISION_COLUMNS,
@@ -47,7 +47,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
         }
         AuditCommand::Calls { method, listing } => {
             let (from, to) = listing.window.resolve(None)?;
-            let mut client = connect(&listing.server.server).await?;
+            let mut client = connect(&listing.server).await?;
             let mut stream = client
                 .query_calls(QueryCallsRequest {
                     method: method.unwrap_or_default(),
@@ -93,7 +93,7 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                 to,
                 ..Default::default()
             };
-            let decisions = query_decisions(&server.server, request).await?;
+            let decisions = query_decisions(&server, request).await?;
             let found = anomalies(&decisions, timeouts, failing_share, min_decisions);
             if found.is_empty() {
                 out!("no anomalies in {} decisions", decisions.len());
@@ -106,14 +106,12 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(server: &str) -> anyhow::Result<AuditClient<tonic::transport::Channel>> {
-    AuditClient::connect(server.to_owned())
-        .await
-        .with_context(|| format!("cannot connect to {server}"))
+async fn connect(server: &super::ServerArg) -> anyhow::Result<AuditClient<super::Connection>> {
+    Ok(AuditClient::new(server.connect().await?))
 }
 
 async fn query_decisions(
-    server: &str,
+    server: &super::ServerArg,
     request: QueryDecisionsRequest,
 ) -> anyhow::Result<Vec<proto::Decision>> {
     let mut client = connect(server).await?;

@@ -229,7 +229,11 @@ pub enum GrantsCommand {
         #[arg(long)]
         station: String,
         /// Driver token (prefer CHARGEGATE_DRIVER_TOKEN).
-        #[arg(long, env = "CHARGEGATE_DRIVER_TOKEN", hide_env_values = true)]
+        #[arg(
+            long = "driver-token",
+            env = "CHARGEGATE_DRIVER_TOKEN",
+            hide_env_values = true
+        )]
         token: String,
         /// RFC 3339 expiry.
         #[arg(long)]
@@ -241,7 +245,11 @@ pub enum GrantsCommand {
     Delete {
         #[arg(long)]
         station: String,
-        #[arg(long, env = "CHARGEGATE_DRIVER_TOKEN", hide_env_values = true)]
+        #[arg(
+            long = "driver-token",
+            env = "CHARGEGATE_DRIVER_TOKEN",
+            hide_env_values = true
+        )]
         token: String,
     },
     /// List grants (tokens appear only as fingerprints).
@@ -337,13 +345,90 @@ impl clap::FromArgMatches for ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// Address of the chargegate server.
+    /// Address of the chargegate server (https://… for TLS).
     #[arg(
         long,
         env = "CHARGEGATE_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     pub server: String,
+    /// Bearer token of a client of the server's clients_file (prefer the environment).
+    #[arg(
+        long = "token",
+        env = "CHARGEGATE_CLIENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// PEM CA certificate to trust for the server's certificate (TLS); default: the public roots.
+    #[arg(long, env = "CHARGEGATE_CLIENT_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --key).
+    #[arg(long, env = "CHARGEGATE_CLIENT_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "CHARGEGATE_CLIENT_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+/// A connection to the server that sends the bearer token, if any, with every call.
+pub type Connection =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl ServerArg {
+    /// A connection to `--server`, over TLS when it is `https://` or a CA or client certificate
+    /// is given.
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let mut endpoint = Channel::from_shared(self.server.clone())
+            .with_context(|| format!("--server {} is not a URL", self.server))?;
+        if self.server.starts_with("https://") || self.ca.is_some() || self.cert.is_some() {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &self.ca {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+                None => tls.with_webpki_roots(),
+            };
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+        }
+        let bearer =
+            match &self.token {
+                Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+                    anyhow::anyhow!("--token has characters a header cannot carry")
+                })?),
+                None => None,
+            };
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.server))?;
+        Ok(tonic::service::interceptor::InterceptedService::new(
+            channel,
+            Bearer(bearer),
+        ))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -354,8 +439,12 @@ pub struct AuthorizeArgs {
     #[arg(long)]
     pub station: String,
     /// Driver token (prefer CHARGEGATE_DRIVER_TOKEN to keep it out of the shell history).
-    #[arg(long, env = "CHARGEGATE_DRIVER_TOKEN", hide_env_values = true)]
-    pub token: String,
+    #[arg(
+        long = "driver-token",
+        env = "CHARGEGATE_DRIVER_TOKEN",
+        hide_env_values = true
+    )]
+    pub driver_token: String,
     /// Where the decision is POSTed.
     #[arg(long)]
     pub callback_url: Option<String>,
@@ -389,12 +478,8 @@ pub struct GetArgs {
     pub request_id: String,
 }
 
-async fn connect(
-    server: &ServerArg,
-) -> anyhow::Result<ChargingAuthorizationClient<tonic::transport::Channel>> {
-    ChargingAuthorizationClient::connect(server.server.clone())
-        .await
-        .with_context(|| format!("cannot connect to {}", server.server))
+async fn connect(server: &ServerArg) -> anyhow::Result<ChargingAuthorizationClient<Connection>> {
+    Ok(ChargingAuthorizationClient::new(server.connect().await?))
 }
 
 /// Runs a client subcommand.
@@ -461,7 +546,7 @@ async fn authorize(args: AuthorizeArgs) -> anyhow::Result<()> {
     let ack = client
         .authorize(AuthorizeRequest {
             station_id: args.station,
-            driver_token: args.token,
+            driver_token: args.driver_token,
             callback_url: args.callback_url.unwrap_or_default(),
             request_id: args.request_id.unwrap_or_default(),
         })
@@ -565,9 +650,7 @@ async fn grants(args: GrantsArgs) -> anyhow::Result<()> {
     use proto::{
         DeleteGrantRequest, ListGrantsRequest, PutGrantRequest, grants_client::GrantsClient,
     };
-    let mut client = GrantsClient::connect(args.server.server.clone())
-        .await
-        .with_context(|| format!("cannot connect to {}", args.server.server))?;
+    let mut client = GrantsClient::new(args.server.connect().await?);
     match args.command {
         GrantsCommand::Put {
             station,
@@ -644,9 +727,7 @@ async fn webhooks(args: WebhooksArgs) -> anyhow::Result<()> {
         DeliveryState, ListDeliveriesRequest, RedriveDeliveriesRequest,
         webhooks_client::WebhooksClient,
     };
-    let mut client = WebhooksClient::connect(args.server.server.clone())
-        .await
-        .with_context(|| format!("cannot connect to {}", args.server.server))?;
+    let mut client = WebhooksClient::new(args.server.connect().await?);
     match args.command {
         WebhooksCommand::List { state, limit } => {
             let state = match state.as_deref() {

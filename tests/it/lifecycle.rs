@@ -761,7 +761,7 @@ async fn the_cli_authorizes_watches_and_gets() {
             &url,
             "--station",
             "not-a-uuid",
-            "--token",
+            "--driver-token",
             "x",
         ])
         .output()

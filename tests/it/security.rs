@@ -207,6 +207,27 @@ async fn credentials_roles_and_station_scopes_answer_as_the_contract_says() {
     denied(get(at_b.clone(), &[&gw]).await, "another station's request");
     get(at_b, &[&all]).await.expect("a client of every station");
 
+    // The CLI sends its bearer token from the environment.
+    let cli = |token: Option<&str>| {
+        let mut command = tokio::process::Command::from(crate::support::binary::chargegate());
+        command.args(["grants", "--server", &server.url(), "list"]);
+        command.env_remove("CHARGEGATE_CLIENT_TOKEN");
+        if let Some(token) = token {
+            command.env("CHARGEGATE_CLIENT_TOKEN", token);
+        }
+        command.output()
+    };
+    let with = cli(Some(&ops.token)).await.expect("grants list");
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    let without = cli(None).await.expect("grants list");
+    assert!(!without.status.success());
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(stderr.contains("Unauthenticated"), "{stderr}");
+
     // Health and reflection need no credential.
     let health = HealthClient::new(channel.clone())
         .check(HealthCheckRequest::default())

@@ -216,6 +216,39 @@ async fn mutual_tls_names_clients_by_certificate_and_leaves_health_open() {
         .expect_err("another station");
     assert_eq!(denied.code(), Code::PermissionDenied);
 
+    // The CLI speaks mutual TLS.
+    let (ca_file, cert_file, key_file) = (
+        tls.dir.path().join("server-ca.pem"),
+        tls.dir.path().join("gw.crt"),
+        tls.dir.path().join("gw.key"),
+    );
+    write(&ca_file, &ca, 0o644);
+    write(&cert_file, &named.cert, 0o644);
+    write(&key_file, &named.key, 0o600);
+    let out = tokio::process::Command::from(crate::support::binary::chargegate())
+        .args([
+            "authorize",
+            "--server",
+            &format!("https://localhost:{}", server.addr.port()),
+        ])
+        .args(["--station", STATION_A, "--wait"])
+        .arg("--ca")
+        .arg(&ca_file)
+        .arg("--cert")
+        .arg(&cert_file)
+        .arg("--key")
+        .arg(&key_file)
+        .env("CHARGEGATE_DRIVER_TOKEN", TOKEN_GRANTED)
+        .output()
+        .await
+        .expect("chargegate authorize");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"allowed\""));
+
     // Without a certificate: health works, every other RPC needs an identity.
     let anonymous = channel(server.addr, &ca, None)
         .await
