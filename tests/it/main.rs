@@ -2,6 +2,7 @@
 
 mod support;
 
+mod advisories;
 mod audit;
 mod crash;
 mod decisions;
