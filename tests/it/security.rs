@@ -468,3 +468,90 @@ async fn a_client_s_own_rate_overrides_the_default_and_subscriptions_are_capped(
         .expect("room again");
     server.stop().await.expect("clean stop");
 }
+
+/// Every path a credential or a driver token travels, good and bad, through the real binary
+/// at debug level; then its log, its call records, its metrics and its data dir hold neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_bearer_or_driver_token_reaches_a_log_a_record_a_metric_or_the_data_dir() {
+    use crate::support::binary::ChildServer;
+    let dir = TestDir::new();
+    let gateway = client("gw-a", &[STATION_A], &["station"]);
+    let ops = client("ops", &[], &["admin"]);
+    let clients = write_clients(&dir, &[&gateway, &ops]);
+    let acl = dir.write_acl(&standard_acl());
+    let mut server = ChildServer::start_with_metrics(
+        &dir,
+        &acl,
+        &[
+            "--clients-file",
+            &clients.display().to_string(),
+            "--rate-per-station-per-s",
+            "2",
+        ],
+    );
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let unknown = new_token().0;
+    let (gw, admin) = (bearer(&gateway.token), bearer(&ops.token));
+    let secret_driver = "DRIVER-secret-token-0042-zz";
+    let basic = format!("Basic {}", gateway.token);
+    let as_bearer = format!("Bearer {secret_driver}");
+    let unknown_bearer = bearer(&unknown);
+    let mut calls = ChargingAuthorizationClient::new(channel.clone());
+    let mut stream = calls
+        .subscribe_decisions(with_auth(SubscribeDecisionsRequest::default(), &[&gw]))
+        .await
+        .expect("subscribed")
+        .into_inner();
+    for token in [TOKEN_GRANTED, secret_driver, "DRIVER-malformed!"] {
+        for values in [
+            vec![gw.as_str()],
+            vec![],
+            vec![basic.as_str()],
+            vec![as_bearer.as_str()],
+            vec![unknown_bearer.as_str()],
+            vec![gw.as_str(), gw.as_str()],
+            vec![admin.as_str()],
+        ] {
+            for station in [STATION_A, STATION_B, secret_driver] {
+                let _ = calls
+                    .authorize(with_auth(request(station, token), &values))
+                    .await;
+            }
+        }
+    }
+    // Some of those were decided; one reached the stream.
+    next_decision(&mut stream).await;
+    let mut records = AuditClient::new(channel.clone())
+        .query_calls(with_auth(QueryCallsRequest::default(), &[&admin]))
+        .await
+        .expect("call records")
+        .into_inner();
+    let mut seen = String::new();
+    while let Some(r) = records.next().await {
+        seen.push_str(&format!("{:?}\n", r.expect("record")));
+    }
+    seen.push_str(&server.scrape_metrics());
+    server.signal("TERM");
+    assert_eq!(server.wait(PATIENCE), Some(0));
+    seen.push_str(&server.start_log.join("\n"));
+    seen.push_str(&server.drain_log().join("\n"));
+    assert!(seen.contains("gw-a"), "the scan reads what it should");
+    for secret in [
+        gateway.token.as_str(),
+        ops.token.as_str(),
+        unknown.as_str(),
+        secret_driver,
+        TOKEN_GRANTED,
+    ] {
+        assert!(
+            !seen.contains(secret),
+            "a secret reached a log line, call record or metric"
+        );
+        let hits = files_containing(&dir.data_dir(), secret.as_bytes());
+        assert!(hits.is_empty(), "a secret is in {hits:?}");
+    }
+}
