@@ -237,7 +237,117 @@ fn permit(client: Arc<Client>, need: Need) -> Result<Arc<Client>, Status> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeSet, HashSet};
+
+    use proptest::prelude::*;
+
     use super::*;
+
+    const UNIVERSE: [&str; 4] = [
+        "00000000-0000-4000-8000-000000000001",
+        "00000000-0000-4000-8000-000000000002",
+        "00000000-0000-4000-8000-000000000003",
+        "00000000-0000-4000-8000-000000000004",
+    ];
+    const PATHS: [&str; 6] = [
+        "/chargegate.v1.ChargingAuthorization/Authorize",
+        "/chargegate.v1.ChargingAuthorization/SubscribeDecisions",
+        "/chargegate.v1.Grants/PutGrant",
+        "/chargegate.v1.Audit/QueryCalls",
+        "/grpc.health.v1.Health/Check",
+        "/elsewhere.v1.Other/Call",
+    ];
+
+    /// The contract's rules written plainly: what each call may do.
+    mod reference {
+        pub fn may_call(path: &str, station_role: bool, admin: bool) -> bool {
+            if path.starts_with("/grpc.health.v1.") {
+                return true;
+            }
+            if path.starts_with("/chargegate.v1.ChargingAuthorization/") {
+                return station_role;
+            }
+            if [
+                "/chargegate.v1.Grants/",
+                "/chargegate.v1.Audit/",
+                "/chargegate.v1.Webhooks/",
+            ]
+            .iter()
+            .any(|p| path.starts_with(p))
+            {
+                return admin;
+            }
+            true
+        }
+    }
+
+    fn client() -> impl Strategy<Value = Client> {
+        (
+            any::<bool>(),
+            proptest::collection::btree_set(0..UNIVERSE.len(), 0..=UNIVERSE.len()),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(all, own, station_role, admin)| Client {
+                name: "c".into(),
+                stations: match all {
+                    true => Stations::All,
+                    false => Stations::Only(own.iter().map(|i| UNIVERSE[*i].to_owned()).collect()),
+                },
+                station_role,
+                admin,
+                rate_per_s: None,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn scope_checks_agree_with_the_reference(
+            client in client(),
+            path in 0..PATHS.len(),
+            asked in proptest::collection::btree_set(0..UNIVERSE.len(), 0..=UNIVERSE.len()),
+        ) {
+            let path = PATHS[path];
+            let covers = |s: &str| match &client.stations {
+                Stations::All => true,
+                Stations::Only(own) => own.contains(s),
+            };
+            // Roles.
+            let permitted = need(path) == Need::Nothing
+                || permit(Arc::new(client.clone()), need(path)).is_ok();
+            prop_assert_eq!(permitted, reference::may_call(path, client.station_role, client.admin));
+            // One station.
+            let caller = Caller::Client(Arc::new(client.clone()));
+            for s in UNIVERSE {
+                prop_assert_eq!(caller.check_station(s).is_ok(), covers(s));
+            }
+            // A subscription: the stations named, all inside the scope, or PERMISSION_DENIED;
+            // naming none watches exactly the client's own.
+            let asked: BTreeSet<String> = asked.iter().map(|i| UNIVERSE[*i].to_owned()).collect();
+            let filter = match asked.is_empty() {
+                true => StationFilter::All,
+                false => StationFilter::Only(asked.iter().cloned().collect()),
+            };
+            match caller.subscription(filter) {
+                Ok(StationFilter::All) => {
+                    prop_assert!(asked.is_empty() && client.stations == Stations::All)
+                }
+                Ok(StationFilter::Only(watched)) => {
+                    let watched: HashSet<String> = watched.into_iter().collect();
+                    let expected: HashSet<String> = match asked.is_empty() {
+                        true => UNIVERSE.iter().filter(|s| covers(s)).map(|s| s.to_string()).collect(),
+                        false => asked.iter().cloned().collect(),
+                    };
+                    prop_assert_eq!(&watched, &expected);
+                    prop_assert!(watched.iter().all(|s| covers(s)));
+                }
+                Err(status) => {
+                    prop_assert_eq!(status.code(), tonic::Code::PermissionDenied);
+                    prop_assert!(asked.iter().any(|s| !covers(s)));
+                }
+            }
+        }
+    }
 
     #[test]
     fn methods_need_their_service_s_role() {
