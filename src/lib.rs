@@ -20,7 +20,8 @@
 //! [`server`] (wiring and ordered shutdown), [`security`] (who may call what, and how much), [`reload`] (files re-read while serving),
 //! [`health`] (grpc.health.v1 and readiness), [`telemetry`] (logs, Prometheus), [`cli`] (the
 //! command line), [`token`] (driver tokens and their fingerprints), [`cursor`] (opaque log
-//! positions), [`decision`] (statuses, reasons, records) and [`proto`] (generated code).
+//! positions), [`decision`] (statuses, reasons, records), [`fuzzing`] (the fuzz targets' entry points) and
+//! [`proto`] (generated code).
 
 /// The version and the commit it was built from, as `chargegate --version` prints it and the
 /// server logs it at start.
@@ -42,6 +43,7 @@ pub mod decide;
 pub mod decision;
 pub mod failpoint;
 pub mod fanout;
+pub mod fuzzing;
 pub mod health;
 pub mod intake;
 pub mod proto;

