@@ -9,8 +9,11 @@ use crate::{
     token::Fingerprinter,
 };
 
+/// A fuzz target: any bytes in, a panic only on a defect.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name (the folders of `fuzz/corpus/`).
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("request_validation", request_validation),
     ("cursor", cursor),
     ("acl_csv", acl_csv),
