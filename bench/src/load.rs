@@ -10,24 +10,52 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chargegate::cli::{Bearer, Connection};
 use chargegate::proto::{
     AuthorizeRequest, charging_authorization_client::ChargingAuthorizationClient,
 };
 use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
-use tonic::{Code, transport::Channel};
+use tonic::{
+    Code,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
 
-pub type Client = ChargingAuthorizationClient<Channel>;
+/// A connection: a channel that may send a bearer token with every call.
+pub type Conn = Connection;
+pub type Client = ChargingAuthorizationClient<Conn>;
 
 /// Builds the i-th request.
 pub type MakeRequest = Arc<dyn Fn(u64) -> AuthorizeRequest + Send + Sync>;
 
 /// `k` separate HTTP/2 connections to `url`.
-pub async fn connect(url: &str, k: usize) -> anyhow::Result<Vec<Channel>> {
+pub async fn connect(url: &str, k: usize) -> anyhow::Result<Vec<Conn>> {
+    connect_as(url, k, &Caller::default()).await
+}
+
+/// Who the load generator is: a bearer token, and the CA of a TLS server.
+#[derive(Clone, Default)]
+pub struct Caller {
+    pub token: Option<String>,
+    /// PEM; with it the connections use TLS (server name `localhost`).
+    pub ca: Option<String>,
+}
+
+/// `k` separate HTTP/2 connections to `url` as `caller`.
+pub async fn connect_as(url: &str, k: usize, caller: &Caller) -> anyhow::Result<Vec<Conn>> {
     let mut channels = Vec::with_capacity(k);
     for _ in 0..k {
-        let endpoint = Channel::from_shared(url.to_owned())?.tcp_nodelay(true);
-        channels.push(endpoint.connect().await?);
+        let mut endpoint = Channel::from_shared(url.to_owned())?.tcp_nodelay(true);
+        if let Some(ca) = &caller.ca {
+            endpoint = endpoint.tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("localhost"),
+            )?;
+        }
+        let bearer = Bearer::new(caller.token.as_deref())?;
+        channels.push(InterceptedService::new(endpoint.connect().await?, bearer));
     }
     Ok(channels)
 }
@@ -44,7 +72,7 @@ pub struct Closed {
 }
 
 pub async fn closed_loop(
-    channels: &[Channel],
+    channels: &[Conn],
     concurrency: usize,
     warmup: Duration,
     measure: Duration,
@@ -140,7 +168,7 @@ const PACER_TICK: Duration = Duration::from_micros(100);
 
 /// Sends `rate` calls per second for `warmup + measure`, from `start`.
 pub async fn open_loop(
-    channels: &[Channel],
+    channels: &[Conn],
     rate: f64,
     start: Instant,
     warmup: Duration,
@@ -242,7 +270,7 @@ pub fn ms(us: u64) -> f64 {
 /// is from the send to the decision. A request whose decision does not come within 30 s, or
 /// whose `Authorize` fails, is an error.
 pub async fn decided_loop(
-    channels: &[Channel],
+    channels: &[Conn],
     mut decisions: tonic::Streaming<chargegate::proto::SubscribeDecisionsResponse>,
     concurrency: usize,
     warmup: Duration,

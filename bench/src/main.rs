@@ -7,6 +7,7 @@ mod load;
 mod plot;
 mod procs;
 mod scenarios;
+mod security;
 mod webhook;
 
 use std::path::PathBuf;
@@ -94,9 +95,9 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 19] = [
+const ALL: [&str; 21] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
-    "p4", "r1", "r2", "r3",
+    "p4", "r1", "r2", "r3", "t1", "t2",
 ];
 /// Scenarios run only when named.
 const BY_NAME: [&str; 1] = ["p1d"];
@@ -203,6 +204,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 "r2" => bench.r2().await,
                 "r3" => bench.r3().await,
+                "t1" => bench.t1().await,
+                "t2" => bench.t2().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

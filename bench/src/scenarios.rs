@@ -37,13 +37,13 @@ pub const G8_IN_FLIGHT: usize = 8 * chargegate::server::STREAMS_PER_CONNECTION a
 /// g8's calls outstanding at the client: twice what the server admits at once ([`G8_IN_FLIGHT`]),
 /// so the server always has the next call waiting. With 50,000 the load generator
 /// spent its core on calls parked in its own HTTP/2 queues and fed the server only half its knee.
-const OVERLOAD_IN_FLIGHT: usize = 2 * G8_IN_FLIGHT;
+pub(crate) const OVERLOAD_IN_FLIGHT: usize = 2 * G8_IN_FLIGHT;
 
 pub fn station(i: usize) -> String {
     format!("00000000-0000-4000-8000-{i:012}")
 }
 
-fn round_robin_request() -> MakeRequest {
+pub(crate) fn round_robin_request() -> MakeRequest {
     Arc::new(|n| AuthorizeRequest {
         station_id: station(n as usize % STATIONS),
         driver_token: TOKEN.into(),
@@ -104,7 +104,7 @@ impl Bench {
         })
     }
 
-    fn warmup(&self) -> Duration {
+    pub(crate) fn warmup(&self) -> Duration {
         if self.quick {
             Duration::from_millis(500)
         } else {
@@ -112,7 +112,7 @@ impl Bench {
         }
     }
 
-    fn measure(&self, full: u64) -> Duration {
+    pub(crate) fn measure(&self, full: u64) -> Duration {
         if self.quick {
             Duration::from_secs(full.min(2))
         } else {
@@ -120,7 +120,7 @@ impl Bench {
         }
     }
 
-    fn fresh_dir(&mut self, name: &str) -> PathBuf {
+    pub(crate) fn fresh_dir(&mut self, name: &str) -> PathBuf {
         self.next_dir += 1;
         let dir = self.work.path().join(format!("{name}-{}", self.next_dir));
         std::fs::create_dir_all(&dir).expect("bench dir");
@@ -141,7 +141,7 @@ impl Bench {
             .map(|p| (p.url.clone(), Some(p)))
     }
 
-    fn chargegate_on(
+    pub(crate) fn chargegate_on(
         &self,
         dir: &std::path::Path,
         extra: &[&str],
@@ -182,7 +182,7 @@ impl Bench {
         ServerProcess::spawn(command, self.server_core)
     }
 
-    fn record(&mut self, key: &str, value: Value) {
+    pub(crate) fn record(&mut self, key: &str, value: Value) {
         println!("{key}: {value}");
         self.results.insert(key.to_owned(), value);
     }
@@ -938,7 +938,7 @@ impl Bench {
         Ok(e.rps)
     }
 
-    async fn knee_rps(&mut self) -> anyhow::Result<f64> {
+    pub(crate) async fn knee_rps(&mut self) -> anyhow::Result<f64> {
         if let Some(rps) = self.knee_rps {
             return Ok(rps);
         }
@@ -2010,7 +2010,7 @@ fn median(values: &[f64]) -> f64 {
     sorted[sorted.len() / 2]
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 

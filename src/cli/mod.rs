@@ -378,6 +378,18 @@ pub type Connection =
 #[derive(Clone)]
 pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
+impl Bearer {
+    /// Sends `token` with every call; `None` sends nothing.
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        match token {
+            Some(token) => Ok(Self(Some(format!("Bearer {token}").parse().map_err(
+                |_| anyhow::anyhow!("the token has characters a header cannot carry"),
+            )?))),
+            None => Ok(Self(None)),
+        }
+    }
+}
+
 impl tonic::service::Interceptor for Bearer {
     fn call(
         &mut self,
@@ -413,20 +425,13 @@ impl ServerArg {
             }
             endpoint = endpoint.tls_config(tls).context("TLS settings")?;
         }
-        let bearer =
-            match &self.token {
-                Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
-                    anyhow::anyhow!("--token has characters a header cannot carry")
-                })?),
-                None => None,
-            };
+        let bearer = Bearer::new(self.token.as_deref()).context("--token")?;
         let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("cannot connect to {}", self.server))?;
         Ok(tonic::service::interceptor::InterceptedService::new(
-            channel,
-            Bearer(bearer),
+            channel, bearer,
         ))
     }
 }
