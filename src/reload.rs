@@ -49,6 +49,30 @@ pub fn watch(
     })
 }
 
+/// Re-reads a file set with `load` whenever [`watch`] says to, and hands what loaded to `apply`
+/// (which returns how many entries it holds, for the log line); a set that does not load keeps
+/// what is in force and says why. Each outcome is counted in the counter `metric{outcome}`.
+pub fn watch_and_apply<T, E: std::fmt::Display>(
+    what: &'static str,
+    metric: &'static str,
+    paths: Vec<PathBuf>,
+    shutdown: CancellationToken,
+    load: impl Fn() -> Result<T, E> + Send + 'static,
+    apply: impl Fn(T) -> usize + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    watch(what, paths, shutdown, move |forced| match load() {
+        Ok(loaded) => {
+            let entries = apply(loaded);
+            metrics::counter!(metric, "outcome" => "ok").increment(1);
+            tracing::info!(what, entries, forced, "reloaded");
+        }
+        Err(e) => {
+            metrics::counter!(metric, "outcome" => "error").increment(1);
+            tracing::error!(what, error = %e, "not reloaded; what was in force stays");
+        }
+    })
+}
+
 /// What identifies a version of a file: modification time, length and inode.
 fn stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;

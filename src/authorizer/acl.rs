@@ -206,22 +206,20 @@ impl AccessList {
         fingerprinter: Fingerprinter,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        crate::reload::watch("access list", vec![path.clone()], shutdown, move |forced| {
-            match load_file(&path, &fingerprinter) {
-                Ok(table) => {
-                    let grants = table.len();
-                    self.replace(table);
-                    metrics::counter!("chargegate_acl_reloads_total", "outcome" => "ok")
-                        .increment(1);
-                    tracing::info!(path = %path.display(), grants, forced, "access list reloaded");
-                }
-                Err(e) => {
-                    metrics::counter!("chargegate_acl_reloads_total", "outcome" => "error")
-                        .increment(1);
-                    tracing::error!(error = %e, "access list not reloaded; the previous list stays in force");
-                }
-            }
-        })
+        let paths = vec![path.clone()];
+        let load = move || load_file(&path, &fingerprinter);
+        crate::reload::watch_and_apply(
+            "access list",
+            "chargegate_acl_reloads_total",
+            paths,
+            shutdown,
+            load,
+            move |table| {
+                let grants = table.len();
+                self.replace(table);
+                grants
+            },
+        )
     }
 }
 

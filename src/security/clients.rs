@@ -144,23 +144,16 @@ impl Clients {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let path = self.path.clone();
-        crate::reload::watch(
+        crate::reload::watch_and_apply(
             "clients file",
+            "chargegate_clients_reloads_total",
             vec![path.clone()],
             shutdown,
-            move |forced| match read_file(&path) {
-                Ok(table) => {
-                    let clients = table.len();
-                    *self.table.write().expect("clients lock") = Arc::new(table);
-                    metrics::counter!("chargegate_clients_reloads_total", "outcome" => "ok")
-                        .increment(1);
-                    tracing::info!(path = %path.display(), clients, forced, "clients file reloaded");
-                }
-                Err(e) => {
-                    metrics::counter!("chargegate_clients_reloads_total", "outcome" => "error")
-                        .increment(1);
-                    tracing::error!(error = %e, "clients file not reloaded; the clients in force stay");
-                }
+            move || read_file(&path),
+            move |table| {
+                let clients = table.len();
+                *self.table.write().expect("clients lock") = Arc::new(table);
+                clients
             },
         )
     }

@@ -56,22 +56,16 @@ impl TlsFiles {
     pub fn watch(self: Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         let mut paths = vec![self.files.cert.clone(), self.files.key.clone()];
         paths.extend(self.files.client_ca.clone());
-        crate::reload::watch(
-            "TLS files",
+        let files = self.files.clone();
+        crate::reload::watch_and_apply(
+            "TLS certificate, key and client CA",
+            "chargegate_tls_reloads_total",
             paths,
             shutdown,
-            move |forced| match server_config(&self.files) {
-                Ok(config) => {
-                    *self.current.write().expect("tls lock") = Arc::new(config);
-                    metrics::counter!("chargegate_tls_reloads_total", "outcome" => "ok")
-                        .increment(1);
-                    tracing::info!(cert = %self.files.cert.display(), forced, "TLS certificate reloaded; new connections use it");
-                }
-                Err(e) => {
-                    metrics::counter!("chargegate_tls_reloads_total", "outcome" => "error")
-                        .increment(1);
-                    tracing::error!(error = %e, "TLS files not reloaded; the certificate in force stays");
-                }
+            move || server_config(&files),
+            move |config| {
+                *self.current.write().expect("tls lock") = Arc::new(config);
+                1
             },
         )
     }

@@ -336,6 +336,55 @@ fn tool_present(what: &str, present: bool) -> bool {
     present
 }
 
+/// A mutual-TLS server with two clients at station A: `gw-token` (a bearer token) and `gw-cert`
+/// (a client certificate), and the PEM files another gRPC stack needs to reach it.
+struct TwoClients {
+    server: TestServer,
+    _tls: TlsDir,
+    token: String,
+    ca_file: std::path::PathBuf,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+}
+
+impl TwoClients {
+    async fn start() -> Self {
+        let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
+        let tls = TlsDir::new(&server_ca.server(), Some(&client_ca));
+        let (token, digest) = chargegate::security::clients::new_token();
+        let clients = tls.dir.path().join("clients.toml");
+        write(
+            &clients,
+            &format!(
+                "[[client]]\nname = \"gw-token\"\ntoken_sha256 = \"{digest}\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n\n\
+                 [[client]]\nname = \"gw-cert\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n"
+            ),
+            0o600,
+        );
+        let mut config = tls.config();
+        config.clients_file = Some(clients);
+        let server = TestServer::start(config).await;
+        let dir = tls.dir.path();
+        let (ca_file, cert_file, key_file) = (
+            dir.join("server-ca.pem"),
+            dir.join("c.crt"),
+            dir.join("c.key"),
+        );
+        write(&ca_file, &server_ca.pem(), 0o644);
+        let named = client_ca.client("gw-cert");
+        write(&cert_file, &named.cert, 0o644);
+        write(&key_file, &named.key, 0o600);
+        Self {
+            server,
+            _tls: tls,
+            token,
+            ca_file,
+            cert_file,
+            key_file,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_speaks_tls_with_a_bearer_token_and_with_a_client_certificate() {
     let grpcio = std::process::Command::new("python3")
@@ -345,27 +394,14 @@ async fn grpcio_speaks_tls_with_a_bearer_token_and_with_a_client_certificate() {
     if !tool_present("python3 with grpcio", grpcio) {
         return;
     }
-    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
-    let tls = TlsDir::new(&server_ca.server(), Some(&client_ca));
-    let (token, digest) = chargegate::security::clients::new_token();
-    let clients = tls.dir.path().join("clients.toml");
-    write(
-        &clients,
-        &format!(
-            "[[client]]\nname = \"gw-token\"\ntoken_sha256 = \"{digest}\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n\n\
-             [[client]]\nname = \"gw-cert\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n"
-        ),
-        0o600,
-    );
-    let mut config = tls.config();
-    config.clients_file = Some(clients);
-    let server = TestServer::start(config).await;
-    let ca_file = tls.dir.path().join("server-ca.pem");
-    write(&ca_file, &server_ca.pem(), 0o644);
-    let named = client_ca.client("gw-cert");
-    let (cert_file, key_file) = (tls.dir.path().join("c.crt"), tls.dir.path().join("c.key"));
-    write(&cert_file, &named.cert, 0o644);
-    write(&key_file, &named.key, 0o600);
+    let TwoClients {
+        server,
+        _tls,
+        token,
+        ca_file,
+        cert_file,
+        key_file,
+    } = TwoClients::start().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/grpcio_tls.py");
     let run = |extra: Vec<String>| {
         let mut command = tokio::process::Command::new("python3");
@@ -430,27 +466,14 @@ async fn grpcurl_speaks_tls_with_a_bearer_token_and_with_a_client_certificate() 
     if !tool_present("grpcurl", grpcurl().is_some()) {
         return;
     }
-    let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
-    let tls = TlsDir::new(&server_ca.server(), Some(&client_ca));
-    let (token, digest) = chargegate::security::clients::new_token();
-    let clients = tls.dir.path().join("clients.toml");
-    write(
-        &clients,
-        &format!(
-            "[[client]]\nname = \"gw-token\"\ntoken_sha256 = \"{digest}\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n\n\
-             [[client]]\nname = \"gw-cert\"\nstations = [\"{STATION_A}\"]\nroles = [\"station\"]\n"
-        ),
-        0o600,
-    );
-    let mut config = tls.config();
-    config.clients_file = Some(clients);
-    let server = TestServer::start(config).await;
-    let ca_file = tls.dir.path().join("server-ca.pem");
-    write(&ca_file, &server_ca.pem(), 0o644);
-    let named = client_ca.client("gw-cert");
-    let (cert_file, key_file) = (tls.dir.path().join("c.crt"), tls.dir.path().join("c.key"));
-    write(&cert_file, &named.cert, 0o644);
-    write(&key_file, &named.key, 0o600);
+    let TwoClients {
+        server,
+        _tls,
+        token,
+        ca_file,
+        cert_file,
+        key_file,
+    } = TwoClients::start().await;
     let addr = format!("127.0.0.1:{}", server.addr.port());
     let body =
         format!("{{\"station_id\": \"{STATION_A}\", \"driver_token\": \"{TOKEN_GRANTED}\"}}");
