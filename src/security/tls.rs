@@ -92,6 +92,9 @@ fn server_config(files: &TlsConfig) -> Result<ServerConfig, TlsError> {
             files.key.display()
         ))
     })?;
+    // ring, which the tree already carries (reqwest, tonic); rustls 0.23.48 deprecates it for
+    // having no post-quantum key exchange, which needs aws-lc-rs and its C build.
+    #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
