@@ -18,6 +18,7 @@ const REDACTED_DEBUG: &[&str] = &[
     "chargegate.v1.AuthorizeRequest",
     "chargegate.v1.PutGrantRequest",
     "chargegate.v1.DeleteGrantRequest",
+    "chargegate.v1.ExplainDecisionRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

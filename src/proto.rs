@@ -45,3 +45,12 @@ impl fmt::Debug for DeleteGrantRequest {
             .finish()
     }
 }
+
+impl fmt::Debug for ExplainDecisionRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExplainDecisionRequest")
+            .field("station_id", &self.station_id)
+            .field("driver_token", &REDACTED)
+            .finish()
+    }
+}

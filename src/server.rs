@@ -349,7 +349,7 @@ impl Server {
             limits: rate_limits.clone(),
             subscriptions: SubscriptionSlots::new(config.subscriptions_per_client),
             queue: queue.clone(),
-            authorizer,
+            authorizer: authorizer.clone(),
             signals,
             log: log.clone(),
             hub,
@@ -359,6 +359,7 @@ impl Server {
         };
 
         let grants = GrantsService {
+            authorizer: authorizer.clone(),
             store: grant_store,
             list: access_list,
             fingerprinter: fingerprinter.clone(),

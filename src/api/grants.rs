@@ -8,17 +8,24 @@ use tonic::{Request, Response, Status};
 
 use super::{invalid_argument, store_unavailable};
 use crate::{
-    authorizer::acl::{AccessList, Grant as AclGrant, parse_grant_station, parse_grant_token},
-    decision::Micros,
+    authorizer::{
+        AuthorizationRequest, Authorizer, Explanation,
+        acl::{AccessList, Grant as AclGrant, parse_grant_station, parse_grant_token},
+    },
+    decision::{DecidedBy, Micros, Reason, Verdict},
+    intake::{self, FieldViolation},
     proto::{
-        DeleteGrantRequest, DeleteGrantResponse, Grant, ListGrantsRequest, ListGrantsResponse,
-        PutGrantRequest, PutGrantResponse, grants_server,
+        DeleteGrantRequest, DeleteGrantResponse, ExplainDecisionRequest, ExplainDecisionResponse,
+        Grant, ListGrantsRequest, ListGrantsResponse, PutGrantRequest, PutGrantResponse,
+        grants_server,
     },
     store::{GrantStore, StoredGrant},
     token::{DriverToken, Fingerprinter},
 };
 
 pub struct GrantsService {
+    /// The authorizer in force, for `ExplainDecision`.
+    pub authorizer: Arc<dyn Authorizer>,
     /// `None` when grants are not kept in the store (an `acl_file`, or a remote authorizer).
     pub store: Option<Arc<dyn GrantStore>>,
     /// The list in force, updated after each committed write.
@@ -128,6 +135,76 @@ impl grants_server::Grants for GrantsService {
             .collect();
         Ok(Response::new(ListGrantsResponse { grants }))
     }
+
+    async fn explain_decision(
+        &self,
+        request: Request<ExplainDecisionRequest>,
+    ) -> Result<Response<ExplainDecisionResponse>, Status> {
+        crate::audit::note(&request, &request.get_ref().station_id, "");
+        self.explain(request.into_inner()).await.map(Response::new)
+    }
+}
+
+impl GrantsService {
+    /// `ExplainDecision`: validated as `Authorize` validates, then the format check and the
+    /// authorizer's explanation, recording nothing.
+    async fn explain(
+        &self,
+        request: ExplainDecisionRequest,
+    ) -> Result<ExplainDecisionResponse, Status> {
+        let station = intake::parse_station_id(&request.station_id);
+        let token = match request.driver_token.is_empty() {
+            true => Err(FieldViolation::new("driver_token", "is required")),
+            false => Ok(DriverToken::new(request.driver_token)),
+        };
+        let (station_id, token) = match (station, token) {
+            (Ok(s), Ok(t)) => (s, t),
+            (s, t) => {
+                return Err(invalid_argument(
+                    s.err().into_iter().chain(t.err()).collect(),
+                ));
+            }
+        };
+        let fingerprint = self.fingerprinter.fingerprint(&token);
+        let explanation = if token.is_well_formed() {
+            self.authorizer
+                .explain(AuthorizationRequest {
+                    request_id: "",
+                    station_id: &station_id,
+                    token: &token,
+                    fingerprint: &fingerprint,
+                })
+                .await
+        } else {
+            Explanation {
+                verdict: Verdict::new(Reason::TokenFormat, DecidedBy::Format),
+                matched: Vec::new(),
+                detail: "the token does not match ^[A-Za-z0-9._~-]{20,80}$: it is decided INVALID without asking the authorizer".into(),
+            }
+        };
+        let Explanation {
+            verdict,
+            matched,
+            detail,
+        } = explanation;
+        Ok(ExplainDecisionResponse {
+            status: verdict.status().to_proto() as i32,
+            reason: verdict.reason.as_str().to_owned(),
+            authorizer: verdict.decided_by.as_str().to_owned(),
+            matched: matched
+                .into_iter()
+                .map(|(station_id, g)| {
+                    to_proto(&StoredGrant {
+                        station_id,
+                        fingerprint: fingerprint.clone(),
+                        expires_at: g.expires_at,
+                        blocked: g.blocked,
+                    })
+                })
+                .collect(),
+            detail,
+        })
+    }
 }
 
 fn to_proto(g: &StoredGrant) -> Grant {
@@ -190,6 +267,7 @@ mod tests {
         const TOKEN: &str = "TOKEN-granted-0001-f3a9c2";
         let store = Arc::new(GatedStore::default());
         let service = Arc::new(GrantsService {
+            authorizer: Arc::new(AccessList::empty()),
             store: Some(store.clone()),
             list: Arc::new(AccessList::empty()),
             fingerprinter: Fingerprinter::new(b"test-key").unwrap(),

@@ -25,13 +25,14 @@ use crate::decision::Micros;
 
 /// Every method served. Anything else is recorded and counted as `unknown`: a caller choosing
 /// paths must not be able to grow the metric's label set or fill records with long paths.
-pub(crate) const METHODS: [&str; 16] = [
+pub(crate) const METHODS: [&str; 17] = [
     "/chargegate.v1.ChargingAuthorization/Authorize",
     "/chargegate.v1.ChargingAuthorization/SubscribeDecisions",
     "/chargegate.v1.ChargingAuthorization/GetDecision",
     "/chargegate.v1.Grants/PutGrant",
     "/chargegate.v1.Grants/DeleteGrant",
     "/chargegate.v1.Grants/ListGrants",
+    "/chargegate.v1.Grants/ExplainDecision",
     "/chargegate.v1.Webhooks/ListDeliveries",
     "/chargegate.v1.Webhooks/RedriveDeliveries",
     "/chargegate.v1.Audit/QueryDecisions",

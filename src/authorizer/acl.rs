@@ -176,6 +176,67 @@ impl AccessList {
         )
     }
 
+    /// The verdict for a station and a token fingerprint at `now`, with the grants that decided
+    /// it: the station's own and the `*` one.
+    pub fn explain_at(
+        &self,
+        station_id: &str,
+        fingerprint: &Fingerprint,
+        now: Micros,
+    ) -> super::Explanation {
+        let table = self.table.read().expect("access list lock").clone();
+        let matched: Vec<(String, Grant)> = [station_id, ANY_STATION]
+            .into_iter()
+            .filter_map(|s| {
+                let g = table.get(&(s.to_owned(), fingerprint.clone()))?;
+                Some((s.to_owned(), g.clone()))
+            })
+            .collect();
+        let reason = self.decide(station_id, fingerprint, now);
+        let which = |s: &str| match s {
+            ANY_STATION => "the grant for every station (*)".to_owned(),
+            _ => "the station's own grant".to_owned(),
+        };
+        let detail = match reason {
+            Reason::Blocked => {
+                let (s, _) = matched
+                    .iter()
+                    .find(|(_, g)| g.blocked)
+                    .expect("a blocked grant");
+                format!("{} blocks this token, whatever else is granted", which(s))
+            }
+            Reason::Granted => {
+                let (s, g) = matched
+                    .iter()
+                    .find(|(_, g)| g.expires_at.is_none_or(|t| t > now))
+                    .expect("an unexpired grant");
+                match g.expires_at {
+                    Some(t) => format!("{} allows it until {}", which(s), t.to_rfc3339()),
+                    None => format!("{} allows it, with no expiry", which(s)),
+                }
+            }
+            Reason::Expired => {
+                let ends: Vec<String> = matched
+                    .iter()
+                    .filter_map(|(s, g)| {
+                        Some(format!(
+                            "{} expired at {}",
+                            which(s),
+                            g.expires_at?.to_rfc3339()
+                        ))
+                    })
+                    .collect();
+                ends.join("; ")
+            }
+            _ => "no grant for this token at this station, nor for every station (*)".to_owned(),
+        };
+        super::Explanation {
+            verdict: Verdict::new(reason, DecidedBy::Acl),
+            matched,
+            detail,
+        }
+    }
+
     /// The verdict for a station and a token fingerprint at time `now`.
     pub fn decide(&self, station_id: &str, fingerprint: &Fingerprint, now: Micros) -> Reason {
         let table = self.table.read().expect("access list lock").clone();
@@ -236,6 +297,10 @@ impl Authorizer for AccessList {
     /// The list is in memory: every request is decided as it arrives.
     fn authorize_at_once(&self, request: AuthorizationRequest<'_>) -> Option<Verdict> {
         Some(self.verdict(request))
+    }
+
+    async fn explain(&self, request: AuthorizationRequest<'_>) -> super::Explanation {
+        self.explain_at(request.station_id, request.fingerprint, Micros::now())
     }
 }
 

@@ -234,6 +234,58 @@ impl Authorizer for HttpAuthorizer {
         Verdict::new(reason, DecidedBy::Http)
     }
 
+    /// The cache's answer when it holds one; else the breaker's, when it is open; else a live
+    /// call within the deadline. Neither the cache nor the breaker learns from it.
+    async fn explain(&self, request: AuthorizationRequest<'_>) -> super::Explanation {
+        let explained = |reason: Reason, by: DecidedBy, detail: String| super::Explanation {
+            verdict: Verdict::new(reason, by),
+            matched: Vec::new(),
+            detail,
+        };
+        if let Some(cached) = self.authorize_at_once(request) {
+            return explained(
+                cached.reason,
+                DecidedBy::Cache,
+                format!(
+                    "the decision cache holds the remote authorizer's answer ({}) for this token at this station",
+                    cached.reason.as_str()
+                ),
+            );
+        }
+        if let super::breaker::State::Open { until } = self.breaker.state()
+            && until > Instant::now()
+        {
+            return explained(
+                Reason::CircuitOpen,
+                DecidedBy::Http,
+                "the remote authorizer's circuit is open after consecutive failures; it is not asked until the cooldown ends".into(),
+            );
+        }
+        match tokio::time::timeout(self.timeout, self.call(&request)).await {
+            Ok(Ok(reason)) => explained(
+                reason,
+                DecidedBy::Http,
+                format!(
+                    "the remote authorizer answered {} just now",
+                    reason.as_str()
+                ),
+            ),
+            Ok(Err(e)) => explained(
+                Reason::AuthorizerError,
+                DecidedBy::Http,
+                format!("the remote authorizer failed: {e}"),
+            ),
+            Err(_) => explained(
+                Reason::Timeout,
+                DecidedBy::Http,
+                format!(
+                    "the remote authorizer did not answer within authorize_timeout_ms ({} ms)",
+                    self.timeout.as_millis()
+                ),
+            ),
+        }
+    }
+
     /// A cached answer, when the cache is on and holds one.
     fn authorize_at_once(&self, request: AuthorizationRequest<'_>) -> Option<Verdict> {
         let reason =

@@ -42,4 +42,25 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authorize_at_once(&self, _request: AuthorizationRequest<'_>) -> Option<Verdict> {
         None
     }
+
+    /// The verdict this authorizer would give now, and why, changing nothing: no cache entry,
+    /// no breaker count. The default asks [`authorize`](Authorizer::authorize).
+    async fn explain(&self, request: AuthorizationRequest<'_>) -> Explanation {
+        let verdict = self.authorize(request).await;
+        Explanation {
+            detail: format!("the authorizer answered {}", verdict.reason.as_str()),
+            verdict,
+            matched: Vec::new(),
+        }
+    }
+}
+
+/// A verdict with its reasons (`ExplainDecision`).
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub verdict: Verdict,
+    /// Grants of the access list for the token: the station's and the `*` one.
+    pub matched: Vec<(String, acl::Grant)>,
+    /// Why, in words.
+    pub detail: String,
 }

@@ -61,6 +61,32 @@ pub enum Command {
     Migrate(Box<ServeArgs>),
     /// Make bearer tokens for `clients_file`.
     Clients(ClientsArgs),
+    /// The decision the server would make now for a driver token at a station, and why
+    /// (records nothing; needs the admin role).
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// Bearer token of an admin client (here `--token` is the driver token, as CONTRACT §8 names it).
+    #[arg(
+        long = "client-token",
+        env = "CHARGEGATE_CLIENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub client_token: Option<String>,
+    /// Station UUID.
+    #[arg(long)]
+    pub station: String,
+    /// Driver token (prefer CHARGEGATE_DRIVER_TOKEN).
+    #[arg(
+        long = "token",
+        env = "CHARGEGATE_DRIVER_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: String,
 }
 
 #[derive(Debug, Args)]
@@ -345,13 +371,8 @@ impl clap::FromArgMatches for ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// Address of the chargegate server (https://… for TLS).
-    #[arg(
-        long,
-        env = "CHARGEGATE_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub server: String,
+    #[command(flatten)]
+    pub endpoint: Endpoint,
     /// Bearer token of a client of the server's clients_file (prefer the environment).
     #[arg(
         long = "token",
@@ -359,6 +380,18 @@ pub struct ServerArg {
         hide_env_values = true
     )]
     pub token: Option<String>,
+}
+
+/// Where the server is, and the TLS files to reach it with.
+#[derive(Debug, Args, Clone)]
+pub struct Endpoint {
+    /// Address of the chargegate server (https://… for TLS).
+    #[arg(
+        long,
+        env = "CHARGEGATE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
     /// PEM CA certificate to trust for the server's certificate (TLS); default: the public roots.
     #[arg(long, env = "CHARGEGATE_CLIENT_CA")]
     pub ca: Option<PathBuf>,
@@ -405,9 +438,16 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 impl ServerArg {
-    /// A connection to `--server`, over TLS when it is `https://` or a CA or client certificate
-    /// is given.
+    /// A connection to `--server` that sends `--token`.
     pub async fn connect(&self) -> anyhow::Result<Connection> {
+        self.endpoint.connect(self.token.as_deref()).await
+    }
+}
+
+impl Endpoint {
+    /// A connection to `--server` sending `token` as a bearer token, over TLS when the server
+    /// is `https://` or a CA or client certificate is given.
+    pub async fn connect(&self, token: Option<&str>) -> anyhow::Result<Connection> {
         use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
         let read = |path: &PathBuf| {
             std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
@@ -425,7 +465,7 @@ impl ServerArg {
             }
             endpoint = endpoint.tls_config(tls).context("TLS settings")?;
         }
-        let bearer = Bearer::new(self.token.as_deref()).context("--token")?;
+        let bearer = Bearer::new(token).context("the bearer token")?;
         let channel = endpoint
             .connect()
             .await
@@ -527,6 +567,33 @@ pub async fn run_client(command: Command) -> anyhow::Result<()> {
             out!("token_sha256 = {digest:?}");
             out!("stations = [{}]", list(&stations));
             out!("roles = [{}]", list(&roles));
+            Ok(())
+        }
+        Command::Explain(args) => {
+            let connection = args.endpoint.connect(args.client_token.as_deref()).await?;
+            let answer = proto::grants_client::GrantsClient::new(connection)
+                .explain_decision(proto::ExplainDecisionRequest {
+                    station_id: args.station,
+                    driver_token: args.token,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let matched: Vec<serde_json::Value> = answer.matched.iter().map(grant_json).collect();
+            out!(
+                "{}",
+                serde_json::json!({
+                    "status": answer
+                        .status()
+                        .as_str_name()
+                        .trim_start_matches("DECISION_STATUS_")
+                        .to_ascii_lowercase(),
+                    "reason": answer.reason,
+                    "authorizer": answer.authorizer,
+                    "matched": matched,
+                    "detail": answer.detail,
+                })
+            );
             Ok(())
         }
         Command::Get(args) => {

@@ -186,3 +186,160 @@ async fn the_cli_imports_an_access_list() {
     assert_eq!(next_decision(&mut stream).await.reason, "granted");
     server.stop().await.expect("clean stop");
 }
+
+async fn explain(
+    grants: &mut GrantsClient<tonic::transport::Channel>,
+    station: &str,
+    token: &str,
+) -> chargegate::proto::ExplainDecisionResponse {
+    grants
+        .explain_decision(chargegate::proto::ExplainDecisionRequest {
+            station_id: station.into(),
+            driver_token: token.into(),
+        })
+        .await
+        .expect("explain")
+        .into_inner()
+}
+
+/// `ExplainDecision` names the grants that decide, for an expired, a blocked, a wildcard and a
+/// missing grant, and a malformed token; it records no decision and enqueues nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_names_the_grants_that_decide_and_records_nothing() {
+    use chargegate::proto::DecisionStatus;
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let mut client = server.client().await;
+    let mut stream = subscribe(&mut client, &[], "").await;
+    let mut grants = GrantsClient::new(server.channel().await);
+    let stations = |r: &chargegate::proto::ExplainDecisionResponse| {
+        let mut s: Vec<String> = r.matched.iter().map(|g| g.station_id.clone()).collect();
+        s.sort();
+        s
+    };
+
+    let expired = explain(&mut grants, STATION_A, TOKEN_EXPIRED).await;
+    assert_eq!(
+        (
+            expired.status(),
+            expired.reason.as_str(),
+            expired.authorizer.as_str()
+        ),
+        (DecisionStatus::NotAllowed, "expired", "acl")
+    );
+    assert_eq!(stations(&expired), [STATION_A]);
+    assert!(expired.matched[0].expires_at.is_some());
+    assert!(
+        expired.detail.contains("expired at 2001-01-01"),
+        "{}",
+        expired.detail
+    );
+
+    let blocked = explain(&mut grants, STATION_A, TOKEN_BLOCKED).await;
+    assert_eq!(
+        (blocked.status(), blocked.reason.as_str()),
+        (DecisionStatus::NotAllowed, "blocked")
+    );
+    assert_eq!(
+        stations(&blocked),
+        ["*", STATION_A],
+        "the station's grant and the blocking *"
+    );
+    assert!(
+        blocked
+            .matched
+            .iter()
+            .any(|g| g.station_id == "*" && g.blocked)
+    );
+    assert!(
+        blocked.detail.contains("every station (*) blocks"),
+        "{}",
+        blocked.detail
+    );
+
+    let wildcard = explain(&mut grants, STATION_B, TOKEN_WILDCARD).await;
+    assert_eq!(
+        (wildcard.status(), wildcard.reason.as_str()),
+        (DecisionStatus::Allowed, "granted")
+    );
+    assert_eq!(stations(&wildcard), ["*"]);
+    assert!(
+        wildcard.detail.contains("until 2999-12-31"),
+        "{}",
+        wildcard.detail
+    );
+
+    let missing = explain(&mut grants, STATION_B, TOKEN_GRANTED).await;
+    assert_eq!(
+        (missing.status(), missing.reason.as_str()),
+        (DecisionStatus::NotAllowed, "no_grant")
+    );
+    assert!(missing.matched.is_empty());
+    assert!(missing.detail.contains("no grant"), "{}", missing.detail);
+
+    let malformed = explain(&mut grants, STATION_A, "short").await;
+    assert_eq!(
+        (
+            malformed.status(),
+            malformed.reason.as_str(),
+            malformed.authorizer.as_str()
+        ),
+        (DecisionStatus::Invalid, "token_format", "format")
+    );
+    for r in [&expired, &blocked, &wildcard, &missing] {
+        for g in &r.matched {
+            assert_eq!(
+                g.driver_token_fingerprint.len(),
+                32,
+                "a fingerprint, never the token"
+            );
+        }
+    }
+
+    // Validation as Authorize's.
+    let status = grants
+        .explain_decision(chargegate::proto::ExplainDecisionRequest {
+            station_id: "station-7".into(),
+            driver_token: String::new(),
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let fields: Vec<String> = status
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["station_id", "driver_token"]);
+
+    // Nothing recorded, nothing queued: the next decision on the stream is the next Authorize.
+    let ack = authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+    assert_eq!(next_decision(&mut stream).await.request_id, ack.request_id);
+    server.stop().await.expect("clean stop");
+}
+
+/// The CLI's `explain --station … --token …`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_explains_a_decision() {
+    let dir = TestDir::new();
+    let server = TestServer::start(dir.config()).await;
+    let out = tokio::process::Command::from(crate::support::binary::chargegate())
+        .args(["explain", "--server", &server.url(), "--station", STATION_A])
+        .env("CHARGEGATE_DRIVER_TOKEN", TOKEN_EXPIRED)
+        .output()
+        .await
+        .expect("chargegate explain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(answer["status"], "not_allowed");
+    assert_eq!(answer["reason"], "expired");
+    assert_eq!(answer["matched"][0]["station_id"], STATION_A);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(TOKEN_EXPIRED));
+    server.stop().await.expect("clean stop");
+}

@@ -441,3 +441,58 @@ async fn a_retry_answered_from_the_cache_while_its_request_is_queued_is_that_req
     );
     server.stop().await.expect("clean stop");
 }
+
+/// `ExplainDecision` with the remote authorizer: a live answer (one call, nothing recorded),
+/// then the breaker's state once it is open, without calling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_asks_the_remote_authorizer_live_and_reports_an_open_circuit() {
+    use chargegate::proto::{ExplainDecisionRequest, grants_client::GrantsClient};
+    let fake = FakeAuthorizer::start(Behaviour::Answer(200, ALLOWED.into())).await;
+    let (_dir, server) = server_for(fake.url(), |c| {
+        c.breaker.failures = 1;
+        c.breaker.cooldown = Duration::from_secs(600);
+    })
+    .await;
+    let grants = GrantsClient::new(server.channel().await);
+    let ask = || {
+        let mut grants = grants.clone();
+        async move {
+            grants
+                .explain_decision(ExplainDecisionRequest {
+                    station_id: STATION_A.into(),
+                    driver_token: TOKEN_GRANTED.into(),
+                })
+                .await
+                .expect("explain")
+                .into_inner()
+        }
+    };
+    let live = ask().await;
+    assert_eq!(
+        (
+            live.status(),
+            live.reason.as_str(),
+            live.authorizer.as_str()
+        ),
+        (DecisionStatus::Allowed, "granted", "http")
+    );
+    assert!(live.detail.contains("answered granted"), "{}", live.detail);
+    assert_eq!(fake.calls(), 1, "one live call");
+    // The authorizer fails once through a real decision: the circuit opens.
+    fake.set(Behaviour::Answer(500, String::new()));
+    let mut client = server.client().await;
+    let mut stream = subscribe(&mut client, &[STATION_A], "").await;
+    assert_eq!(
+        decide(&mut client, &mut stream, TOKEN_GRANTED).await.reason,
+        "authorizer_error"
+    );
+    let calls = fake.calls();
+    let open = ask().await;
+    assert_eq!(
+        (open.status(), open.reason.as_str()),
+        (DecisionStatus::Unknown, "circuit_open")
+    );
+    assert_eq!(fake.calls(), calls, "no call while the circuit is open");
+    drop(grants);
+    server.stop().await.expect("clean stop");
+}
