@@ -121,6 +121,8 @@ pub struct Config {
     pub audit_retention_days: u32,
     /// Record every RPC (an extension of CONTRACT §7, for measuring its cost; on by default).
     pub audit_calls: bool,
+    /// The thresholds of the abuse signals.
+    pub abuse: crate::audit::abuse::AbuseSettings,
     /// `None`: generated on first start and kept in the data dir.
     pub token_hash_key: Option<Secret>,
     /// This instance's name among instances sharing a store.
@@ -199,6 +201,7 @@ impl Config {
             heartbeat_interval: Duration::from_millis(15_000),
             audit_retention_days: 730,
             audit_calls: true,
+            abuse: crate::audit::abuse::AbuseSettings::default(),
             token_hash_key: None,
             instance_id: default_instance_id(),
             tls: None,
@@ -366,6 +369,15 @@ impl Config {
                 "webhook_backoff_max_ms",
                 "must not be less than webhook_backoff_base_ms",
             ));
+        }
+        if let Some(v) = get("abuse_enumeration_threshold") {
+            c.abuse.enumeration_threshold = parse_num("abuse_enumeration_threshold", &v)? as usize;
+        }
+        if let Some(v) = get("abuse_velocity_stations") {
+            c.abuse.velocity_stations = parse_num("abuse_velocity_stations", &v)? as usize;
+        }
+        if let Some(d) = ms("abuse_velocity_window_ms")? {
+            c.abuse.velocity_window = d;
         }
         if let Some(d) = ms("max_connection_age_ms")? {
             c.max_connection_age = (!d.is_zero()).then_some(d);

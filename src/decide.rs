@@ -140,6 +140,9 @@ pub(crate) fn recorded(d: &NewDecision, signals: &Signals) {
         d.verdict.status(),
         d.verdict.reason,
     );
+    for flag in signals.abuse.record(d) {
+        tracing::warn!(%flag, "abuse signal");
+    }
     let latency = (d.decided_at.0 - d.accepted_at.0).max(0) as f64 / 1e6;
     metrics::histogram!("chargegate_decision_latency_seconds").record(latency);
     tracing::debug!(

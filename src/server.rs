@@ -294,7 +294,7 @@ impl Server {
         };
 
         let pipeline_stop = CancellationToken::new();
-        let signals = Arc::new(Signals::default());
+        let signals = Arc::new(Signals::new(config.abuse));
         let signals_task = tokio::spawn(signals.clone().publish(background.clone()));
         let pipeline = Pipeline {
             queue: queue.clone(),

@@ -433,6 +433,39 @@ pub const SETTINGS: &[Setting] = &[
         extension: true,
     },
     Setting {
+        key: "abuse_enumeration_threshold",
+        kind: Kind::Count {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: Default::Value("20"),
+        meaning: "abuse signal: a station that refuses (`no_grant`) more distinct tokens than this within a minute is flagged (gauge, WARN, `audit anomalies`)",
+        group: "Audit",
+        extension: false,
+    },
+    Setting {
+        key: "abuse_velocity_stations",
+        kind: Kind::Count {
+            min: 1,
+            max: 1_000_000,
+        },
+        default: Default::Value("5"),
+        meaning: "abuse signal: a token decided at more distinct stations than this within `abuse_velocity_window_ms` is flagged",
+        group: "Audit",
+        extension: false,
+    },
+    Setting {
+        key: "abuse_velocity_window_ms",
+        kind: Kind::Millis {
+            min: 1_000,
+            max: 86_400_000,
+        },
+        default: Default::Value("600000"),
+        meaning: "the window of the velocity signal",
+        group: "Audit",
+        extension: false,
+    },
+    Setting {
         key: "token_hash_key",
         kind: Kind::Secret,
         default: Default::Derived {

@@ -243,6 +243,18 @@ const METRICS: &[Metric] = &[
         series: Series::One,
     },
     Metric {
+        name: "chargegate_abuse_enumeration_stations",
+        kind: Kind::Gauge,
+        help: "Stations flagged now for enumeration: more distinct refused tokens within a minute than abuse_enumeration_threshold (stations).",
+        series: Series::One,
+    },
+    Metric {
+        name: "chargegate_abuse_velocity_fingerprints",
+        kind: Kind::Gauge,
+        help: "Token fingerprints flagged now for velocity: decided at more stations within abuse_velocity_window_ms than abuse_velocity_stations (fingerprints).",
+        series: Series::One,
+    },
+    Metric {
         name: "chargegate_failing_stations",
         kind: Kind::Gauge,
         help: "Stations with at least 10 decisions in the last 15 minutes, more than half UNKNOWN or INVALID (stations).",

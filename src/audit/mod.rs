@@ -11,6 +11,7 @@
 //! buffer drained in batches by [`run_recorder`]. When the buffer is full the record is dropped,
 //! counted in `chargegate_audit_records_dropped_total` and logged — never silently.
 
+pub mod abuse;
 pub mod chain;
 pub mod layer;
 pub mod postgres;

@@ -7,6 +7,8 @@
 //! - `chargegate_failing_stations`: stations with at least [`MIN_DECISIONS`] decisions in the
 //!   share window of which more than half failed (UNKNOWN or INVALID).
 //!
+//! - the abuse signals, enumeration and velocity ([`super::abuse`]).
+//!
 //! `chargegate audit anomalies` applies the same rules to the decision log over any window.
 
 use std::{
@@ -32,10 +34,12 @@ struct Minute {
     stations: HashMap<String, (u64, u64)>,
 }
 
-/// Per-minute decision counts for the last hour.
+/// Per-minute decision counts for the last hour, and the abuse signals.
 #[derive(Default)]
 pub struct Signals {
     minutes: Mutex<VecDeque<Minute>>,
+    /// Enumeration and velocity (see [`super::abuse`]).
+    pub abuse: super::abuse::AbuseSignals,
 }
 
 /// The signals at one moment.
@@ -47,6 +51,14 @@ pub struct Snapshot {
 }
 
 impl Signals {
+    /// The signals with these abuse thresholds.
+    pub fn new(abuse: super::abuse::AbuseSettings) -> Self {
+        Self {
+            minutes: Mutex::default(),
+            abuse: super::abuse::AbuseSignals::new(abuse),
+        }
+    }
+
     pub fn record(&self, at: Micros, station_id: &str, status: Status, reason: Reason) {
         let minute = at.0.div_euclid(60_000_000);
         let mut minutes = self.minutes.lock().expect("signals lock");
@@ -120,6 +132,7 @@ impl Signals {
                 _ = tick.tick() => {}
             }
             let s = self.snapshot(Micros::now());
+            self.abuse.sweep(Micros::now());
             metrics::gauge!("chargegate_decisions_unknown_share").set(s.unknown_share);
             metrics::gauge!("chargegate_decision_timeouts_last_hour")
                 .set(s.timeouts_last_hour as f64);

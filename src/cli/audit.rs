@@ -11,12 +11,15 @@ use tokio_stream::StreamExt;
 
 use super::{AuditCommand, Format, StdoutError, Window, status_error};
 use crate::{
-    audit::chain,
-    decision::Micros,
+    audit::{
+        abuse::{AbuseSettings, AbuseSignals},
+        chain,
+    },
+    decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
     proto::{
         self, DecisionStatus, QueryCallsRequest, QueryDecisionsRequest, audit_client::AuditClient,
     },
-    token::Fingerprinter,
+    token::{Fingerprint, Fingerprinter},
 };
 
 pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
@@ -86,6 +89,9 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             timeouts,
             failing_share,
             min_decisions,
+            enumeration_threshold,
+            velocity_stations,
+            velocity_window_ms,
         } => {
             let (from, to) = window.resolve(Some(Duration::from_secs(3600)))?;
             let request = QueryDecisionsRequest {
@@ -94,7 +100,15 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let decisions = query_decisions(&server, request).await?;
-            let found = anomalies(&decisions, timeouts, failing_share, min_decisions);
+            let mut found = anomalies(&decisions, timeouts, failing_share, min_decisions);
+            found.extend(abuse(
+                &decisions,
+                AbuseSettings {
+                    enumeration_threshold,
+                    velocity_stations,
+                    velocity_window: Duration::from_millis(velocity_window_ms),
+                },
+            ));
             if found.is_empty() {
                 out!("no anomalies in {} decisions", decisions.len());
             }
@@ -159,6 +173,31 @@ pub fn anomalies(
                 "station {station}: {failing} of {total} decisions failed (UNKNOWN or INVALID)"
             ));
         }
+    }
+    found
+}
+
+/// The abuse signals (enumeration, velocity) over `decisions`: the server's own rules, replayed
+/// in the order the decisions were made.
+pub fn abuse(decisions: &[proto::Decision], settings: AbuseSettings) -> Vec<String> {
+    let signals = AbuseSignals::new(settings);
+    let mut ordered: Vec<&proto::Decision> = decisions.iter().collect();
+    ordered.sort_by_key(|d| d.decided_at.as_ref().map(|t| (t.seconds, t.nanos)));
+    let mut found = Vec::new();
+    for d in ordered {
+        let Some(reason) = Reason::parse(&d.reason) else {
+            continue;
+        };
+        let at = d.decided_at.as_ref().map_or(Micros(0), Micros::from_proto);
+        let decision = NewDecision {
+            request_id: d.request_id.clone(),
+            station_id: d.station_id.clone(),
+            fingerprint: Fingerprint::from_stored(d.driver_token_fingerprint.clone()),
+            verdict: Verdict::new(reason, DecidedBy::Acl),
+            accepted_at: at,
+            decided_at: at,
+        };
+        found.extend(signals.record(&decision).iter().map(ToString::to_string));
     }
     found
 }

@@ -214,6 +214,23 @@ pub enum AuditCommand {
         /// Decisions a station needs in the window before its share counts.
         #[arg(long, default_value_t = 10)]
         min_decisions: u64,
+        /// Enumeration: distinct refused tokens at one station within a minute, past which it is flagged.
+        #[arg(
+            long,
+            env = "CHARGEGATE_ABUSE_ENUMERATION_THRESHOLD",
+            default_value_t = 20
+        )]
+        enumeration_threshold: usize,
+        /// Velocity: distinct stations of one token within the window, past which it is flagged.
+        #[arg(long, env = "CHARGEGATE_ABUSE_VELOCITY_STATIONS", default_value_t = 5)]
+        velocity_stations: usize,
+        /// Velocity's window (ms).
+        #[arg(
+            long,
+            env = "CHARGEGATE_ABUSE_VELOCITY_WINDOW_MS",
+            default_value_t = 600_000
+        )]
+        velocity_window_ms: u64,
     },
 }
 

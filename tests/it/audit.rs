@@ -639,3 +639,109 @@ async fn a_station_index_of_the_earlier_layout_is_built_again() {
     assert_eq!(ids(decisions(&server, query()).await), [granted]);
     server.stop().await.expect("clean stop");
 }
+
+/// Enumeration (many distinct refused tokens at one station) and velocity (one token at many
+/// stations) fire on synthetic traffic and stay quiet on ordinary traffic: gauges, one WARN line
+/// each naming station or fingerprint, never a token, and rows of `audit anomalies`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuse_signals_fire_on_enumeration_and_velocity_and_stay_quiet_otherwise() {
+    use crate::support::binary::ChildServer;
+    const STATION_C: &str = "8b3c4d5e-6f70-4a1b-8c2d-3e4f5a6b7c8d";
+    let dir = TestDir::new();
+    let acl = dir.write_acl(&crate::support::standard_acl());
+    let thresholds = [
+        "--abuse-enumeration-threshold",
+        "5",
+        "--abuse-velocity-stations",
+        "2",
+        "--abuse-velocity-window-ms",
+        "60000",
+    ];
+    let server = ChildServer::start_with_metrics(&dir, &acl, &thresholds);
+    let mut client =
+        chargegate::proto::charging_authorization_client::ChargingAuthorizationClient::connect(
+            server.url(),
+        )
+        .await
+        .unwrap();
+    let gauges = |server: &ChildServer| {
+        let text = server.scrape_metrics();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(-1.0)
+        };
+        (
+            value("chargegate_abuse_enumeration_stations"),
+            value("chargegate_abuse_velocity_fingerprints"),
+        )
+    };
+    // Ordinary traffic: a few known tokens, one unknown token retried, two stations.
+    for _ in 0..5 {
+        authorize(&mut client, STATION_A, TOKEN_GRANTED).await;
+        authorize(&mut client, STATION_B, TOKEN_UNKNOWN).await;
+        authorize(&mut client, STATION_A, TOKEN_WILDCARD).await;
+    }
+    assert_eq!(gauges(&server), (0.0, 0.0), "quiet on ordinary traffic");
+    // Enumeration at B: six distinct unknown tokens within the minute.
+    let tried: Vec<String> = (0..6)
+        .map(|i| format!("TOKEN-enumerated-{i:04}-zzzz"))
+        .collect();
+    for token in &tried {
+        authorize(&mut client, STATION_B, token).await;
+    }
+    // Velocity: the wildcard card at three stations.
+    for station in [STATION_B, STATION_C] {
+        authorize(&mut client, station, TOKEN_WILDCARD).await;
+    }
+    assert_eq!(gauges(&server), (1.0, 1.0));
+    let log = poll_until(
+        "the WARN lines",
+        || async { server.drain_log() },
+        |lines: &Vec<String>| lines.iter().filter(|l| l.contains("abuse signal")).count() >= 2,
+    )
+    .await;
+    let warned: Vec<&String> = log.iter().filter(|l| l.contains("abuse signal")).collect();
+    assert!(
+        warned
+            .iter()
+            .any(|l| l.contains("enumeration") && l.contains(STATION_B))
+    );
+    assert!(warned.iter().any(|l| l.contains("velocity: fingerprint")));
+    for line in &warned {
+        assert!(!line.contains("TOKEN-"), "no token in {line}");
+    }
+    // The same rules over the decision log.
+    let out = tokio::process::Command::from(crate::support::binary::chargegate())
+        .args([
+            "audit",
+            "anomalies",
+            "--server",
+            &server.url(),
+            "--since",
+            "1h",
+        ])
+        .args(
+            thresholds
+                .iter()
+                .map(|t| t.replace("abuse-", ""))
+                .collect::<Vec<_>>(),
+        )
+        .output()
+        .await
+        .expect("audit anomalies");
+    let rows = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        rows.contains(&format!("enumeration: station {STATION_B}")),
+        "{rows}"
+    );
+    assert!(rows.contains("velocity: fingerprint"), "{rows}");
+    assert_eq!(rows.matches("enumeration:").count(), 1, "{rows}");
+    assert!(!rows.contains("TOKEN-"), "{rows}");
+}
