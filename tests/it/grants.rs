@@ -6,7 +6,6 @@ use chargegate::{
     proto::{DeleteGrantRequest, ListGrantsRequest, PutGrantRequest, grants_client::GrantsClient},
 };
 use tonic::Code;
-use tonic_types::StatusExt;
 
 use crate::support::*;
 
@@ -81,13 +80,7 @@ async fn grants_round_trip_take_effect_at_once_and_never_show_a_token() {
     // Bad input names its fields and changes nothing.
     let status = grants.put_grant(put("nope", "short")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let fields: Vec<_> = status
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = bad_fields(&status);
     assert_eq!(fields, ["station_id", "driver_token"]);
     assert!(!status.message().contains("short"));
     assert_eq!(
@@ -305,13 +298,7 @@ async fn explain_names_the_grants_that_decide_and_records_nothing() {
         .await
         .expect_err("invalid");
     assert_eq!(status.code(), Code::InvalidArgument);
-    let fields: Vec<String> = status
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = bad_fields(&status);
     assert_eq!(fields, ["station_id", "driver_token"]);
 
     // Nothing recorded, nothing queued: the next decision on the stream is the next Authorize.

@@ -5,19 +5,8 @@ use chargegate::proto::{
     AuthorizeRequest, DecisionStatus, GetDecisionRequest, SubscribeDecisionsRequest,
 };
 use tonic::Code;
-use tonic_types::StatusExt;
 
 use crate::support::*;
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_details_bad_request()
-        .expect("a google.rpc.BadRequest detail")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_name_each_field_and_change_nothing() {

@@ -15,7 +15,6 @@ use chargegate::{
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 use crate::support::backend::Value;
 use crate::support::{
@@ -285,13 +284,7 @@ async fn permanent_failures_are_dead_at_once_and_can_be_redriven() {
         .await
         .expect_err("a malformed id");
     assert_eq!(refused.code(), Code::InvalidArgument);
-    let fields: Vec<String> = refused
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
+    let fields = crate::support::bad_fields(&refused);
     assert_eq!(fields, ["request_ids"]);
     server.stop().await.expect("clean stop");
 }
