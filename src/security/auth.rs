@@ -60,11 +60,21 @@ pub enum Caller {
 impl Caller {
     /// The caller of `request` (open when the layer put none there: no `clients_file`).
     pub fn of<T>(request: &tonic::Request<T>) -> Self {
-        request
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or(Caller::Open)
+        Self::in_extensions(request.extensions())
+    }
+
+    /// The caller the layer put into these extensions (open when it put none).
+    pub fn in_extensions(extensions: &http::Extensions) -> Self {
+        extensions.get::<Caller>().cloned().unwrap_or(Caller::Open)
+    }
+
+    /// What limits count this caller by: its client's name, or without `clients_file` its
+    /// peer's IP address.
+    pub fn limit_key(&self, peer: Option<std::net::SocketAddr>) -> String {
+        match self {
+            Caller::Client(c) => c.name.clone(),
+            Caller::Open => peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+        }
     }
 
     /// `PERMISSION_DENIED` unless the caller may speak for `station` (canonical).

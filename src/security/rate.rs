@@ -162,17 +162,15 @@ impl RateLimits {
 
     /// A call of `caller` (from `peer`), against its client bucket.
     pub fn check_client(&self, caller: &Caller, peer: Option<SocketAddr>) -> Result<(), Status> {
-        let (key, rate) = match caller {
-            Caller::Client(c) => (
-                c.name.clone(),
-                c.rate_per_s.and_then(NonZeroU32::new).or(self.client_rate),
-            ),
-            Caller::Open => (
-                peer.map(|p| p.ip().to_string()).unwrap_or_default(),
-                self.client_rate,
-            ),
+        let own = match caller {
+            Caller::Client(c) => c.rate_per_s.and_then(NonZeroU32::new),
+            Caller::Open => None,
         };
-        let Some(rate) = rate else { return Ok(()) };
+        // Nothing to count, and nothing allocated, while no limit applies.
+        let Some(rate) = own.or(self.client_rate) else {
+            return Ok(());
+        };
+        let key = caller.limit_key(peer);
         self.limiter_for(rate)
             .check(&key)
             .map_err(|retry| refused(Scope::Client, &key, retry))
@@ -246,10 +244,7 @@ impl SubscriptionSlots {
         caller: &Caller,
         peer: Option<SocketAddr>,
     ) -> Result<SubscriptionSlot, Status> {
-        let key = match caller {
-            Caller::Client(c) => c.name.clone(),
-            Caller::Open => peer.map(|p| p.ip().to_string()).unwrap_or_default(),
-        };
+        let key = caller.limit_key(peer);
         let mut open = self.open.lock().expect("slots lock");
         let n = open.entry(key.clone()).or_default();
         if *n >= self.max {
@@ -341,11 +336,7 @@ where
             return self.inner.call(request).boxed();
         }
         let refuse = |status: Status| futures::future::ready(Ok(status.into_http())).boxed();
-        let caller = request
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or(Caller::Open);
+        let caller = Caller::in_extensions(request.extensions());
         let peer = super::peer_addr(request.extensions());
         if let Err(status) = self.limits.check_client(&caller, peer) {
             return refuse(status);
