@@ -112,17 +112,29 @@ impl Default for AbuseSignals {
     }
 }
 
+/// Notes `key` at `at` (allocating only for a key not seen yet), forgets entries older than
+/// `since`, and keeps at most `cap`, dropping the oldest; how many are left. Called once per
+/// decision, so at most one entry is ever over the cap.
+fn note(entries: &mut HashMap<String, i64>, key: &str, at: i64, since: i64, cap: usize) -> usize {
+    match entries.get_mut(key) {
+        Some(seen) => *seen = at,
+        None => {
+            entries.insert(key.to_owned(), at);
+        }
+    }
+    prune(entries, since, cap)
+}
+
 /// Forgets entries older than `since`, keeps at most `cap` (the newest); how many are left.
 fn prune(entries: &mut HashMap<String, i64>, since: i64, cap: usize) -> usize {
     entries.retain(|_, at| *at >= since);
-    if entries.len() > cap {
-        let mut by_time: Vec<(i64, String)> =
-            entries.iter().map(|(k, at)| (*at, k.clone())).collect();
-        by_time.sort_unstable();
-        let excess = by_time.len() - cap;
-        for (_, key) in by_time.into_iter().take(excess) {
-            entries.remove(&key);
-        }
+    while entries.len() > cap {
+        let oldest = entries
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(k, _)| k.clone())
+            .expect("not empty");
+        entries.remove(&oldest);
     }
     entries.len()
 }
@@ -153,9 +165,15 @@ impl AbuseSignals {
         if d.verdict.reason == Reason::NoGrant
             && (state.refused.contains_key(&d.station_id) || state.refused.len() < MAX_TRACKED)
         {
-            let refused = state.refused.entry(d.station_id.clone()).or_default();
-            refused.insert(fingerprint.to_owned(), now);
-            let distinct = prune(refused, enumeration_since, 4 * s.enumeration_threshold + 4);
+            if !state.refused.contains_key(&d.station_id) {
+                state.refused.insert(d.station_id.clone(), HashMap::new());
+            }
+            let refused = state
+                .refused
+                .get_mut(&d.station_id)
+                .expect("inserted above");
+            let cap = 4 * s.enumeration_threshold + 4;
+            let distinct = note(refused, fingerprint, now, enumeration_since, cap);
             if distinct > s.enumeration_threshold && state.enumerating.insert(d.station_id.clone())
             {
                 flags.push(Flag::Enumeration {
@@ -166,9 +184,12 @@ impl AbuseSignals {
             }
         }
         if state.seen_at.contains_key(fingerprint) || state.seen_at.len() < MAX_TRACKED {
-            let stations = state.seen_at.entry(fingerprint.to_owned()).or_default();
-            stations.insert(d.station_id.clone(), now);
-            let distinct = prune(stations, velocity_since, 4 * s.velocity_stations + 4);
+            if !state.seen_at.contains_key(fingerprint) {
+                state.seen_at.insert(fingerprint.to_owned(), HashMap::new());
+            }
+            let stations = state.seen_at.get_mut(fingerprint).expect("inserted above");
+            let cap = 4 * s.velocity_stations + 4;
+            let distinct = note(stations, &d.station_id, now, velocity_since, cap);
             if distinct > s.velocity_stations && state.travelling.insert(fingerprint.to_owned()) {
                 flags.push(Flag::Velocity {
                     fingerprint: fingerprint.to_owned(),

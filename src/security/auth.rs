@@ -160,6 +160,9 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if self.clients.is_none() && !self.require_certificate {
+            return Either::Right(self.inner.call(request));
+        }
         let need = need(request.uri().path());
         if need == Need::Nothing {
             return Either::Right(self.inner.call(request));
