@@ -187,6 +187,31 @@ impl Drop for Outcome<'_> {
     }
 }
 
+impl HttpAuthorizer {
+    /// One call answered by `deadline`: its reason, or the failure's (`authorizer_error`,
+    /// `timeout`) with why, in words that never hold the token.
+    async fn ask(
+        &self,
+        request: &AuthorizationRequest<'_>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reason, (Reason, String)> {
+        match tokio::time::timeout_at(deadline, self.call(request)).await {
+            Ok(Ok(reason)) => Ok(reason),
+            Ok(Err(e)) => Err((
+                Reason::AuthorizerError,
+                format!("the remote authorizer failed: {e}"),
+            )),
+            Err(_) => Err((
+                Reason::Timeout,
+                format!(
+                    "the remote authorizer did not answer within authorize_timeout_ms ({} ms)",
+                    self.timeout.as_millis()
+                ),
+            )),
+        }
+    }
+}
+
 #[async_trait]
 impl Authorizer for HttpAuthorizer {
     fn kind(&self) -> DecidedBy {
@@ -208,19 +233,15 @@ impl Authorizer for HttpAuthorizer {
             breaker: &self.breaker,
             reported: false,
         };
-        let reason = match tokio::time::timeout_at(deadline, self.call(&request)).await {
-            Ok(Ok(reason)) => {
+        let reason = match self.ask(&request, deadline).await {
+            Ok(reason) => {
                 outcome.success();
                 reason
             }
-            Ok(Err(e)) => {
+            Err((reason, why)) => {
                 outcome.failure();
-                tracing::debug!(error = %e, "the authorizer failed");
-                Reason::AuthorizerError
-            }
-            Err(_) => {
-                outcome.failure();
-                Reason::Timeout
+                tracing::debug!(error = %why, "the authorizer failed");
+                reason
             }
         };
         if let Some(cache) = &self.cache {
@@ -261,8 +282,9 @@ impl Authorizer for HttpAuthorizer {
                 "the remote authorizer's circuit is open after consecutive failures; it is not asked until the cooldown ends".into(),
             );
         }
-        match tokio::time::timeout(self.timeout, self.call(&request)).await {
-            Ok(Ok(reason)) => explained(
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match self.ask(&request, deadline).await {
+            Ok(reason) => explained(
                 reason,
                 DecidedBy::Http,
                 format!(
@@ -270,19 +292,7 @@ impl Authorizer for HttpAuthorizer {
                     reason.as_str()
                 ),
             ),
-            Ok(Err(e)) => explained(
-                Reason::AuthorizerError,
-                DecidedBy::Http,
-                format!("the remote authorizer failed: {e}"),
-            ),
-            Err(_) => explained(
-                Reason::Timeout,
-                DecidedBy::Http,
-                format!(
-                    "the remote authorizer did not answer within authorize_timeout_ms ({} ms)",
-                    self.timeout.as_millis()
-                ),
-            ),
+            Err((reason, why)) => explained(reason, DecidedBy::Http, why),
         }
     }
 

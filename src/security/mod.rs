@@ -1,6 +1,6 @@
 //! What keeps callers to what they may do: a listener that hands over only finished handshakes
-//! ([`listener`]), TLS ([`tls`]), who they are and what their roles
-//! allow ([`auth`], [`clients`]), how large a request may be ([`message_size`]), and how many a caller may make
+//! ([`listener`]), TLS ([`tls`]), who they are and what their roles allow ([`auth`],
+//! [`clients`]), how large a request may be ([`message_size`]), and how many a caller may make
 //! ([`rate`]).
 
 pub mod auth;
