@@ -119,6 +119,8 @@ pub struct Config {
     pub webhook: WebhookConfig,
     pub heartbeat_interval: Duration,
     pub audit_retention_days: u32,
+    /// Where retention archives decisions before it purges them (CONTRACT §6a).
+    pub audit_archive_url: Option<String>,
     /// Record every RPC (an extension of CONTRACT §7, for measuring its cost; on by default).
     pub audit_calls: bool,
     /// The thresholds of the abuse signals.
@@ -200,6 +202,7 @@ impl Config {
             },
             heartbeat_interval: Duration::from_millis(15_000),
             audit_retention_days: 730,
+            audit_archive_url: None,
             audit_calls: true,
             abuse: crate::audit::abuse::AbuseSettings::default(),
             token_hash_key: None,
@@ -393,6 +396,11 @@ impl Config {
         }
         if let Some(v) = get("audit_retention_days") {
             c.audit_retention_days = parse_num("audit_retention_days", &v)? as u32;
+        }
+        if let Some(v) = get("audit_archive_url").filter(|v| !v.is_empty()) {
+            crate::archive::Archive::check_url(&v)
+                .map_err(|message| ConfigError::invalid("audit_archive_url", message))?;
+            c.audit_archive_url = Some(v);
         }
         if let Some(v) = get("token_hash_key") {
             if v.is_empty() {

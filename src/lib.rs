@@ -33,6 +33,7 @@ pub const VERSION: &str = concat!(
 );
 
 pub mod api;
+pub mod archive;
 pub mod audit;
 pub mod authorizer;
 pub mod backends;

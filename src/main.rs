@@ -125,6 +125,7 @@ fn serve(runtime: &tokio::runtime::Runtime, args: chargegate::cli::ServeArgs) ->
                         | ServeError::Clients(_)
                         | ServeError::Tls(_)
                         | ServeError::Key(_)
+                        | ServeError::Archive(_)
                 )
             );
             if config_error {

@@ -83,6 +83,8 @@ pub enum ServeError {
     Tls(#[from] crate::security::tls::TlsError),
     #[error("cannot open the store")]
     Store(#[from] StoreError),
+    #[error("audit_archive_url: {0}")]
+    Archive(String),
     #[error("cannot create the data dir {0}")]
     DataDir(String, #[source] std::io::Error),
     #[error("cannot bind the metrics listener on {0}")]
@@ -271,10 +273,19 @@ impl Server {
             .clone()
             .monitor(backends.probes.clone(), background.clone());
         let retention = Duration::from_secs(u64::from(config.audit_retention_days) * 86_400);
+        let archive = match &config.audit_archive_url {
+            Some(url) => Some(store::ArchiveTarget {
+                archive: crate::archive::Archive::open(url)
+                    .map_err(|e| ServeError::Archive(e.to_string()))?,
+                store: config.store.clone(),
+            }),
+            None => None,
+        };
         let retention_task = tokio::spawn(store::run_retention(
             log.clone(),
             backends.audit.clone(),
             retention,
+            archive,
             background.clone(),
         ));
 

@@ -425,6 +425,16 @@ pub const SETTINGS: &[Setting] = &[
         extension: false,
     },
     Setting {
+        key: "audit_archive_url",
+        kind: Kind::Url(&["file", "s3"]),
+        default: Default::Unset {
+            example: "s3://audit-archive/chargegate",
+        },
+        meaning: "`file:///dir` or `s3://bucket/prefix` (credentials and endpoint from `AWS_*`): retention archives decisions there before it purges them, and never purges one the archive does not hold",
+        group: "Audit",
+        extension: false,
+    },
+    Setting {
         key: "audit_calls",
         kind: Kind::Bool,
         default: Default::Value("true"),

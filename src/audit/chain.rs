@@ -181,6 +181,11 @@ impl Walker {
         true
     }
 
+    /// The broken record found, if any.
+    pub fn broken(&self) -> Option<&Broken> {
+        self.found.broken.as_ref()
+    }
+
     pub fn finish(self) -> Verification {
         self.found
     }

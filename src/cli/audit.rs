@@ -11,10 +11,12 @@ use tokio_stream::StreamExt;
 
 use super::{AuditCommand, Format, StdoutError, Window, status_error};
 use crate::{
+    archive::{self, Archive},
     audit::{
         abuse::{AbuseSettings, AbuseSignals},
         chain,
     },
+    config::StoreBackend,
     decision::{DecidedBy, Micros, NewDecision, Reason, Verdict},
     proto::{
         self, DecisionStatus, QueryCallsRequest, QueryDecisionsRequest, audit_client::AuditClient,
@@ -69,20 +71,60 @@ pub async fn run(command: AuditCommand) -> anyhow::Result<()> {
             Ok(())
         }
         AuditCommand::Verify {
-            data_dir,
-            store_url,
+            store,
             token_hash_key,
-        } => match store_url.filter(|u| u.starts_with("postgres")) {
-            Some(url) => {
-                let key = token_hash_key.context(
-                    "--token-hash-key (or CHARGEGATE_TOKEN_HASH_KEY) is needed to verify a PostgreSQL store",
-                )?;
-                let key = Fingerprinter::new(key.as_bytes())?.derive_key(chain::KEY_PURPOSE);
-                let found = crate::store::postgres::log::verify(&url, &key).await?;
-                report(found)
+            archive,
+        } => {
+            let backend = store.backend()?;
+            let key = chain_key(&store.data_dir, &backend, token_hash_key.as_deref())?;
+            match (archive, backend) {
+                (Some(url), backend) => verify_archive(&url, &key, &backend).await,
+                (None, StoreBackend::Postgres { url }) => {
+                    report(crate::store::postgres::log::verify(&url, &key).await?)
+                }
+                (None, StoreBackend::Sqlite { path }) => verify(&path, &key),
             }
-            None => verify(&data_dir, token_hash_key.as_deref()),
-        },
+        }
+        AuditCommand::Export {
+            until,
+            to,
+            store,
+            max_chunk_decisions,
+        } => {
+            let until = Micros::from_proto(&at(&until, SystemTime::now())?);
+            let source = archive::source::open(&store.backend()?).await?;
+            anyhow::ensure!(
+                source.exclusive().await?,
+                "another chargegate is exporting this log now; try again when it is done"
+            );
+            let archive = Archive::open(&to)?;
+            let done =
+                archive::export(&*source, &archive, until, max_chunk_decisions as usize).await?;
+            if done.chunks.is_empty() {
+                out!(
+                    "nothing to export: {} holds every decision decided up to {}",
+                    archive.url(),
+                    until.to_rfc3339()
+                );
+            } else {
+                out!(
+                    "exported {} decisions in {} chunks ({} bytes) to {}",
+                    done.decisions,
+                    done.chunks.len(),
+                    done.bytes,
+                    archive.url()
+                );
+            }
+            for chunk in &done.chunks {
+                out!(
+                    "{}  {} decisions  sha256 {}",
+                    chunk.file,
+                    chunk.count,
+                    chunk.sha256
+                );
+            }
+            Ok(())
+        }
         AuditCommand::Anomalies {
             server,
             window,
@@ -202,13 +244,19 @@ pub fn abuse(decisions: &[proto::Decision], settings: AbuseSettings) -> Vec<Stri
     found
 }
 
-fn verify(data_dir: &Path, configured_key: Option<&str>) -> anyhow::Result<()> {
-    let db = data_dir.join("chargegate.db");
-    anyhow::ensure!(db.exists(), "no store at {}", db.display());
-    let key_file = data_dir.join("token_hash.key");
-    let fingerprinter = match configured_key {
-        Some(key) => Fingerprinter::new(key.as_bytes())?,
-        None => {
+/// The chain key: from the configured token hash key, or the one generated in the data dir.
+fn chain_key(
+    data_dir: &Path,
+    store: &StoreBackend,
+    configured: Option<&str>,
+) -> anyhow::Result<[u8; 32]> {
+    let fingerprinter = match (configured, store) {
+        (Some(key), _) => Fingerprinter::new(key.as_bytes())?,
+        (None, StoreBackend::Postgres { .. }) => anyhow::bail!(
+            "--token-hash-key (or CHARGEGATE_TOKEN_HASH_KEY) is needed to verify a PostgreSQL store"
+        ),
+        (None, StoreBackend::Sqlite { .. }) => {
+            let key_file = data_dir.join("token_hash.key");
             let key = std::fs::read_to_string(&key_file).with_context(|| {
                 format!(
                     "cannot read {}; pass --token-hash-key if the key is configured",
@@ -218,12 +266,42 @@ fn verify(data_dir: &Path, configured_key: Option<&str>) -> anyhow::Result<()> {
             Fingerprinter::new(key.trim().as_bytes())?
         }
     };
+    Ok(fingerprinter.derive_key(chain::KEY_PURPOSE))
+}
+
+/// Verifies an archive and the live log after it; exits 1 when something is wrong.
+async fn verify_archive(url: &str, key: &[u8; 32], store: &StoreBackend) -> anyhow::Result<()> {
+    let archive = Archive::open(url)?;
+    let source = archive::source::open(store).await?;
+    let found = archive::verify(&archive, key, &*source).await?;
+    match found.problem {
+        None => {
+            out!(
+                "intact: {} archived decisions in {} chunks, then {} in the live log",
+                found.archived,
+                found.chunks,
+                found.live
+            );
+            Ok(())
+        }
+        Some(problem) => {
+            out!(
+                "BROKEN: {problem}; {} archived decisions before it verified",
+                found.archived
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn verify(db: &Path, key: &[u8; 32]) -> anyhow::Result<()> {
+    anyhow::ensure!(db.exists(), "no store at {}", db.display());
     let conn = rusqlite::Connection::open_with_flags(
-        &db,
+        db,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    let found = chain::verify(&conn, &fingerprinter.derive_key(chain::KEY_PURPOSE))?;
+    let found = chain::verify(&conn, key)?;
     report(found)
 }
 
@@ -273,13 +351,7 @@ impl Window {
         Option<prost_types::Timestamp>,
     )> {
         let now = SystemTime::now();
-        let at = |raw: &str| -> anyhow::Result<prost_types::Timestamp> {
-            if let Some(ago) = parse_duration(raw) {
-                let t = now.checked_sub(ago).context("too far back")?;
-                return Ok(Micros::from_system_time(t).to_proto());
-            }
-            super::rfc3339(raw)
-        };
+        let at = |raw: &str| at(raw, now);
         let from = match (&self.since, default_since) {
             (Some(raw), _) => Some(at(raw)?),
             (None, Some(ago)) => Some(Micros::from_system_time(now - ago).to_proto()),
@@ -288,6 +360,15 @@ impl Window {
         let to = self.until.as_deref().map(at).transpose()?;
         Ok((from, to))
     }
+}
+
+/// An RFC 3339 time, or a duration before `now`.
+fn at(raw: &str, now: SystemTime) -> anyhow::Result<prost_types::Timestamp> {
+    if let Some(ago) = parse_duration(raw) {
+        let t = now.checked_sub(ago).context("too far back")?;
+        return Ok(Micros::from_system_time(t).to_proto());
+    }
+    super::rfc3339(raw)
 }
 
 /// `90s`, `15m`, `1h`, `7d`.

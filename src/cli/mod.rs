@@ -164,6 +164,35 @@ pub struct Listing {
     pub format: Format,
 }
 
+/// The store a command reads directly, as the server's configuration names it.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The data dir of the embedded store (and of its generated token hash key).
+    #[arg(long, env = "CHARGEGATE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// `postgres://…` (needs the token hash key to verify), or `sqlite://<file>`; unset: the data dir's.
+    #[arg(long, env = "CHARGEGATE_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+}
+
+impl StoreArgs {
+    pub fn backend(&self) -> anyhow::Result<crate::config::StoreBackend> {
+        use crate::config::StoreBackend;
+        Ok(match self.store_url.as_deref().filter(|u| !u.is_empty()) {
+            None => StoreBackend::Sqlite {
+                path: self.data_dir.join("chargegate.db"),
+            },
+            Some(url) => match url.strip_prefix("sqlite://") {
+                Some(path) => StoreBackend::Sqlite { path: path.into() },
+                None if url.starts_with("postgres") => StoreBackend::Postgres {
+                    url: url.to_owned(),
+                },
+                None => anyhow::bail!("--store-url: expected sqlite:// or postgres://"),
+            },
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Decisions, oldest first.
@@ -186,17 +215,32 @@ pub enum AuditCommand {
         listing: Listing,
     },
     /// Walk the decision log's hash chain (in a data dir, or in PostgreSQL) and report the first
-    /// broken link. Exits 0 when intact, 1 when broken.
+    /// broken link; with `--archive`, every chunk of an archive first, then on into the live log.
+    /// Exits 0 when intact, 1 when broken.
     Verify {
-        /// The data dir of the store.
-        #[arg(long, env = "CHARGEGATE_DATA_DIR", default_value = "./data")]
-        data_dir: PathBuf,
-        /// A PostgreSQL store to verify instead of the data dir's (needs the token hash key).
-        #[arg(long, env = "CHARGEGATE_STORE_URL", hide_env_values = true)]
-        store_url: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
         /// The token hash key, when it is configured rather than kept in the data dir.
         #[arg(long, env = "CHARGEGATE_TOKEN_HASH_KEY", hide_env_values = true)]
         token_hash_key: Option<String>,
+        /// An archive to verify with the log: `file:///dir` or `s3://bucket/prefix`.
+        #[arg(long)]
+        archive: Option<String>,
+    },
+    /// Append the decision log up to a time to an archive: zstd JSON lines in chunks, and a
+    /// manifest of their digests and chain links. Reads the store directly, server running or not.
+    Export {
+        /// RFC 3339, or a duration ago (`90d`, `12h`).
+        #[arg(long)]
+        until: String,
+        /// `file:///dir` or `s3://bucket/prefix` (credentials and endpoint from `AWS_*`).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Most decisions one chunk holds.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        max_chunk_decisions: u64,
     },
     /// The anomaly rules over a window: many timeouts, and stations with most decisions failing.
     Anomalies {

@@ -99,9 +99,15 @@ pub trait DecisionLog: Send + Sync + 'static {
     /// Pending or decided; `None` for a request_id never accepted (or no longer retained).
     async fn request_state(&self, request_id: &str) -> Result<Option<RequestState>, StoreError>;
 
-    /// Deletes up to `max` of the oldest decisions decided before `cutoff`, with their request
-    /// keys, raising [`LogBounds::floor`]. Returns how many were deleted.
-    async fn purge_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError>;
+    /// Deletes up to `max` of the oldest decisions decided before `cutoff` and at positions up to
+    /// `through` (the archive's last, when retention archives), with their request keys, raising
+    /// [`LogBounds::floor`]. Returns how many were deleted.
+    async fn purge_before(
+        &self,
+        cutoff: Micros,
+        through: u64,
+        max: usize,
+    ) -> Result<u64, StoreError>;
 }
 
 /// One grant of the access list as the store keeps it: never the token, only its fingerprint.
@@ -157,12 +163,21 @@ const PURGE_BATCH: usize = 1000;
 /// How often retention runs (and once at start-up).
 const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// Where retention archives decisions before it purges them (`audit_archive_url`).
+pub struct ArchiveTarget {
+    pub archive: crate::archive::Archive,
+    /// The store to read the log from, with a connection of the archive's own.
+    pub store: crate::config::StoreBackend,
+}
+
 /// Purges decisions and call records older than `retention`, in small batches, at start-up and
-/// every hour, until `shutdown`.
+/// every hour, until `shutdown`. With an archive, it first exports what is to be purged, and
+/// purges no decision the archive's manifest does not hold.
 pub async fn run_retention(
     log: Arc<dyn DecisionLog>,
     calls: Arc<dyn crate::audit::AuditTrail>,
     retention: std::time::Duration,
+    archive: Option<ArchiveTarget>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = tokio::time::interval(PURGE_INTERVAL);
@@ -172,7 +187,15 @@ pub async fn run_retention(
             _ = tick.tick() => {}
         }
         let cutoff = Micros(Micros::now().0.saturating_sub(retention.as_micros() as i64));
-        let decisions = purge_in_batches(&shutdown, || log.purge_before(cutoff, PURGE_BATCH)).await;
+        let through = match &archive {
+            None => u64::MAX,
+            Some(target) => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                through = archive_before(target, cutoff) => through,
+            },
+        };
+        let decisions =
+            purge_in_batches(&shutdown, || log.purge_before(cutoff, through, PURGE_BATCH)).await;
         let records =
             purge_in_batches(&shutdown, || calls.purge_calls_before(cutoff, PURGE_BATCH)).await;
         if decisions + records > 0 {
@@ -181,6 +204,49 @@ pub async fn run_retention(
                 call_records = records,
                 "purged records past audit_retention_days"
             );
+        }
+    }
+}
+
+/// Exports the decisions decided before `cutoff` to the archive; returns the position through
+/// which the archive holds the log (0 when it cannot be read: then nothing is purged).
+async fn archive_before(target: &ArchiveTarget, cutoff: Micros) -> u64 {
+    use crate::archive;
+    let exported = async {
+        let source = archive::source::open(&target.store).await?;
+        if !source.exclusive().await? {
+            tracing::debug!("another instance is archiving; purging what the archive holds");
+            return Ok::<_, archive::ArchiveError>(None);
+        }
+        archive::export(&*source, &target.archive, cutoff, archive::CHUNK_MAX)
+            .await
+            .map(Some)
+    };
+    match exported.await {
+        Ok(Some(done)) => {
+            if done.decisions > 0 {
+                tracing::info!(
+                    decisions = done.decisions,
+                    chunks = done.chunks.len(),
+                    bytes = done.bytes,
+                    archive = %target.archive.url(),
+                    "archived decisions before purging them"
+                );
+            }
+            return done.archived_through.unwrap_or(0);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            archive = %target.archive.url(),
+            "archiving decisions failed; only what the archive already holds is purged"
+        ),
+    }
+    match target.archive.manifest().await {
+        Ok(manifest) => manifest.and_then(|m| m.archived_through()).unwrap_or(0),
+        Err(e) => {
+            tracing::warn!(error = %e, "the archive's manifest cannot be read; no decision is purged");
+            0
         }
     }
 }

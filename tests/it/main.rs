@@ -3,6 +3,7 @@
 mod support;
 
 mod advisories;
+mod archive;
 mod audit;
 mod crash;
 mod decisions;

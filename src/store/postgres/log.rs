@@ -114,7 +114,12 @@ impl DecisionLog for Postgres {
     }
 
     /// One instance at a time (the others find the advisory lock taken and purge nothing).
-    async fn purge_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError> {
+    async fn purge_before(
+        &self,
+        cutoff: Micros,
+        through: u64,
+        max: usize,
+    ) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         let locked: bool = tx
@@ -133,8 +138,12 @@ impl DecisionLog for Postgres {
                      (SELECT min(position) FROM (
                           SELECT position, decided_at_us FROM decisions ORDER BY position LIMIT $1
                       ) u WHERE decided_at_us >= $2),
-                     9223372036854775807)",
-                &[&(max as i64), &cutoff.0],
+                     9223372036854775807) AND position <= $3",
+                &[
+                    &(max as i64),
+                    &cutoff.0,
+                    &(through.min(i64::MAX as u64) as i64),
+                ],
             )
             .await
             .map_err(db)?

@@ -102,9 +102,15 @@ impl DecisionLog for Database {
         .await
     }
 
-    async fn purge_before(&self, cutoff: Micros, max: usize) -> Result<u64, StoreError> {
+    async fn purge_before(
+        &self,
+        cutoff: Micros,
+        through: u64,
+        max: usize,
+    ) -> Result<u64, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.write(WriteOp::Purge(cutoff, max, tx), rx).await
+        self.write(WriteOp::Purge(cutoff, through, max, tx), rx)
+            .await
     }
 }
 

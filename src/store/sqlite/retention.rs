@@ -4,11 +4,13 @@ use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::decision::Micros;
 
-/// Deletes the oldest decisions decided before `cutoff` (a prefix of the log, so what remains is
-/// contiguous), at most `max`, with their request keys. Returns how many, and the new floor.
+/// Deletes the oldest decisions decided before `cutoff` and at positions up to `up_to` (a
+/// prefix of the log, so what remains is contiguous), at most `max`, with their request keys.
+/// Returns how many, and the new floor.
 pub(super) fn purge(
     tx: &Transaction<'_>,
     cutoff: Micros,
+    up_to: u64,
     max: usize,
 ) -> rusqlite::Result<(u64, Option<u64>)> {
     let through: Option<i64> = tx
@@ -18,9 +20,12 @@ pub(super) fn purge(
              ) WHERE seq < coalesce(
                  (SELECT min(seq) FROM (SELECT seq, decided_at_us FROM decisions ORDER BY seq LIMIT ?1)
                   WHERE decided_at_us >= ?2),
-                 9223372036854775807)",
+                 9223372036854775807) AND seq <= ?3",
         )?
-        .query_row(params![max as i64, cutoff.0], |r| r.get(0))?;
+        .query_row(
+            params![max as i64, cutoff.0, up_to.min(i64::MAX as u64) as i64],
+            |r| r.get(0),
+        )?;
     let Some(through) = through else {
         return Ok((0, None));
     };

@@ -33,7 +33,7 @@ pub(super) type WriteFn = Box<dyn Fn(&Transaction<'_>) -> rusqlite::Result<()> +
 /// A write for the writer thread, with the channel its result goes back on.
 pub(super) enum WriteOp {
     /// Delete up to `.1` of the oldest decisions decided before `.0`, with their request keys.
-    Purge(Micros, usize, oneshot::Sender<Result<u64, StoreError>>),
+    Purge(Micros, u64, usize, oneshot::Sender<Result<u64, StoreError>>),
     Enqueue(
         NewRequest,
         oneshot::Sender<Result<EnqueueOutcome, StoreError>>,
@@ -229,7 +229,7 @@ impl Writer {
                     }
                     (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
                     (WriteOp::Run(_, _, reply), Applied::Run) => drop(reply.send(Ok(()))),
-                    (WriteOp::Purge(_, _, reply), Applied::Purge(n)) => drop(reply.send(Ok(n))),
+                    (WriteOp::Purge(_, _, _, reply), Applied::Purge(n)) => drop(reply.send(Ok(n))),
                     (WriteOp::Close(reply), Applied::Close) => *closing = Some(reply),
                     _ => unreachable!("results follow the batch order"),
                 }
@@ -405,8 +405,8 @@ fn apply(
                 .execute([])?;
             Applied::Ping
         }
-        WriteOp::Purge(cutoff, max, _) => {
-            let (purged, through) = purge(tx, *cutoff, *max)?;
+        WriteOp::Purge(cutoff, up_to, max, _) => {
+            let (purged, through) = purge(tx, *cutoff, *up_to, *max)?;
             if let Some(through) = through {
                 state.purged_through = Some(through);
             }
@@ -429,7 +429,7 @@ fn answer_failed(op: WriteOp, err: StoreError, closing: &mut Option<oneshot::Sen
         WriteOp::Settle(_, _, _, reply) => drop(reply.send(Err(err))),
         WriteOp::Ping(reply) => drop(reply.send(Err(err))),
         WriteOp::Run(_, _, reply) => drop(reply.send(Err(err))),
-        WriteOp::Purge(_, _, reply) => drop(reply.send(Err(err))),
+        WriteOp::Purge(_, _, _, reply) => drop(reply.send(Err(err))),
         WriteOp::Close(reply) => *closing = Some(reply),
         WriteOp::Read(_) => unreachable!("reads are not in the batch"),
     }

@@ -24,6 +24,7 @@ pub mod h2raw;
 pub mod pki;
 pub mod receiver;
 pub mod redis_server;
+pub mod s3_server;
 
 /// How long a test waits for something that should happen at once before failing.
 pub const PATIENCE: Duration = Duration::from_secs(20);
