@@ -1,6 +1,7 @@
 //! `chargegate-bench`: holds chargegate against the bare-metal limits of this machine, side by
 //! side in one run. See bench/README.md for the method and what each scenario measures.
 
+mod archive;
 mod authorizer;
 mod echo;
 mod load;
@@ -95,9 +96,9 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 21] = [
+const ALL: [&str; 22] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
-    "p4", "r1", "r2", "r3", "t1", "t2",
+    "p4", "r1", "r2", "r3", "t1", "t2", "x1",
 ];
 /// Scenarios run only when named.
 const BY_NAME: [&str; 1] = ["p1d"];
@@ -206,6 +207,7 @@ fn main() -> anyhow::Result<()> {
                 "r3" => bench.r3().await,
                 "t1" => bench.t1().await,
                 "t2" => bench.t2().await,
+                "x1" => bench.x1().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

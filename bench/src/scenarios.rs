@@ -2004,7 +2004,7 @@ async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::R
 }
 
 /// The median of `values` (the upper one of an even count).
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[sorted.len() / 2]
