@@ -11,6 +11,7 @@ use crate::{
     fanout::Hub,
     health::Probe,
     queue::{Queue, postgres::PostgresQueue, redis::RedisQueue, sqlite::SqliteQueue},
+    revise::RevisionStore,
     store::{DecisionLog, GrantStore, StoreError, postgres::Postgres, sqlite::Database},
     token::Fingerprinter,
     webhook::WebhookOutbox,
@@ -23,6 +24,8 @@ pub struct Backends {
     pub audit: Arc<dyn AuditTrail>,
     pub grants: Arc<dyn GrantStore>,
     pub outbox: Arc<dyn WebhookOutbox>,
+    /// Where the requests of UNKNOWN decisions are kept to be revised.
+    pub revisions: Arc<dyn RevisionStore>,
     /// Notified when webhook deliveries were added or redriven.
     pub outbox_wake: Arc<Notify>,
     /// Each system the ports live on, probed by health: one entry per system, so a port that
@@ -67,6 +70,7 @@ impl Backends {
                     audit: Arc::new(db.clone()),
                     grants: Arc::new(db.clone()),
                     outbox: Arc::new(db.clone()),
+                    revisions: Arc::new(db.clone()),
                     outbox_wake: db.outbox_wake(),
                     probes: vec![("sqlite", Arc::new(db.clone()))],
                     location: path.display().to_string(),
@@ -124,6 +128,7 @@ impl Backends {
                     audit: Arc::new(pg.clone()),
                     grants: Arc::new(pg.clone()),
                     outbox: Arc::new(pg.clone()),
+                    revisions: Arc::new(pg.clone()),
                     outbox_wake: pg.wakes().outbox.clone(),
                     probes,
                     location,

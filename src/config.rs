@@ -119,6 +119,10 @@ pub struct Config {
     pub webhook: WebhookConfig,
     pub heartbeat_interval: Duration,
     pub audit_retention_days: u32,
+    /// How long an UNKNOWN decision may be revised (CONTRACT §2a); zero: revisions are off.
+    pub revise_unknown_within: Duration,
+    /// Kept requests asked again a second, at most; 0: revisions are off.
+    pub revise_rate_per_s: u32,
     /// Where retention archives decisions before it purges them (CONTRACT §6a).
     pub audit_archive_url: Option<String>,
     /// Record every RPC (an extension of CONTRACT §7, for measuring its cost; on by default).
@@ -169,6 +173,11 @@ impl ConfigError {
 }
 
 impl Config {
+    /// Whether UNKNOWN decisions are kept and revised (CONTRACT §2a).
+    pub fn revisions_on(&self) -> bool {
+        !self.revise_unknown_within.is_zero() && self.revise_rate_per_s > 0
+    }
+
     /// The defaults of CONTRACT §7 with every embedded store inside `data_dir`.
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
         let data_dir = data_dir.into();
@@ -203,6 +212,8 @@ impl Config {
             heartbeat_interval: Duration::from_millis(15_000),
             audit_retention_days: 730,
             audit_archive_url: None,
+            revise_unknown_within: Duration::from_millis(600_000),
+            revise_rate_per_s: 50,
             audit_calls: true,
             abuse: crate::audit::abuse::AbuseSettings::default(),
             token_hash_key: None,
@@ -396,6 +407,12 @@ impl Config {
         }
         if let Some(v) = get("audit_retention_days") {
             c.audit_retention_days = parse_num("audit_retention_days", &v)? as u32;
+        }
+        if let Some(d) = ms("revise_unknown_within_ms")? {
+            c.revise_unknown_within = d;
+        }
+        if let Some(v) = get("revise_rate_per_s") {
+            c.revise_rate_per_s = parse_num("revise_rate_per_s", &v)? as u32;
         }
         if let Some(v) = get("audit_archive_url").filter(|v| !v.is_empty()) {
             crate::archive::Archive::check_url(&v)

@@ -36,6 +36,8 @@ pub struct Pipeline {
     pub timeout: Duration,
     /// Counts each recorded decision for the anomaly signals.
     pub signals: Arc<Signals>,
+    /// Keep the requests of UNKNOWN decisions to be asked again (revisions are on).
+    pub keep_unknown: bool,
 }
 
 impl Pipeline {
@@ -82,8 +84,9 @@ impl Pipeline {
                 let stop = stop.clone();
                 let timeout = self.timeout;
                 let signals = self.signals.clone();
+                let keep = self.keep_unknown;
                 tasks.spawn(async move {
-                    decide_and_record(authorizer, timeout, claim, stop, &signals).await;
+                    decide_and_record(authorizer, timeout, claim, stop, &signals, keep).await;
                     drop(permit);
                 });
             }
@@ -99,13 +102,14 @@ async fn decide_and_record(
     claim: Claim,
     stop: CancellationToken,
     signals: &Signals,
+    keep: bool,
 ) {
     let verdict = decide(&*authorizer, timeout, &claim).await;
     let decision = claim.request.decision(verdict, Micros::now());
     let mut claim = claim;
     let mut backoff = SETTLE_BACKOFF.0;
     loop {
-        match claim.ack(decision.clone()).await {
+        match claim.ack(decision.clone(), keep).await {
             Ok(settled) => {
                 if settled.first {
                     recorded(&settled.decision.decision, signals);

@@ -222,6 +222,8 @@ pub struct NewDecision {
     pub verdict: Verdict,
     pub accepted_at: Micros,
     pub decided_at: Micros,
+    /// 0 for a request's decision, 1 for its revision (CONTRACT §2a).
+    pub revision: u32,
 }
 
 impl NewDecision {
@@ -254,6 +256,7 @@ impl RecordedDecision {
             decided_at: Some(d.decided_at.to_proto()),
             processing_time_ms: d.processing_time_ms(),
             cursor: self.cursor.encode(),
+            revision: d.revision,
         }
     }
 }

@@ -50,6 +50,7 @@ pub mod intake;
 pub mod proto;
 pub mod queue;
 pub mod reload;
+pub mod revise;
 pub mod security;
 pub mod server;
 pub mod settings;

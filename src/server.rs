@@ -313,8 +313,21 @@ impl Server {
             workers: config.workers,
             timeout: config.authorize_timeout,
             signals: signals.clone(),
+            keep_unknown: config.revisions_on(),
         };
         let mut pipeline_task = tokio::spawn(pipeline.run(pipeline_stop.clone()));
+        let reviser_task = config.revisions_on().then(|| {
+            tokio::spawn(
+                crate::revise::Reviser {
+                    store: backends.revisions.clone(),
+                    authorizer: authorizer.clone(),
+                    timeout: config.authorize_timeout,
+                    window: config.revise_unknown_within,
+                    rate_per_s: config.revise_rate_per_s,
+                }
+                .run(pipeline_stop.clone()),
+            )
+        });
 
         let outbox = backends.outbox.clone();
         let webhook = &config.webhook;
@@ -504,6 +517,13 @@ impl Server {
             tracing::warn!("decisions still in flight at the end of the grace period stay queued");
             pipeline_task.abort();
             let _ = pipeline_task.await;
+        }
+        // A revision cut short is asked again after the restart: it is recorded once or not yet.
+        if let Some(mut task) = reviser_task
+            && tokio::time::timeout_at(deadline, &mut task).await.is_err()
+        {
+            task.abort();
+            let _ = task.await;
         }
         // Deliveries stop after the pipeline, whose last decisions may have added some.
         deliveries_stop.cancel();

@@ -425,6 +425,28 @@ pub const SETTINGS: &[Setting] = &[
         extension: false,
     },
     Setting {
+        key: "revise_unknown_within_ms",
+        kind: Kind::Millis {
+            min: 0,
+            max: 7 * DAY_MS,
+        },
+        default: Default::Value("600000"),
+        meaning: "UNKNOWN decisions younger than this are asked again once the authorizer answers again, and an ALLOWED or NOT_ALLOWED answer is recorded as the request's revision; their tokens are kept this long, then erased; 0: off",
+        group: "Decisions",
+        extension: false,
+    },
+    Setting {
+        key: "revise_rate_per_s",
+        kind: Kind::Count {
+            min: 0,
+            max: 100_000,
+        },
+        default: Default::Value("50"),
+        meaning: "revisions asked a second, at most, so a recovering authorizer is not flooded; 0: off",
+        group: "Decisions",
+        extension: false,
+    },
+    Setting {
         key: "audit_archive_url",
         kind: Kind::Url(&["file", "s3"]),
         default: Default::Unset {

@@ -195,6 +195,12 @@ const METRICS: &[Metric] = &[
         series: Series::Label("outcome", &["ok", "error"]),
     },
     Metric {
+        name: "chargegate_revisions_total",
+        kind: Kind::Counter,
+        help: "UNKNOWN decisions asked again, by the answer: allowed and not_allowed (a revision recorded), unknown (still no answer; the request is asked again later) (requests).",
+        series: Series::Label("status", &["allowed", "not_allowed", "unknown"]),
+    },
+    Metric {
         name: "chargegate_rate_limited_total",
         kind: Kind::Counter,
         help: "Calls refused by a rate limit, by the bucket that refused: client or station (calls).",

@@ -1987,9 +1987,15 @@ async fn seed_deliveries(data: &std::path::Path, n: u64, url: &str) -> anyhow::R
                 verdict: Verdict::new(Reason::Granted, DecidedBy::Acl),
                 accepted_at: claim.request.accepted_at,
                 decided_at: Micros::now(),
+                revision: 0,
             };
-            in_flight
-                .spawn(async move { claim.ack(decision).await.map(|_| ()).map_err(|(_, e)| e) });
+            in_flight.spawn(async move {
+                claim
+                    .ack(decision, false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|(_, e)| e)
+            });
             settled += 1;
         }
         while let Some(r) = in_flight.join_next().await {

@@ -170,5 +170,6 @@ pub fn body_of(i: u64) -> DueDelivery {
         next_attempt_at: Micros::now(),
         age_from: Micros::now(),
         seq: i as i64,
+        revision: 0,
     }
 }

@@ -132,6 +132,9 @@ struct Line {
     accepted_at: String,
     decided_at: String,
     processing_time_ms: i64,
+    /// 1 for a revision of a request first decided UNKNOWN (CONTRACT §2a).
+    #[serde(default)]
+    revision: u32,
     /// Hex; absent for a record written before the chain began.
     link: Option<String>,
 }
@@ -149,6 +152,7 @@ impl Line {
             accepted_at: Micros(r.accepted_at_us).to_rfc3339(),
             decided_at: Micros(r.decided_at_us).to_rfc3339(),
             processing_time_ms: r.processing_ms,
+            revision: r.revision,
             link: r.link.as_ref().map(hex::encode),
         }
     }
@@ -178,6 +182,7 @@ impl Line {
                 reason: self.reason,
                 authorizer: self.authorizer,
                 processing_ms: self.processing_time_ms,
+                revision: self.revision,
                 link,
             },
         ))

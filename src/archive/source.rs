@@ -31,6 +31,8 @@ pub struct Record {
     pub accepted_at_us: i64,
     pub decided_at_us: i64,
     pub processing_ms: i64,
+    /// 0 for a request's decision, 1 for its revision.
+    pub revision: u32,
     /// `None` for a record written before the chain began.
     pub link: Option<Vec<u8>>,
 }
@@ -48,6 +50,7 @@ impl Record {
             accepted_at_us: self.accepted_at_us,
             decided_at_us: self.decided_at_us,
             processing_ms: self.processing_ms,
+            revision: self.revision,
             chain: self.link.as_deref(),
         }
     }
@@ -111,7 +114,7 @@ fn truncate_at(mut records: Vec<Record>, until: Option<Micros>) -> Vec<Record> {
 }
 
 const COLUMNS: &str = "request_id, station_id, token_fp, status, reason, authorizer, \
-                       accepted_at_us, decided_at_us, processing_ms, chain";
+                       accepted_at_us, decided_at_us, processing_ms, chain, revision";
 
 /// A read-only connection to the embedded store's file.
 pub struct SqliteSource {
@@ -209,6 +212,7 @@ impl Source for SqliteSource {
                         decided_at_us: r.get(8)?,
                         processing_ms: r.get(9)?,
                         link: r.get(10)?,
+                        revision: r.get(11)?,
                     })
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -300,6 +304,7 @@ impl Source for PostgresSource {
                 decided_at_us: r.get(8),
                 processing_ms: r.get::<_, i64>(9),
                 link: Some(r.get(10)),
+                revision: r.get::<_, i32>(11) as u32,
             })
             .collect();
         Ok(truncate_at(records, until))

@@ -265,6 +265,7 @@ mod tests {
             verdict: Verdict::new(reason, DecidedBy::Acl),
             accepted_at: Micros(at),
             decided_at: Micros(at),
+            revision: 0,
         }
     }
 

@@ -41,6 +41,7 @@ fn link_of(
     accepted_at_us: i64,
     decided_at_us: i64,
     processing_ms: i64,
+    revision: u32,
 ) -> Link {
     let mut mac = key.0.clone();
     mac.update(previous);
@@ -50,6 +51,10 @@ fn link_of(
     }
     for n in [accepted_at_us, decided_at_us, processing_ms] {
         mac.update(&n.to_be_bytes());
+    }
+    // Chained only when set, so the links of every decision written before revisions hold.
+    if revision != 0 {
+        mac.update(&revision.to_be_bytes());
     }
     mac.finalize().into_bytes().into()
 }
@@ -68,6 +73,7 @@ pub fn link(key: &ChainKey, previous: &Link, d: &NewDecision) -> Link {
         d.accepted_at.0,
         d.decided_at.0,
         i64::from(d.processing_time_ms()),
+        d.revision,
     )
 }
 
@@ -115,6 +121,7 @@ pub struct ChainedRecord<'a> {
     pub accepted_at_us: i64,
     pub decided_at_us: i64,
     pub processing_ms: i64,
+    pub revision: u32,
     /// `None` for a record written before the chain began.
     pub chain: Option<&'a [u8]>,
 }
@@ -171,6 +178,7 @@ impl Walker {
             r.accepted_at_us,
             r.decided_at_us,
             r.processing_ms,
+            r.revision,
         );
         if stored != expected.as_slice() {
             self.found.broken = Some(broken());
@@ -196,7 +204,7 @@ pub fn verify(conn: &Connection, key: &[u8; 32]) -> rusqlite::Result<Verificatio
     let mut walker = Walker::new(key, floor(conn)?);
     let mut stmt = conn.prepare(
         "SELECT seq, request_id, station_id, token_fp, status, reason, authorizer,
-                accepted_at_us, decided_at_us, processing_ms, chain
+                accepted_at_us, decided_at_us, processing_ms, chain, revision
          FROM decisions ORDER BY seq",
     )?;
     let mut rows = stmt.query([])?;
@@ -217,6 +225,7 @@ pub fn verify(conn: &Connection, key: &[u8; 32]) -> rusqlite::Result<Verificatio
             accepted_at_us: r.get(7)?,
             decided_at_us: r.get(8)?,
             processing_ms: r.get(9)?,
+            revision: r.get(11)?,
             chain: chain.as_deref(),
         });
         if !more {

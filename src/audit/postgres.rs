@@ -19,7 +19,7 @@ fn db(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 }
 
 const DECISION_AUDIT_COLUMNS: &str = "position, request_id, station_id, token_fp, reason, \
-     authorizer, accepted_at_us, decided_at_us";
+     authorizer, accepted_at_us, decided_at_us, revision";
 
 #[async_trait]
 impl AuditTrail for Postgres {

@@ -23,7 +23,7 @@ use crate::{
 };
 
 const DECISION_AUDIT_COLUMNS: &str = "d.seq, d.request_id, d.station_id, d.token_fp, d.reason, \
-     d.authorizer, d.accepted_at_us, d.decided_at_us";
+     d.authorizer, d.accepted_at_us, d.decided_at_us, d.revision";
 
 #[async_trait]
 impl AuditTrail for Database {

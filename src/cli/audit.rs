@@ -238,6 +238,7 @@ pub fn abuse(decisions: &[proto::Decision], settings: AbuseSettings) -> Vec<Stri
             verdict: Verdict::new(reason, DecidedBy::Acl),
             accepted_at: at,
             decided_at: at,
+            revision: d.revision,
         };
         found.extend(signals.record(&decision).iter().map(ToString::to_string));
     }

@@ -61,6 +61,7 @@ impl QueuedRequest {
             verdict,
             accepted_at: self.accepted_at,
             decided_at: decided_at.max(self.accepted_at),
+            revision: 0,
         }
     }
 
@@ -84,6 +85,26 @@ impl From<NewRequest> for QueuedRequest {
     }
 }
 
+/// The request of an UNKNOWN decision, kept so that it can be asked again (CONTRACT §2a): besides
+/// a queue entry and a pending delivery, the only place a plain token is stored. Deleted (erased)
+/// when its revision is recorded or when `revise_unknown_within_ms` has passed.
+#[derive(Clone, Debug)]
+pub struct Revisable {
+    pub request: QueuedRequest,
+    /// When the UNKNOWN decision was made: the window counts from it.
+    pub decided_at: Micros,
+}
+
+impl Revisable {
+    /// Whether `decision`, settled now for `request`, is kept.
+    pub fn of(request: &QueuedRequest, decision: &NewDecision, keep: bool) -> Option<Self> {
+        (keep && decision.verdict.status() == crate::decision::Status::Unknown).then(|| Self {
+            request: request.clone(),
+            decided_at: decision.decided_at,
+        })
+    }
+}
+
 /// A request handed to one worker. Consume it with [`Claim::ack`] or [`Claim::nack`].
 pub struct Claim {
     pub request: QueuedRequest,
@@ -100,11 +121,13 @@ pub trait ClaimHandle: Send + Sync + 'static {
     /// entry and erases its token. A single-system backend does both in one transaction; a
     /// two-system backend records first and acknowledges second, so a crash between the two
     /// re-delivers a request whose decision already exists, and settling it again records nothing
-    /// new.
+    /// new. With `keep`, an UNKNOWN decision recorded now keeps the request (with its token) in
+    /// the same transaction, to be asked again (CONTRACT §2a).
     async fn ack(
         &self,
         request: &QueuedRequest,
         decision: NewDecision,
+        keep: bool,
     ) -> Result<Settled, StoreError>;
 
     /// Returns the entry to the queue for another worker.
@@ -129,9 +152,13 @@ impl Claim {
     }
 
     /// Records the decision and completes the entry; on failure the claim comes back, to retry
-    /// or to hand back.
-    pub async fn ack(self, decision: NewDecision) -> Result<Settled, (Claim, StoreError)> {
-        match self.handle.ack(&self.request, decision).await {
+    /// or to hand back. `keep`: see [`ClaimHandle::ack`].
+    pub async fn ack(
+        self,
+        decision: NewDecision,
+        keep: bool,
+    ) -> Result<Settled, (Claim, StoreError)> {
+        match self.handle.ack(&self.request, decision, keep).await {
             Ok(settled) => Ok(settled),
             Err(e) => Err((self, e)),
         }

@@ -100,8 +100,10 @@ impl ClaimHandle for LeasedRow {
         &self,
         request: &QueuedRequest,
         decision: NewDecision,
+        keep: bool,
     ) -> Result<Settled, StoreError> {
-        self.db.settle(decision, request.callback()).await
+        let kept = super::Revisable::of(request, &decision, keep);
+        self.db.settle(decision, request.callback(), kept).await
     }
 
     /// Ends the lease, if it is still this instance's.

@@ -610,8 +610,14 @@ impl ClaimHandle for StreamEntry {
         &self,
         request: &QueuedRequest,
         decision: NewDecision,
+        keep: bool,
     ) -> Result<Settled, StoreError> {
-        let settled = self.shared.db.settle(decision, request.callback()).await?;
+        let kept = super::Revisable::of(request, &decision, keep);
+        let settled = self
+            .shared
+            .db
+            .settle(decision, request.callback(), kept)
+            .await?;
         crate::failpoint::reached(crate::failpoint::AFTER_DECISION_COMMIT);
         if let Err(e) = self.shared.complete(std::slice::from_ref(&self.id)).await {
             tracing::warn!(error = %e, "acknowledging a decided request's entry failed; it comes back and is acknowledged then");

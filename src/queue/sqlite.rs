@@ -17,7 +17,7 @@ use std::{
 use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 
-use super::{Claim, ClaimHandle, EnqueueOutcome, Queue, QueuedRequest, Settled};
+use super::{Claim, ClaimHandle, EnqueueOutcome, Queue, QueuedRequest, Revisable, Settled};
 use crate::{
     decision::{Micros, NewDecision, RecordedDecision, Verdict},
     intake::NewRequest,
@@ -161,11 +161,13 @@ impl ClaimHandle for RowClaim {
         &self,
         request: &QueuedRequest,
         decision: NewDecision,
+        keep: bool,
     ) -> Result<Settled, StoreError> {
+        let kept = Revisable::of(request, &decision, keep);
         let settled = self
             .queue
             .db
-            .settle(self.position, decision, request.callback())
+            .settle(self.position, decision, request.callback(), kept)
             .await?;
         self.queue
             .state

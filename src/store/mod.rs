@@ -96,7 +96,8 @@ pub trait DecisionLog: Send + Sync + 'static {
 
     async fn bounds(&self) -> Result<LogBounds, StoreError>;
 
-    /// Pending or decided; `None` for a request_id never accepted (or no longer retained).
+    /// Pending or decided (the newest entry: its revision, when it has one); `None` for a
+    /// request_id never accepted (or no longer retained).
     async fn request_state(&self, request_id: &str) -> Result<Option<RequestState>, StoreError>;
 
     /// Deletes up to `max` of the oldest decisions decided before `cutoff` and at positions up to

@@ -80,6 +80,15 @@ impl DeliveryState {
     }
 }
 
+/// The `webhook-id` of a decision's delivery: the request_id, and for a revision
+/// `<request_id>.r<revision>` (CONTRACT §2a). Deliveries are stored under it.
+pub fn webhook_id(request_id: &str, revision: u32) -> String {
+    match revision {
+        0 => request_id.to_owned(),
+        n => format!("{request_id}.r{n}"),
+    }
+}
+
 /// A pending delivery, as the engine sends it.
 #[derive(Clone, Debug)]
 pub struct DueDelivery {
@@ -98,6 +107,8 @@ pub struct DueDelivery {
     pub seq: i64,
     /// Where `webhook_max_age_ms` counts from: the decision, or the last redrive.
     pub age_from: Micros,
+    /// 1 for a revision's delivery: `request_id` is then its webhook id, `<request_id>.r1`.
+    pub revision: u32,
 }
 
 /// The JSON body of CONTRACT §3, with the decision's reason and time added.
@@ -109,17 +120,36 @@ pub struct Body<'a> {
     pub request_id: &'a str,
     pub reason: &'static str,
     pub decided_at: String,
+    /// Present (`1`) only on a revision (CONTRACT §2a).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub revision: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl DueDelivery {
+    /// The request the decision is about: the webhook id without a revision's `.r<n>`.
+    pub fn decided_request_id(&self) -> &str {
+        match self.revision {
+            0 => &self.request_id,
+            n => self
+                .request_id
+                .strip_suffix(&format!(".r{n}"))
+                .unwrap_or(&self.request_id),
+        }
+    }
+
     pub fn body(&self) -> Vec<u8> {
         serde_json::to_vec(&Body {
             station_id: &self.station_id,
             driver_token: self.token.expose(),
             status: self.status.as_str(),
-            request_id: &self.request_id,
+            request_id: self.decided_request_id(),
             reason: self.reason.as_str(),
             decided_at: self.decided_at.to_rfc3339(),
+            revision: self.revision,
         })
         .expect("the body serializes")
     }

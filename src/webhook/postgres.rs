@@ -24,7 +24,7 @@ fn bad(what: &str) -> StoreError {
 }
 
 const DUE_COLUMNS: &str = "request_id, station_id, callback_url, host, driver_token, status, \
-     reason, decided_at_us, attempts, next_attempt_us, age_from_us, seq";
+     reason, decided_at_us, attempts, next_attempt_us, age_from_us, seq, revision";
 
 fn due_row(r: &tokio_postgres::Row, next_attempt_at: i64) -> Result<DueDelivery, StoreError> {
     let status: &str = r.get(5);
@@ -42,6 +42,7 @@ fn due_row(r: &tokio_postgres::Row, next_attempt_at: i64) -> Result<DueDelivery,
         next_attempt_at: Micros(next_attempt_at),
         age_from: Micros(r.get(10)),
         seq: r.get(11),
+        revision: r.get::<_, i32>(12) as u32,
     })
 }
 
@@ -93,10 +94,10 @@ impl WebhookOutbox for Postgres {
             )
             .await
             .map_err(db)?;
-        rows.sort_by_key(|r| (r.get::<_, i64>(12), r.get::<_, i64>(11)));
+        rows.sort_by_key(|r| (r.get::<_, i64>(13), r.get::<_, i64>(11)));
         let mut out = rows
             .iter()
-            .map(|r| due_row(r, r.get(12)))
+            .map(|r| due_row(r, r.get(13)))
             .collect::<Result<Vec<_>, _>>()?;
         if (out.len() as i64) < limit {
             // The next one not due yet tells the engine when to look again.

@@ -47,7 +47,7 @@ impl WebhookOutbox for Database {
         self.read_on_writer(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT request_id, station_id, callback_url, host, driver_token, status, reason,
-                        decided_at_us, attempts, next_attempt_us, age_from_us, seq
+                        decided_at_us, attempts, next_attempt_us, age_from_us, seq, revision
                  FROM deliveries INDEXED BY deliveries_due
                  WHERE state = 'pending'
                    AND (next_attempt_us, seq) > (?3, ?4)
@@ -70,6 +70,7 @@ impl WebhookOutbox for Database {
                     next_attempt_at: Micros(r.get(9)?),
                     age_from: Micros(r.get(10)?),
                     seq: r.get(11)?,
+                    revision: r.get(12)?,
                 })
             })?;
             rows.collect()

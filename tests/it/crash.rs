@@ -117,7 +117,7 @@ async fn replay_all(
             .unwrap()
             .unwrap();
         match item.event {
-            Some(Event::Decision(d)) => ids.push(d.request_id),
+            Some(Event::Decision(d)) => ids.push(entry_id(&d)),
             Some(Event::Heartbeat(_)) => return ids,
             None => {}
         }
@@ -145,11 +145,17 @@ async fn assert_watched_exactly_once(
                 .position;
             assert!(position > last, "in log order");
             last = position;
-            left -= usize::from(wanted.contains(d.request_id.as_str()));
-            ids.push(d.request_id);
+            left -= usize::from(d.revision == 0 && wanted.contains(d.request_id.as_str()));
+            ids.push(entry_id(&d));
         }
     }
     assert_exactly_once(acked, &ids);
+}
+
+/// A log entry's identity: the request_id, and for a revision (an UNKNOWN decision asked again
+/// after a restart) `<request_id>.r<n>`, so that a request and its one revision each count once.
+fn entry_id(d: &chargegate::proto::Decision) -> String {
+    chargegate::webhook::webhook_id(&d.request_id, d.revision)
 }
 
 /// Asserts that every acknowledged request appears exactly once in the replayed log.

@@ -14,6 +14,7 @@ mod hostile;
 mod intake;
 mod lifecycle;
 mod remote;
+mod revisions;
 mod scaleout;
 mod security;
 mod streams;

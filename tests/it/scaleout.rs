@@ -319,7 +319,7 @@ async fn a_lease_that_runs_out_lets_two_instances_decide_one_request_once() {
         let d = claim
             .request
             .decision(Verdict::new(reason, DecidedBy::Http), Micros::now());
-        async move { claim.ack(d).await.map_err(|(_, e)| e).unwrap() }
+        async move { claim.ack(d, false).await.map_err(|(_, e)| e).unwrap() }
     };
     let (by_b, by_a) = (
         decide(second.into_iter().next().unwrap(), Reason::Granted).await,

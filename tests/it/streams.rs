@@ -306,8 +306,9 @@ async fn a_cursor_older_than_retention_is_out_of_range() {
                 verdict: Verdict::new(Reason::Granted, DecidedBy::Acl),
                 accepted_at: three_days_ago,
                 decided_at: three_days_ago,
+                revision: 0,
             };
-            cursors.push(claim.ack(decision).await.unwrap().decision.cursor);
+            cursors.push(claim.ack(decision, false).await.unwrap().decision.cursor);
         }
         backends.close().await;
         cursors

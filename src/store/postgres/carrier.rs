@@ -129,6 +129,8 @@ async fn write(
                 .arg(n.accepted_at.0)
                 .arg("t")
                 .arg(n.decided_at.0)
+                .arg("v")
+                .arg(n.revision)
                 .ignore();
         }
         match pipe.query_async::<()>(&mut commands).await {
@@ -245,6 +247,8 @@ fn decoded(e: &StreamId, log_id: u32) -> Option<RecordedDecision> {
             ),
             accepted_at: Micros(number("a")?),
             decided_at: Micros(number("t")?),
+            // Entries written before revisions have none: a request's decision.
+            revision: number("v").map_or(Some(0), |v| u32::try_from(v).ok())?,
         },
     })
 }

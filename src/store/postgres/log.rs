@@ -82,7 +82,8 @@ impl DecisionLog for Postgres {
         let client = self.client().await?;
         let decided = client
             .prepare_cached(&format!(
-                "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = $1"
+                "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = $1
+                 ORDER BY revision DESC LIMIT 1"
             ))
             .await
             .map_err(db)?;
@@ -223,7 +224,7 @@ pub async fn verify(
         let rows = client
             .query(
                 "SELECT position, request_id, station_id, token_fp, status, reason, authorizer,
-                        accepted_at_us, decided_at_us, processing_ms, chain
+                        accepted_at_us, decided_at_us, processing_ms, chain, revision
                  FROM decisions WHERE position > $1 ORDER BY position LIMIT $2",
                 &[&after, &VERIFY_PAGE],
             )
@@ -246,6 +247,7 @@ pub async fn verify(
                 accepted_at_us: r.get(7),
                 decided_at_us: r.get(8),
                 processing_ms: r.get(9),
+                revision: r.get::<_, i32>(11) as u32,
                 chain: Some(&chain),
             });
             if !more {

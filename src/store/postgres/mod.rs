@@ -22,6 +22,7 @@ mod carrier;
 mod grants;
 pub(crate) mod listen;
 pub mod log;
+mod revisions;
 pub mod schema;
 mod tailer;
 mod writer;
@@ -48,7 +49,7 @@ use crate::{
     decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
     fanout::Hub,
     intake::NewRequest,
-    queue::{EnqueueOutcome, QueuedRequest, Settled},
+    queue::{EnqueueOutcome, QueuedRequest, Revisable, Settled},
     token::{DriverToken, Fingerprint},
     webhook::Callback,
 };
@@ -289,9 +290,10 @@ impl Postgres {
         &self,
         decision: NewDecision,
         callback: Option<Callback>,
+        keep: Option<Revisable>,
     ) -> Result<Settled, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.write(WriteOp::Settle(decision, callback, tx), rx)
+        self.write(WriteOp::Settle(decision, callback, keep, tx), rx)
             .await
     }
 
@@ -445,8 +447,7 @@ pub(crate) async fn connect(
 }
 
 /// The columns [`decision_row`] reads, in order.
-pub(crate) const DECISION_COLUMNS: &str =
-    "position, request_id, station_id, token_fp, reason, authorizer, accepted_at_us, decided_at_us";
+pub(crate) const DECISION_COLUMNS: &str = "position, request_id, station_id, token_fp, reason, authorizer, accepted_at_us, decided_at_us, revision";
 
 /// A decision from a row of [`DECISION_COLUMNS`].
 pub(crate) fn decision_row(
@@ -469,6 +470,7 @@ pub(crate) fn decision_row(
             ),
             accepted_at: Micros(r.try_get(6).map_err(db)?),
             decided_at: Micros(r.try_get(7).map_err(db)?),
+            revision: r.try_get::<_, i32>(8).map_err(db)? as u32,
         },
     })
 }

@@ -114,6 +114,29 @@ INSERT INTO chargegate_meta (key, value) VALUES ('grants_version', '0');
 ALTER TABLE queue SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
 ALTER TABLE deliveries SET (autovacuum_vacuum_scale_factor = 0.01);
 ",
+    // 2: revisions of UNKNOWN decisions (CONTRACT §2a): a request may have a decision and one
+    // revision, each a log entry; deliveries are stored under their webhook id.
+    "
+ALTER TABLE decisions ADD COLUMN revision integer NOT NULL DEFAULT 0;
+ALTER TABLE decisions DROP CONSTRAINT decisions_request_id_key;
+ALTER TABLE decisions ADD CONSTRAINT decisions_request_revision UNIQUE (request_id, revision);
+ALTER TABLE deliveries ADD COLUMN revision integer NOT NULL DEFAULT 0;
+-- UNKNOWN decisions that may be revised, with the plain token to ask again: deleted when revised
+-- or when revise_unknown_within_ms has passed. Claimed like the queue, with a lease.
+CREATE TABLE revisable (
+    request_id       text PRIMARY KEY,
+    station_id       text NOT NULL,
+    token_fp         text NOT NULL,
+    driver_token     text NOT NULL,
+    callback_url     text,
+    accepted_at_us   bigint NOT NULL,
+    decided_at_us    bigint NOT NULL,
+    claimed_until_us bigint,
+    claimed_by       text
+);
+CREATE INDEX revisable_by_time ON revisable (decided_at_us);
+ALTER TABLE revisable SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000);
+",
 ];
 
 /// The newest schema version this build knows.

@@ -28,7 +28,7 @@ use crate::{
     cursor::Cursor,
     decision::{Micros, NewDecision, RecordedDecision},
     intake::{EarlierRequest, NewRequest, RequestKey},
-    queue::{EnqueueOutcome, Settled},
+    queue::{EnqueueOutcome, Revisable, Settled},
     store::StoreError,
     webhook::Callback,
 };
@@ -46,11 +46,20 @@ pub(super) enum WriteOp {
         Option<Callback>,
         oneshot::Sender<Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError>>,
     ),
-    /// Record the decision of a queued request, and delete its queue row.
+    /// Record the decision of a queued request, and delete its queue row; keep the request
+    /// when the decision is UNKNOWN and `.2` says so.
     Settle(
         NewDecision,
         Option<Callback>,
+        Option<Revisable>,
         oneshot::Sender<Result<Settled, StoreError>>,
+    ),
+    /// Record the revision `.1` of the kept request `.0` and erase what was kept: a transaction
+    /// of its own (see [`Writer::revise`]).
+    Revise(
+        Revisable,
+        NewDecision,
+        oneshot::Sender<Result<Option<RecordedDecision>, StoreError>>,
     ),
     Close(oneshot::Sender<()>),
 }
@@ -148,6 +157,21 @@ impl Writer {
                 }
             }
         }
+        // Revisions commit one by one, each in a transaction of its own, before the batch.
+        let mut i = 0;
+        while i < batch.len() {
+            if !matches!(batch[i], WriteOp::Revise(..)) {
+                i += 1;
+                continue;
+            }
+            let WriteOp::Revise(kept, revision, reply) = batch.swap_remove(i) else {
+                unreachable!("matched above")
+            };
+            let _ = reply.send(self.revise(&kept, &revision).await.map_err(db));
+        }
+        if batch.is_empty() {
+            return;
+        }
         let ops: Vec<&WriteOp> = batch.iter().collect();
         let answers = match self.commit(&ops).await {
             Ok(answers) => answers.into_iter().map(Ok).collect(),
@@ -174,6 +198,69 @@ impl Writer {
         for (op, result) in batch.drain(..).zip(answers) {
             answer(op, result, closing);
         }
+    }
+
+    /// Records the revision of a kept request in a transaction of its own. The kept row is
+    /// deleted first: of two instances revising one request, the second waits on the row and then
+    /// finds it gone, and records nothing. The revision is recorded under the `log_head` lock with
+    /// its delivery, then notified and carried as a batch's decisions are.
+    async fn revise(
+        &mut self,
+        kept: &Revisable,
+        revision: &NewDecision,
+    ) -> Result<Option<RecordedDecision>, tokio_postgres::Error> {
+        let (log_id, chain_key) = (self.log_id, self.chain_key.clone());
+        let client = self.client.as_mut().expect("connected before the commit");
+        let tx = client.transaction().await?;
+        let st = Statements::prepare(&tx).await?;
+        let erased = tx
+            .execute(
+                "DELETE FROM revisable WHERE request_id = $1",
+                &[&kept.request.request_id],
+            )
+            .await?;
+        if erased == 0 {
+            return Ok(None);
+        }
+        let head = tx.query_one(&st.lock_head, &[]).await?;
+        let known = tx
+            .query_opt(
+                "SELECT 1 FROM decisions WHERE request_id = $1 AND revision = $2",
+                &[&revision.request_id, &(revision.revision as i32)],
+            )
+            .await?;
+        if known.is_some() {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let position = head.get::<_, i64>(0) + 1;
+        let previous: Link = head.get::<_, Vec<u8>>(1).try_into().unwrap_or([0; 32]);
+        let link = chain::link(&chain_key, &previous, revision);
+        let mut rows = DecisionRows::default();
+        rows.push(position, revision, &link);
+        tx.execute(&st.insert_decisions, &rows.params()).await?;
+        if let Some(callback) = kept.request.callback() {
+            let mut deliveries = DeliveryRows::default();
+            deliveries.push(revision, &callback);
+            tx.execute(&st.insert_deliveries, &deliveries.params())
+                .await?;
+            tx.execute(&st.notify, &[&listen::OUTBOX, &""]).await?;
+        }
+        tx.execute(&st.update_head, &[&position, &link.as_slice()])
+            .await?;
+        tx.execute(&st.notify, &[&listen::DECISIONS, &position.to_string()])
+            .await?;
+        tx.commit().await?;
+        self.wakes.decisions.notify_one();
+        let recorded = RecordedDecision {
+            cursor: Cursor::new(log_id, position as u64),
+            decision: revision.clone(),
+        };
+        if let Some((outgoing, local)) = &self.carrier {
+            let _ = local.try_send(carrier::Carried::Decisions(vec![recorded.clone()]));
+            outgoing.carry(vec![recorded.clone()]);
+        }
+        Ok(Some(recorded))
     }
 
     /// Applies `ops` in one transaction; the answers follow their order.
@@ -246,6 +333,14 @@ impl Writer {
                 _ => None,
             })
             .collect();
+        // The requests of UNKNOWN decisions to keep, once they are recorded.
+        let keeping: HashMap<&str, &Revisable> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Settle(d, _, Some(kept), _) => Some((d.request_id.as_str(), kept)),
+                _ => None,
+            })
+            .collect();
         let recording = ops
             .iter()
             .any(|op| matches!(op, WriteOp::EnqueueDecided(..) | WriteOp::Settle(..)));
@@ -313,7 +408,7 @@ impl Writer {
                 WriteOp::EnqueueDecided(d, c, _) if new_keys.contains(&i) => {
                     Some((i, d, c.as_ref()))
                 }
-                WriteOp::Settle(d, c, _) => Some((i, d, c.as_ref())),
+                WriteOp::Settle(d, c, ..) => Some((i, d, c.as_ref())),
                 _ => None,
             })
             .collect();
@@ -330,10 +425,18 @@ impl Writer {
             Some(r) => (Some(&r.rows), Some(&r.deliveries)),
             None => (None, None),
         };
+        let kept = RevisableRows::new(
+            recorded
+                .iter()
+                .flat_map(|r| &r.settled)
+                .filter(|(_, s)| s.first)
+                .filter_map(|(_, s)| keeping.get(s.decision.decision.request_id.as_str()))
+                .copied(),
+        );
         let head_position = new_head.map(|h| h.0 as i64);
         let head_text = head_position.map(|h| h.to_string());
 
-        let (kept, queue_inserted, ..) = tokio::try_join!(
+        let (known, queue_inserted, ..) = tokio::try_join!(
             biased;
             async {
                 match unsure.is_empty() {
@@ -374,6 +477,12 @@ impl Writer {
                 }
             },
             async {
+                match kept.ids.is_empty() {
+                    true => Ok(0),
+                    false => tx.execute(&st.insert_revisable, &kept.params()).await,
+                }
+            },
+            async {
                 match (head_position, new_head) {
                     (Some(p), Some((_, link))) => {
                         tx.execute(&st.update_head, &[&p, &link.as_slice()]).await
@@ -395,7 +504,7 @@ impl Writer {
             },
         )?;
 
-        let kept: HashMap<String, Kept> = kept
+        let kept: HashMap<String, Kept> = known
             .into_iter()
             .map(|r| {
                 (
@@ -489,6 +598,7 @@ struct Statements {
     insert_queue: Statement,
     insert_decisions: Statement,
     insert_deliveries: Statement,
+    insert_revisable: Statement,
     update_head: Statement,
     notify: Statement,
 }
@@ -522,7 +632,8 @@ impl Statements {
                 .await?,
             earlier: tx
                 .prepare_cached(&format!(
-                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ANY($1)"
+                    "SELECT {DECISION_COLUMNS} FROM decisions
+                     WHERE request_id = ANY($1) AND revision = 0"
                 ))
                 .await?,
             insert_queue: tx
@@ -538,22 +649,32 @@ impl Statements {
                 .prepare_cached(
                     "INSERT INTO decisions (position, request_id, station_id, token_fp, status,
                                             reason, authorizer, accepted_at_us, decided_at_us,
-                                            processing_ms, chain)
+                                            processing_ms, chain, revision)
                      SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[],
                                           $5::text[], $6::text[], $7::text[], $8::bigint[],
-                                          $9::bigint[], $10::bigint[], $11::bytea[])",
+                                          $9::bigint[], $10::bigint[], $11::bytea[], $12::int[])",
                 )
                 .await?,
             insert_deliveries: tx
                 .prepare_cached(
                     "INSERT INTO deliveries (request_id, station_id, callback_url, host,
                                              driver_token, status, reason, decided_at_us, state,
-                                             attempts, next_attempt_us, age_from_us)
+                                             attempts, next_attempt_us, age_from_us, revision)
                      SELECT id, station, url, host, token, status, reason, decided, 'pending', 0,
-                            due, decided
+                            due, decided, revision
                      FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::text[], $8::bigint[], $9::bigint[])
-                          AS t (id, station, url, host, token, status, reason, decided, due)
+                                 $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::int[])
+                          AS t (id, station, url, host, token, status, reason, decided, due,
+                                revision)
+                     ON CONFLICT (request_id) DO NOTHING",
+                )
+                .await?,
+            insert_revisable: tx
+                .prepare_cached(
+                    "INSERT INTO revisable (request_id, station_id, token_fp, driver_token,
+                                            callback_url, accepted_at_us, decided_at_us)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[],
+                                          $5::text[], $6::bigint[], $7::bigint[])
                      ON CONFLICT (request_id) DO NOTHING",
                 )
                 .await?,
@@ -734,6 +855,7 @@ struct DecisionRows {
     decided: Vec<i64>,
     processing: Vec<i64>,
     chains: Vec<Vec<u8>>,
+    revisions: Vec<i32>,
 }
 
 impl DecisionRows {
@@ -749,9 +871,10 @@ impl DecisionRows {
         self.decided.push(d.decided_at.0);
         self.processing.push(i64::from(d.processing_time_ms()));
         self.chains.push(link.to_vec());
+        self.revisions.push(d.revision as i32);
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
         [
             &self.positions,
             &self.ids,
@@ -764,6 +887,7 @@ impl DecisionRows {
             &self.decided,
             &self.processing,
             &self.chains,
+            &self.revisions,
         ]
     }
 }
@@ -780,11 +904,14 @@ struct DeliveryRows {
     reasons: Vec<&'static str>,
     decided: Vec<i64>,
     due: Vec<i64>,
+    revisions: Vec<i32>,
 }
 
 impl DeliveryRows {
     fn push(&mut self, d: &NewDecision, c: &Callback) {
-        self.ids.push(d.request_id.clone());
+        self.ids
+            .push(crate::webhook::webhook_id(&d.request_id, d.revision));
+        self.revisions.push(d.revision as i32);
         self.stations.push(d.station_id.clone());
         self.urls.push(c.url.clone());
         self.hosts.push(c.host.clone());
@@ -795,7 +922,7 @@ impl DeliveryRows {
         self.due.push(Micros::now().0.max(d.decided_at.0));
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 10] {
         [
             &self.ids,
             &self.stations,
@@ -806,6 +933,48 @@ impl DeliveryRows {
             &self.reasons,
             &self.decided,
             &self.due,
+            &self.revisions,
+        ]
+    }
+}
+
+/// Requests of UNKNOWN decisions to keep, as arrays for one `UNNEST` insert.
+#[derive(Default)]
+struct RevisableRows<'a> {
+    ids: Vec<&'a str>,
+    stations: Vec<&'a str>,
+    fps: Vec<&'a str>,
+    tokens: Vec<&'a str>,
+    urls: Vec<Option<&'a str>>,
+    accepted: Vec<i64>,
+    decided: Vec<i64>,
+}
+
+impl<'a> RevisableRows<'a> {
+    fn new(kept: impl Iterator<Item = &'a Revisable>) -> Self {
+        let mut rows = Self::default();
+        for k in kept {
+            let q = &k.request;
+            rows.ids.push(&q.request_id);
+            rows.stations.push(&q.station_id);
+            rows.fps.push(q.fingerprint.as_str());
+            rows.tokens.push(q.token.expose());
+            rows.urls.push(q.callback_url.as_deref());
+            rows.accepted.push(q.accepted_at.0);
+            rows.decided.push(k.decided_at.0);
+        }
+        rows
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [
+            &self.ids,
+            &self.stations,
+            &self.fps,
+            &self.tokens,
+            &self.urls,
+            &self.accepted,
+            &self.decided,
         ]
     }
 }
@@ -820,11 +989,12 @@ fn answer(
         (WriteOp::EnqueueDecided(_, _, reply), Ok(Answer::EnqueueDecided(o, d))) => {
             drop(reply.send(Ok((o, d))))
         }
-        (WriteOp::Settle(_, _, reply), Ok(Answer::Settle(s))) => drop(reply.send(Ok(s))),
+        (WriteOp::Settle(_, _, _, reply), Ok(Answer::Settle(s))) => drop(reply.send(Ok(s))),
         (WriteOp::Close(reply), _) => *closing = Some(reply),
         (WriteOp::Enqueue(_, reply), Err(e)) => drop(reply.send(Err(e))),
         (WriteOp::EnqueueDecided(_, _, reply), Err(e)) => drop(reply.send(Err(e))),
-        (WriteOp::Settle(_, _, reply), Err(e)) => drop(reply.send(Err(e))),
+        (WriteOp::Settle(_, _, _, reply), Err(e)) => drop(reply.send(Err(e))),
+        (WriteOp::Revise(_, _, reply), Err(e)) => drop(reply.send(Err(e))),
         _ => unreachable!("answers follow the batch order"),
     }
 }

@@ -6,13 +6,12 @@ use crate::{
     audit::chain::{self, ChainKey, Link},
     cursor::Cursor,
     decision::{DecidedBy, Micros, NewDecision, Reason, RecordedDecision, Verdict},
-    queue::Settled,
+    queue::{Revisable, Settled},
     token::Fingerprint,
     webhook::Callback,
 };
 
-pub(super) const DECISION_COLUMNS: &str =
-    "seq, request_id, station_id, token_fp, reason, authorizer, accepted_at_us, decided_at_us";
+pub(super) const DECISION_COLUMNS: &str = "seq, request_id, station_id, token_fp, reason, authorizer, accepted_at_us, decided_at_us, revision";
 
 pub(crate) fn decision_row(
     r: &rusqlite::Row<'_>,
@@ -39,6 +38,7 @@ pub(crate) fn decision_row(
             ),
             accepted_at: Micros(r.get(6)?),
             decided_at: Micros(r.get(7)?),
+            revision: r.get(8)?,
         },
     })
 }
@@ -71,9 +71,9 @@ pub(super) fn record_decision(
     let inserted = tx
         .prepare_cached(
             "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
-                                    accepted_at_us, decided_at_us, processing_ms, chain)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-             ON CONFLICT (request_id) DO NOTHING",
+                                    accepted_at_us, decided_at_us, processing_ms, chain, revision)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (request_id, revision) DO NOTHING",
         )?
         .execute(params![
             d.request_id,
@@ -86,6 +86,7 @@ pub(super) fn record_decision(
             d.decided_at.0,
             d.processing_time_ms(),
             link.as_slice(),
+            d.revision,
         ])?;
     let inserted = (inserted == 1).then(|| tx.last_insert_rowid());
     if inserted.is_some() {
@@ -102,9 +103,11 @@ pub(super) fn record_decision(
         None => {
             let earlier = tx
                 .prepare_cached(&format!(
-                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ?1"
+                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ?1 AND revision = ?2"
                 ))?
-                .query_row([&d.request_id], |r| decision_row(r, log_id))?;
+                .query_row(params![d.request_id, d.revision], |r| {
+                    decision_row(r, log_id)
+                })?;
             Settled {
                 decision: earlier,
                 first: false,
@@ -124,12 +127,13 @@ pub(super) fn add_delivery(
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO deliveries (request_id, station_id, callback_url, host, driver_token, status,
-                                 reason, decided_at_us, state, attempts, next_attempt_us, age_from_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?9, ?8)
+                                 reason, decided_at_us, state, attempts, next_attempt_us, age_from_us,
+                                 revision)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', 0, ?9, ?8, ?10)
          ON CONFLICT (request_id) DO NOTHING",
     )?
     .execute(params![
-        d.request_id,
+        crate::webhook::webhook_id(&d.request_id, d.revision),
         d.station_id,
         c.url,
         c.host,
@@ -138,6 +142,53 @@ pub(super) fn add_delivery(
         d.verdict.reason.as_str(),
         d.decided_at.0,
         Micros::now().0.max(d.decided_at.0),
+        d.revision,
     ])?;
     Ok(())
+}
+
+/// Keeps the request of an UNKNOWN decision, with its token, to be asked again.
+pub(super) fn keep_revisable(tx: &Transaction<'_>, r: &Revisable) -> rusqlite::Result<()> {
+    let q = &r.request;
+    tx.prepare_cached(
+        "INSERT INTO revisable (request_id, station_id, token_fp, driver_token, callback_url,
+                                accepted_at_us, decided_at_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (request_id) DO NOTHING",
+    )?
+    .execute(params![
+        q.request_id,
+        q.station_id,
+        q.fingerprint.as_str(),
+        q.token.expose(),
+        q.callback_url,
+        q.accepted_at.0,
+        r.decided_at.0,
+    ])?;
+    Ok(())
+}
+
+/// Records `revision` of a kept request and erases what was kept, in one transaction: `None`
+/// when the request is no longer kept (revised already, or its window closed).
+pub(super) fn revise(
+    tx: &Transaction<'_>,
+    kept: &Revisable,
+    revision: &NewDecision,
+    log_id: u32,
+    chain: (&ChainKey, &mut Link),
+) -> rusqlite::Result<Option<RecordedDecision>> {
+    let erased = tx
+        .prepare_cached("DELETE FROM revisable WHERE request_id = ?1")?
+        .execute([&kept.request.request_id])?;
+    if erased == 0 {
+        return Ok(None);
+    }
+    let settled = record_decision(tx, revision, log_id, chain)?;
+    if !settled.first {
+        return Ok(None);
+    }
+    if let Some(callback) = kept.request.callback() {
+        add_delivery(tx, revision, &callback)?;
+    }
+    Ok(Some(settled.decision))
 }

@@ -80,7 +80,8 @@ impl DecisionLog for Database {
         self.read(move |conn| {
             let decided = conn
                 .prepare_cached(&format!(
-                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ?1"
+                    "SELECT {DECISION_COLUMNS} FROM decisions WHERE request_id = ?1
+                     ORDER BY revision DESC LIMIT 1"
                 ))?
                 .query_row([&request_id], |r| decision_row(r, log_id))
                 .optional()?;

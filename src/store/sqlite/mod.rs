@@ -43,6 +43,7 @@ mod grants;
 mod log;
 mod request_keys;
 mod retention;
+mod revisions;
 mod schema;
 pub mod station_index;
 mod writer;
@@ -74,7 +75,7 @@ use crate::{
     decision::{Micros, NewDecision, RecordedDecision},
     fanout::Hub,
     intake::NewRequest,
-    queue::{EnqueueOutcome, QueuedRequest, Settled},
+    queue::{EnqueueOutcome, QueuedRequest, Revisable, Settled},
     token::{DriverToken, Fingerprint},
     webhook::Callback,
 };
@@ -290,9 +291,10 @@ impl Database {
         position: u64,
         decision: NewDecision,
         callback: Option<Callback>,
+        keep: Option<Revisable>,
     ) -> Result<Settled, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.write(WriteOp::Settle(position, decision, callback, tx), rx)
+        self.write(WriteOp::Settle(position, decision, callback, keep, tx), rx)
             .await
     }
 

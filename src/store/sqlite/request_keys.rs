@@ -91,8 +91,7 @@ pub(super) fn enqueue_decided(
 /// Where a request_id was seen: among the queue's request keys, or in the decision log.
 const SEEN_QUEUED: &str =
     "SELECT station_id, token_fp, accepted_at_us FROM requests WHERE request_id = ?1";
-const SEEN_DECIDED: &str =
-    "SELECT station_id, token_fp, accepted_at_us FROM decisions WHERE request_id = ?1";
+const SEEN_DECIDED: &str = "SELECT station_id, token_fp, accepted_at_us FROM decisions WHERE request_id = ?1 AND revision = 0";
 
 /// The outcome for a request_id seen before (`query`: [`SEEN_QUEUED`] or [`SEEN_DECIDED`]), as
 /// [`RequestKey::outcome_after`] gives it; `None` when it was not seen there.

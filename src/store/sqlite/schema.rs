@@ -12,7 +12,7 @@ use super::station_index;
 /// shutdown. With the limit it gives the space back once the WAL has been copied.
 const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 const WRITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1000);
 /// Page cache per connection, in KiB (as a negative `cache_size`).
 const WRITE_CACHE_KIB: i64 = -4096;
@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE TABLE IF NOT EXISTS decisions (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id     TEXT NOT NULL UNIQUE,
+    request_id     TEXT NOT NULL,
     station_id     TEXT NOT NULL,
     token_fp       TEXT NOT NULL,
     status         TEXT NOT NULL,
@@ -47,8 +47,22 @@ CREATE TABLE IF NOT EXISTS decisions (
     accepted_at_us INTEGER NOT NULL,
     decided_at_us  INTEGER NOT NULL,
     processing_ms  INTEGER NOT NULL,
-    chain          BLOB
+    chain          BLOB,
+    revision       INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (request_id, revision)
 );
+-- UNKNOWN decisions that may be revised (CONTRACT §2a), with the plain token to ask again:
+-- deleted (securely) when revised or when revise_unknown_within_ms has passed.
+CREATE TABLE IF NOT EXISTS revisable (
+    request_id     TEXT PRIMARY KEY,
+    station_id     TEXT NOT NULL,
+    token_fp       TEXT NOT NULL,
+    driver_token   TEXT NOT NULL,
+    callback_url   TEXT,
+    accepted_at_us INTEGER NOT NULL,
+    decided_at_us  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS revisable_by_time ON revisable (decided_at_us);
 CREATE TABLE IF NOT EXISTS deliveries (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     request_id      TEXT NOT NULL UNIQUE,
@@ -65,7 +79,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     age_from_us     INTEGER NOT NULL,
     finished_at_us  INTEGER,
     last_error      TEXT NOT NULL DEFAULT '',
-    history         TEXT NOT NULL DEFAULT ''
+    history         TEXT NOT NULL DEFAULT '',
+    revision        INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_attempt_us) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (seq) WHERE state = 'dead';
@@ -162,11 +177,44 @@ pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
     let tx = conn.transaction()?;
     tx.execute_batch(SCHEMA)?;
     // Logs created before the hash chain get the column; their records stay unchained.
-    let chained: bool = tx
-        .prepare("SELECT 1 FROM pragma_table_info('decisions') WHERE name = 'chain'")?
-        .exists([])?;
-    if !chained {
+    if !has_column(&tx, "decisions", "chain")? {
         tx.execute_batch("ALTER TABLE decisions ADD COLUMN chain BLOB;")?;
+    }
+    // Before version 5 a request had one decision: the log is rebuilt with revisions, keeping
+    // every position and the sequence (positions are never reused, even after a purge to empty).
+    if !has_column(&tx, "decisions", "revision")? {
+        tx.execute_batch(
+            "CREATE TABLE decisions_v5 (
+                 seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+                 request_id     TEXT NOT NULL,
+                 station_id     TEXT NOT NULL,
+                 token_fp       TEXT NOT NULL,
+                 status         TEXT NOT NULL,
+                 reason         TEXT NOT NULL,
+                 authorizer     TEXT NOT NULL,
+                 accepted_at_us INTEGER NOT NULL,
+                 decided_at_us  INTEGER NOT NULL,
+                 processing_ms  INTEGER NOT NULL,
+                 chain          BLOB,
+                 revision       INTEGER NOT NULL DEFAULT 0,
+                 UNIQUE (request_id, revision)
+             );
+             INSERT INTO decisions_v5 (seq, request_id, station_id, token_fp, status, reason,
+                                       authorizer, accepted_at_us, decided_at_us, processing_ms, chain)
+                 SELECT seq, request_id, station_id, token_fp, status, reason, authorizer,
+                        accepted_at_us, decided_at_us, processing_ms, chain
+                 FROM decisions ORDER BY seq;
+             DELETE FROM sqlite_sequence WHERE name = 'decisions_v5';
+             INSERT INTO sqlite_sequence (name, seq)
+                 SELECT 'decisions_v5', seq FROM sqlite_sequence WHERE name = 'decisions';
+             DROP TABLE decisions;
+             ALTER TABLE decisions_v5 RENAME TO decisions;
+             CREATE INDEX decisions_by_time ON decisions (decided_at_us);
+             CREATE INDEX decisions_by_status ON decisions (status, decided_at_us);",
+        )?;
+    }
+    if !has_column(&tx, "deliveries", "revision")? {
+        tx.execute_batch("ALTER TABLE deliveries ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;")?;
     }
     // Version 3 kept the index by station in this file; it has a file of its own now.
     tx.execute_batch("DROP TABLE IF EXISTS decisions_by_station;")?;
@@ -189,4 +237,9 @@ pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(log_id)
+}
+
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists([table, column])
 }

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Shared,
     checkpoint::Checkpointer,
-    decisions::{add_delivery, settle},
+    decisions::{add_delivery, keep_revisable, revise, settle},
     request_keys::{enqueue, enqueue_decided},
     retention::purge,
 };
@@ -17,7 +17,7 @@ use crate::{
     decision::{Micros, NewDecision, RecordedDecision},
     fanout::Hub,
     intake::NewRequest,
-    queue::{EnqueueOutcome, QueuedRequest, Settled},
+    queue::{EnqueueOutcome, QueuedRequest, Revisable, Settled},
     store::StoreError,
     webhook::Callback,
 };
@@ -45,12 +45,20 @@ pub(super) enum WriteOp {
         Option<Callback>,
         oneshot::Sender<Result<(EnqueueOutcome, Option<RecordedDecision>), StoreError>>,
     ),
-    /// Record the decision for queue position `.0`, with the delivery of its callback if any.
+    /// Record the decision for queue position `.0`, with the delivery of its callback if any,
+    /// and keep the request when the decision is UNKNOWN and `.3` says so.
     Settle(
         u64,
         NewDecision,
         Option<Callback>,
+        Option<Revisable>,
         oneshot::Sender<Result<Settled, StoreError>>,
+    ),
+    /// Record the revision `.1` of the kept request `.0` and erase what was kept.
+    Revise(
+        Revisable,
+        NewDecision,
+        oneshot::Sender<Result<Option<RecordedDecision>, StoreError>>,
     ),
     Ping(oneshot::Sender<Result<(), StoreError>>),
     /// Any other write (grants, webhook attempts): runs in the batch's transaction.
@@ -85,6 +93,7 @@ enum Applied {
     /// The outcome, and the decision when it was recorded.
     EnqueueDecided(EnqueueOutcome, Option<RecordedDecision>),
     Settle(Settled),
+    Revise(Option<RecordedDecision>),
     Ping,
     Run,
     Close,
@@ -224,7 +233,8 @@ impl Writer {
                         WriteOp::EnqueueDecided(_, _, reply),
                         Applied::EnqueueDecided(o, recorded),
                     ) => drop(reply.send(Ok((o, recorded)))),
-                    (WriteOp::Settle(_, _, _, reply), Applied::Settle(s)) => {
+                    (WriteOp::Revise(_, _, reply), Applied::Revise(d)) => drop(reply.send(Ok(d))),
+                    (WriteOp::Settle(_, _, _, _, reply), Applied::Settle(s)) => {
                         drop(reply.send(Ok(s)))
                     }
                     (WriteOp::Ping(reply), Applied::Ping) => drop(reply.send(Ok(()))),
@@ -379,7 +389,7 @@ fn apply(
             }
             Applied::EnqueueDecided(outcome, recorded)
         }
-        WriteOp::Settle(position, decision, callback, _) => {
+        WriteOp::Settle(position, decision, callback, keep, _) => {
             let (settled, completed) = settle(
                 tx,
                 *position,
@@ -391,6 +401,9 @@ fn apply(
                 add_delivery(tx, decision, callback)?;
                 done.delivering = true;
             }
+            if let Some(kept) = keep.as_ref().filter(|_| settled.first) {
+                keep_revisable(tx, kept)?;
+            }
             if completed {
                 state.pending = state.pending.saturating_sub(1);
             }
@@ -398,6 +411,20 @@ fn apply(
                 done.published.push(settled.decision.clone());
             }
             Applied::Settle(settled)
+        }
+        WriteOp::Revise(kept, revision, _) => {
+            let recorded = revise(
+                tx,
+                kept,
+                revision,
+                cx.log_id,
+                (cx.chain_key, &mut state.chain_head),
+            )?;
+            if let Some(d) = &recorded {
+                done.delivering |= kept.request.callback_url.is_some();
+                done.published.push(d.clone());
+            }
+            Applied::Revise(recorded)
         }
         WriteOp::Ping(_) => {
             // A real write: it needs the write lock and the disk, as enqueueing does.
@@ -426,7 +453,8 @@ fn answer_failed(op: WriteOp, err: StoreError, closing: &mut Option<oneshot::Sen
     match op {
         WriteOp::Enqueue(_, reply) => drop(reply.send(Err(err))),
         WriteOp::EnqueueDecided(_, _, reply) => drop(reply.send(Err(err))),
-        WriteOp::Settle(_, _, _, reply) => drop(reply.send(Err(err))),
+        WriteOp::Settle(_, _, _, _, reply) => drop(reply.send(Err(err))),
+        WriteOp::Revise(_, _, reply) => drop(reply.send(Err(err))),
         WriteOp::Ping(reply) => drop(reply.send(Err(err))),
         WriteOp::Run(_, _, reply) => drop(reply.send(Err(err))),
         WriteOp::Purge(_, _, _, reply) => drop(reply.send(Err(err))),

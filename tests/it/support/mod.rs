@@ -127,6 +127,9 @@ impl TestDir {
             file: Some(self.write_acl(&standard_acl())),
         };
         config.shutdown_grace = Duration::from_secs(5);
+        // Revisions would add decisions to the streams of tests about other things; the tests
+        // of revisions turn them on.
+        config.revise_unknown_within = Duration::ZERO;
         // Instances of one test process: a name of their own each, as processes have.
         config.instance_id = format!(
             "test-{}-{}",
