@@ -7,6 +7,7 @@ mod echo;
 mod load;
 mod plot;
 mod procs;
+mod revisions;
 mod scenarios;
 mod security;
 mod webhook;
@@ -84,6 +85,9 @@ enum Mode {
         /// Hold every answer while this file exists (r3 builds its backlog so).
         #[arg(long)]
         hold_while: Option<std::path::PathBuf>,
+        /// Answer 503 while this file exists (v1's outage).
+        #[arg(long)]
+        fail_while: Option<std::path::PathBuf>,
     },
     /// (internal) Post webhook bodies with chargegate's HTTP client settings, then exit.
     PostClient {
@@ -96,9 +100,9 @@ enum Mode {
     },
 }
 
-const ALL: [&str; 22] = [
+const ALL: [&str; 23] = [
     "g1", "g1b", "g2", "g3", "g4", "g5", "g6", "g7", "g8", "g8c", "a1", "w1", "u1", "p1", "p2",
-    "p4", "r1", "r2", "r3", "t1", "t2", "x1",
+    "p4", "r1", "r2", "r3", "t1", "t2", "x1", "v1",
 ];
 /// Scenarios run only when named.
 const BY_NAME: [&str; 1] = ["p1d"];
@@ -123,7 +127,8 @@ fn main() -> anyhow::Result<()> {
             slow_percent,
             slow_ms,
             hold_while,
-        }) => return authorizer::serve(slow_percent, slow_ms, hold_while),
+            fail_while,
+        }) => return authorizer::serve(slow_percent, slow_ms, hold_while, fail_while),
         Some(Mode::PostClient {
             url,
             count,
@@ -208,6 +213,7 @@ fn main() -> anyhow::Result<()> {
                 "t1" => bench.t1().await,
                 "t2" => bench.t2().await,
                 "x1" => bench.x1().await,
+                "v1" => bench.v1().await,
                 _ => unreachable!("checked above"),
             };
             if let Err(e) = result {

@@ -744,7 +744,7 @@ impl Bench {
     /// Decisions per second of a chargegate started with `extra`, under a closed loop on
     /// decisions at C=200 (each request in flight until its decision reaches a subscriber, so
     /// the intake never runs ahead of the deciding), with the cores it and `authorizer` used.
-    async fn queued_throughput(
+    pub(crate) async fn queued_throughput(
         &mut self,
         name: &str,
         extra: &[&str],

@@ -758,6 +758,7 @@ pub(crate) fn decision_json(d: &proto::Decision) -> serde_json::Value {
         "driver_token_fingerprint": d.driver_token_fingerprint,
         "processing_time_ms": d.processing_time_ms,
         "cursor": d.cursor,
+        "revision": d.revision,
     })
 }
 
