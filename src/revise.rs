@@ -3,7 +3,7 @@
 //! A request decided UNKNOWN (the authorizer timed out, failed, or its breaker was open) is kept,
 //! with its token, in the transaction that records the decision. The reviser asks the authorizer
 //! again for each kept request younger than `revise_unknown_within_ms`, oldest first, at most
-//! `revise_rate_per_s` a second. A pass starts every second; while the authorizer is still down,
+//! `revise_rate_per_s` a second and 32 at once. A pass starts every second; while the authorizer is still down,
 //! the pass stops at the first request it cannot answer (with the breaker open that costs no
 //! call), so the requests are asked again as soon as it answers again. An ALLOWED or NOT_ALLOWED
 //! answer is recorded as the request's revision (`revision = 1`, a log entry of its own), with its
@@ -27,6 +27,9 @@ use crate::{
 const PAGE: usize = 64;
 /// Between passes, and after a pass that found the authorizer still down.
 const PAUSE: Duration = Duration::from_secs(1);
+/// Kept requests asked at once: each revision is a call and a commit, and the store commits
+/// the revisions in flight together.
+const IN_FLIGHT: usize = 32;
 
 /// Where kept requests live: the store that records their decisions.
 #[async_trait]
@@ -117,51 +120,93 @@ impl Reviser {
             if due.is_empty() {
                 return Pass::Done;
             }
+            // Asked in order, up to IN_FLIGHT at once; the first one still unanswered (or a
+            // store failure) ends the pass once the ones in flight are done.
+            let mut asking = tokio::task::JoinSet::new();
+            let mut ended = None;
             for kept in due {
+                while asking.len() >= IN_FLIGHT {
+                    if let Some(Ok(Some(end))) = asking.join_next().await {
+                        ended.get_or_insert(end);
+                    }
+                }
+                if ended.is_some() {
+                    break;
+                }
                 tokio::select! {
-                    _ = stop.cancelled() => return Pass::Stopped,
+                    _ = stop.cancelled() => {
+                        ended = Some(Pass::Stopped);
+                        break;
+                    }
                     _ = pace.tick() => {}
                 }
-                let verdict = self.ask(&kept).await;
-                if verdict.status() == Status::Unknown {
-                    // An open breaker answers without asking: that is not an answer to count.
-                    if verdict.reason != Reason::CircuitOpen {
-                        metrics::counter!("chargegate_revisions_total", "status" => "unknown")
-                            .increment(1);
-                    }
-                    return Pass::StillDown;
+                asking.spawn(revise_one(
+                    self.store.clone(),
+                    self.authorizer.clone(),
+                    self.timeout,
+                    kept,
+                ));
+            }
+            while let Some(done) = asking.join_next().await {
+                if let Ok(Some(end)) = done {
+                    ended.get_or_insert(end);
                 }
-                let mut revision = kept.request.decision(verdict, Micros::now());
-                revision.revision = 1;
-                let status = revision.verdict.status().as_str();
-                let request_id = kept.request.request_id.clone();
-                match self.store.record_revision(kept, revision).await {
-                    Ok(Some(_)) => {
-                        metrics::counter!("chargegate_revisions_total", "status" => status)
-                            .increment(1);
-                        tracing::info!(%request_id, status, "revised an UNKNOWN decision");
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, %request_id, "recording a revision failed; it is asked again");
-                        return Pass::Failed;
-                    }
-                }
+            }
+            if let Some(end) = ended {
+                return end;
             }
         }
     }
+}
 
-    async fn ask(&self, kept: &Revisable) -> crate::decision::Verdict {
-        let r = &kept.request;
-        let asked = AuthorizationRequest {
-            request_id: &r.request_id,
-            station_id: &r.station_id,
-            token: &r.token,
-            fingerprint: &r.fingerprint,
-        };
-        match tokio::time::timeout(self.timeout, self.authorizer.authorize(asked)).await {
-            Ok(verdict) => verdict,
-            Err(_) => crate::decision::Verdict::new(Reason::Timeout, self.authorizer.kind()),
+/// Asks the authorizer again about one kept request and records its revision; `Some` when the
+/// pass should end: the authorizer is still down, or the store failed.
+async fn revise_one(
+    store: Arc<dyn RevisionStore>,
+    authorizer: Arc<dyn Authorizer>,
+    timeout: Duration,
+    kept: Revisable,
+) -> Option<Pass> {
+    let verdict = ask(&*authorizer, timeout, &kept).await;
+    if verdict.status() == Status::Unknown {
+        // An open breaker answers without asking: that is not an answer to count.
+        if verdict.reason != Reason::CircuitOpen {
+            metrics::counter!("chargegate_revisions_total", "status" => "unknown").increment(1);
         }
+        return Some(Pass::StillDown);
+    }
+    let mut revision = kept.request.decision(verdict, Micros::now());
+    revision.revision = 1;
+    let status = revision.verdict.status().as_str();
+    let request_id = kept.request.request_id.clone();
+    match store.record_revision(kept, revision).await {
+        Ok(Some(_)) => {
+            metrics::counter!("chargegate_revisions_total", "status" => status).increment(1);
+            tracing::info!(%request_id, status, "revised an UNKNOWN decision");
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, %request_id, "recording a revision failed; it is asked again");
+            Some(Pass::Failed)
+        }
+    }
+}
+
+async fn ask(
+    authorizer: &dyn Authorizer,
+    timeout: Duration,
+    kept: &Revisable,
+) -> crate::decision::Verdict {
+    let r = &kept.request;
+    let asked = AuthorizationRequest {
+        request_id: &r.request_id,
+        station_id: &r.station_id,
+        token: &r.token,
+        fingerprint: &r.fingerprint,
+    };
+    match tokio::time::timeout(timeout, authorizer.authorize(asked)).await {
+        Ok(verdict) => verdict,
+        Err(_) => crate::decision::Verdict::new(Reason::Timeout, authorizer.kind()),
     }
 }

@@ -1,5 +1,7 @@
 //! The kept requests of UNKNOWN decisions on PostgreSQL (see `crate::revise`): claimed with a
-//! lease like the queue, so instances ask for different ones; recorded by the writer.
+//! lease like the queue, so instances ask for different ones; recorded by the writer. An
+//! instance takes its own claims back at once: its reviser asks one page at a time, so a claim of
+//! its own is one a pass left unasked (the authorizer was down again) or a restart in place left.
 
 use std::time::Duration;
 
@@ -28,7 +30,8 @@ impl RevisionStore for Postgres {
             .prepare_cached(
                 "WITH due AS (
                      SELECT request_id FROM revisable
-                     WHERE decided_at_us >= $1 AND (claimed_until_us IS NULL OR claimed_until_us < $2)
+                     WHERE decided_at_us >= $1
+                       AND (claimed_until_us IS NULL OR claimed_until_us < $2 OR claimed_by = $5)
                      ORDER BY decided_at_us LIMIT $3
                      FOR UPDATE SKIP LOCKED)
                  UPDATE revisable r SET claimed_until_us = $4, claimed_by = $5
