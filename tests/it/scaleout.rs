@@ -369,7 +369,7 @@ async fn migrate_applies_the_schema_once_and_serve_needs_the_token_key() {
     };
     let first = migrate();
     assert!(first.status.success(), "{first:?}");
-    assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1]"));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2]"));
     let again = migrate();
     assert!(again.status.success(), "{again:?}");
     assert!(String::from_utf8_lossy(&again.stdout).contains("the schema is current"));

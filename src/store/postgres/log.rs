@@ -166,6 +166,15 @@ impl DecisionLog for Postgres {
         )
         .await
         .map_err(db)?;
+        // A revision's delivery is kept under its webhook id.
+        tx.execute(
+            "DELETE FROM deliveries v USING decisions d
+             WHERE d.position <= $1 AND d.revision > 0
+               AND v.request_id = d.request_id || '.r' || d.revision",
+            &[&through],
+        )
+        .await
+        .map_err(db)?;
         // The retained log verifies from the link of the last purged record.
         let chain_floor: Vec<u8> = tx
             .query_one(

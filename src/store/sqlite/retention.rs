@@ -45,6 +45,12 @@ pub(super) fn purge(
         ))?
         .execute([through])?;
     }
+    // A revision's delivery is kept under its webhook id.
+    tx.prepare_cached(
+        "DELETE FROM deliveries WHERE request_id IN (
+             SELECT request_id || '.r' || revision FROM decisions WHERE seq <= ?1 AND revision > 0)",
+    )?
+    .execute([through])?;
     let purged = tx
         .prepare_cached("DELETE FROM decisions WHERE seq <= ?1")?
         .execute([through])?;

@@ -243,3 +243,95 @@ fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<
     conn.prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
         .exists([table, column])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log of version 4 (one decision per request_id) is rebuilt for revisions with every
+    /// position, link and the sequence kept: a position purged before is never handed out again.
+    #[test]
+    fn a_version_4_log_is_rebuilt_for_revisions_keeping_positions_and_the_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chargegate.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO meta VALUES ('log_id', '42');
+             CREATE TABLE decisions (
+                 seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+                 request_id     TEXT NOT NULL UNIQUE,
+                 station_id     TEXT NOT NULL,
+                 token_fp       TEXT NOT NULL,
+                 status         TEXT NOT NULL,
+                 reason         TEXT NOT NULL,
+                 authorizer     TEXT NOT NULL,
+                 accepted_at_us INTEGER NOT NULL,
+                 decided_at_us  INTEGER NOT NULL,
+                 processing_ms  INTEGER NOT NULL,
+                 chain          BLOB
+             );
+             CREATE TABLE deliveries (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL UNIQUE,
+                 station_id TEXT NOT NULL, callback_url TEXT NOT NULL, host TEXT NOT NULL,
+                 driver_token TEXT, status TEXT NOT NULL, reason TEXT NOT NULL,
+                 decided_at_us INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+                 next_attempt_us INTEGER, age_from_us INTEGER NOT NULL, finished_at_us INTEGER,
+                 last_error TEXT NOT NULL DEFAULT '', history TEXT NOT NULL DEFAULT ''
+             );
+             INSERT INTO decisions VALUES
+                 (7, 'a', 's', 'f', 'unknown', 'timeout', 'http', 1, 2, 1, x'01'),
+                 (9, 'b', 's', 'f', 'allowed', 'granted', 'acl', 3, 4, 1, x'02');
+             UPDATE sqlite_sequence SET seq = 12 WHERE name = 'decisions';
+             PRAGMA user_version = 4;",
+        )
+        .unwrap();
+
+        assert_eq!(migrate(&mut conn).unwrap(), 42);
+        let kept: Vec<(i64, String, i64, Vec<u8>)> = conn
+            .prepare("SELECT seq, request_id, revision, chain FROM decisions ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            kept,
+            [
+                (7, "a".to_owned(), 0, vec![1]),
+                (9, "b".to_owned(), 0, vec![2])
+            ]
+        );
+        // A revision of `a` is a new entry after the highest position ever handed out.
+        conn.execute(
+            "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
+                                    accepted_at_us, decided_at_us, processing_ms, revision)
+             VALUES ('a', 's', 'f', 'allowed', 'granted', 'http', 1, 5, 1, 1)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(conn.last_insert_rowid(), 13);
+        // Still one decision per request and revision.
+        assert!(
+            conn.execute(
+                "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
+                                        accepted_at_us, decided_at_us, processing_ms, revision)
+                 VALUES ('b', 's', 'f', 'allowed', 'granted', 'acl', 1, 5, 1, 0)",
+                [],
+            )
+            .is_err()
+        );
+        assert!(has_column(&conn, "deliveries", "revision").unwrap());
+        let indexes: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'decisions'
+                   AND name IN ('decisions_by_time', 'decisions_by_status')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 2);
+        // Applying it again changes nothing.
+        assert_eq!(migrate(&mut conn).unwrap(), 42);
+    }
+}

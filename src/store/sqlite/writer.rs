@@ -32,7 +32,8 @@ pub(super) type WriteFn = Box<dyn Fn(&Transaction<'_>) -> rusqlite::Result<()> +
 
 /// A write for the writer thread, with the channel its result goes back on.
 pub(super) enum WriteOp {
-    /// Delete up to `.1` of the oldest decisions decided before `.0`, with their request keys.
+    /// Delete up to `.2` of the oldest decisions decided before `.0` and at positions up to `.1`,
+    /// with their request keys.
     Purge(Micros, u64, usize, oneshot::Sender<Result<u64, StoreError>>),
     Enqueue(
         NewRequest,
