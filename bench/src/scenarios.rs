@@ -2110,7 +2110,7 @@ fn raw_drain(path: &std::path::Path, batch: usize) -> anyhow::Result<f64> {
                 "INSERT INTO decisions (request_id, station_id, token_fp, status, reason, authorizer,
                                         accepted_at_us, decided_at_us, processing_ms)
                  VALUES (?1, ?2, ?3, 'allowed', 'granted', 'acl', ?4, ?4, 0)
-                 ON CONFLICT (request_id) DO NOTHING RETURNING seq",
+                 ON CONFLICT (request_id, revision) DO NOTHING RETURNING seq",
             )?
             .query_row(rusqlite::params![request_id, station_id, fp, accepted], |_| Ok(()))?;
             tx.prepare_cached("DELETE FROM queue WHERE seq = ?1")?
