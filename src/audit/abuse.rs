@@ -112,29 +112,67 @@ impl Default for AbuseSignals {
     }
 }
 
-/// Notes `key` at `at` (allocating only for a key not seen yet), forgets entries older than
-/// `since`, and keeps at most `cap`, dropping the oldest; how many are left. Called once per
-/// decision, so at most one entry is ever over the cap.
-fn note(entries: &mut HashMap<String, i64>, key: &str, at: i64, since: i64, cap: usize) -> usize {
+/// The entries followed for `key`, made when there is room for one more key.
+fn tracked<'a>(
+    map: &'a mut HashMap<String, HashMap<String, i64>>,
+    key: &str,
+) -> Option<&'a mut HashMap<String, i64>> {
+    if !map.contains_key(key) {
+        if map.len() >= MAX_TRACKED {
+            return None;
+        }
+        map.insert(key.to_owned(), HashMap::new());
+    }
+    map.get_mut(key)
+}
+
+/// Notes `key` at `at` (allocating only for a key not seen yet) and returns how many keys are
+/// within the window (since `since`) when that can raise a flag: with no more than `threshold`
+/// keys at all, or with the owner flagged already, it returns the count without the window's
+/// trim, which the sweep does. Over `cap` keys, the oldest half goes at once, so the trim costs
+/// little per call even for a token seen at a new station on every call (g1's pattern).
+fn note(
+    entries: &mut HashMap<String, i64>,
+    key: &str,
+    at: i64,
+    since: i64,
+    (threshold, cap): (usize, usize),
+    flagged: bool,
+) -> usize {
     match entries.get_mut(key) {
         Some(seen) => *seen = at,
         None => {
             entries.insert(key.to_owned(), at);
         }
     }
-    prune(entries, since, cap)
+    if entries.len() > cap {
+        trim(entries, since, cap / 2);
+    }
+    if flagged || entries.len() <= threshold {
+        return entries.len();
+    }
+    entries.retain(|_, at| *at >= since);
+    entries.len()
 }
 
-/// Forgets entries older than `since`, keeps at most `cap` (the newest); how many are left.
-fn prune(entries: &mut HashMap<String, i64>, since: i64, cap: usize) -> usize {
+/// Forgets entries older than `since`, then, over `keep`, all but the newest `keep`; how many
+/// are left.
+fn trim(entries: &mut HashMap<String, i64>, since: i64, keep: usize) -> usize {
     entries.retain(|_, at| *at >= since);
-    while entries.len() > cap {
-        let oldest = entries
-            .iter()
-            .min_by_key(|(_, at)| **at)
-            .map(|(k, _)| k.clone())
-            .expect("not empty");
-        entries.remove(&oldest);
+    if entries.len() > keep {
+        // Drop exactly the oldest `cut`, ties at the pivot included as far as needed.
+        let mut times: Vec<i64> = entries.values().copied().collect();
+        let cut = times.len() - keep;
+        let pivot = *times.select_nth_unstable(cut - 1).1;
+        let mut ties = cut - times.iter().filter(|t| **t < pivot).count();
+        entries.retain(|_, at| match (*at).cmp(&pivot) {
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal if ties > 0 => {
+                ties -= 1;
+                false
+            }
+            _ => true,
+        });
     }
     entries.len()
 }
@@ -161,21 +199,20 @@ impl AbuseSignals {
         let s = &self.settings;
         let fingerprint = d.fingerprint.as_str();
         let mut state = self.state.lock().expect("abuse lock");
+        let State {
+            refused,
+            seen_at,
+            enumerating,
+            travelling,
+        } = &mut *state;
         let mut flags = Vec::new();
         if d.verdict.reason == Reason::NoGrant
-            && (state.refused.contains_key(&d.station_id) || state.refused.len() < MAX_TRACKED)
+            && let Some(fps) = tracked(refused, &d.station_id)
         {
-            if !state.refused.contains_key(&d.station_id) {
-                state.refused.insert(d.station_id.clone(), HashMap::new());
-            }
-            let refused = state
-                .refused
-                .get_mut(&d.station_id)
-                .expect("inserted above");
-            let cap = 4 * s.enumeration_threshold + 4;
-            let distinct = note(refused, fingerprint, now, enumeration_since, cap);
-            if distinct > s.enumeration_threshold && state.enumerating.insert(d.station_id.clone())
-            {
+            let bounds = (s.enumeration_threshold, 4 * s.enumeration_threshold + 4);
+            let flagged = enumerating.contains(&d.station_id);
+            let distinct = note(fps, fingerprint, now, enumeration_since, bounds, flagged);
+            if distinct > s.enumeration_threshold && enumerating.insert(d.station_id.clone()) {
                 flags.push(Flag::Enumeration {
                     station_id: d.station_id.clone(),
                     refused_fingerprints: distinct,
@@ -183,14 +220,18 @@ impl AbuseSignals {
                 });
             }
         }
-        if state.seen_at.contains_key(fingerprint) || state.seen_at.len() < MAX_TRACKED {
-            if !state.seen_at.contains_key(fingerprint) {
-                state.seen_at.insert(fingerprint.to_owned(), HashMap::new());
-            }
-            let stations = state.seen_at.get_mut(fingerprint).expect("inserted above");
-            let cap = 4 * s.velocity_stations + 4;
-            let distinct = note(stations, &d.station_id, now, velocity_since, cap);
-            if distinct > s.velocity_stations && state.travelling.insert(fingerprint.to_owned()) {
+        if let Some(stations) = tracked(seen_at, fingerprint) {
+            let bounds = (s.velocity_stations, 4 * s.velocity_stations + 4);
+            let flagged = travelling.contains(fingerprint);
+            let distinct = note(
+                stations,
+                &d.station_id,
+                now,
+                velocity_since,
+                bounds,
+                flagged,
+            );
+            if distinct > s.velocity_stations && travelling.insert(fingerprint.to_owned()) {
                 flags.push(Flag::Velocity {
                     fingerprint: fingerprint.to_owned(),
                     stations: distinct,
@@ -216,14 +257,14 @@ impl AbuseSignals {
             travelling,
         } = &mut *state;
         refused.retain(|station, fps| {
-            let n = prune(fps, enumeration_since, 4 * s.enumeration_threshold + 4);
+            let n = trim(fps, enumeration_since, 4 * s.enumeration_threshold + 4);
             if n <= s.enumeration_threshold {
                 enumerating.remove(station);
             }
             n > 0
         });
         seen_at.retain(|fp, stations| {
-            let n = prune(stations, velocity_since, 4 * s.velocity_stations + 4);
+            let n = trim(stations, velocity_since, 4 * s.velocity_stations + 4);
             if n <= s.velocity_stations {
                 travelling.remove(fp);
             }
