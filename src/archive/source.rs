@@ -79,11 +79,9 @@ pub trait Source: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Record>, StoreError>;
 
-    /// False when another process is exporting this log now (PostgreSQL: an advisory lock held
-    /// until the source is dropped); the embedded store has one process.
-    async fn exclusive(&self) -> Result<bool, StoreError> {
-        Ok(true)
-    }
+    /// False when another exporter holds this log now; true (and held until the source is
+    /// dropped) otherwise.
+    async fn exclusive(&self) -> Result<bool, StoreError>;
 
     /// The record at `position`, if the log still holds it.
     async fn at(&self, position: u64) -> Result<Option<Record>, StoreError> {
@@ -120,6 +118,8 @@ const COLUMNS: &str = "request_id, station_id, token_fp, status, reason, authori
 pub struct SqliteSource {
     conn: Arc<Mutex<rusqlite::Connection>>,
     path: PathBuf,
+    /// `archive.lock` beside the file, held while this source exports.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 impl SqliteSource {
@@ -140,6 +140,7 @@ impl SqliteSource {
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_owned(),
+            lock: Mutex::new(None),
         })
     }
 
@@ -168,6 +169,29 @@ impl std::fmt::Debug for SqliteSource {
 
 #[async_trait]
 impl Source for SqliteSource {
+    /// `archive.lock` beside the store's file, locked until the source is dropped: the CLI's
+    /// export and a server's retention never write one archive at once.
+    async fn exclusive(&self) -> Result<bool, StoreError> {
+        let mut held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_some() {
+            return Ok(true);
+        }
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path.with_file_name("archive.lock"))
+            .map_err(StoreError::backend)?;
+        match file.try_lock() {
+            Ok(()) => {
+                *held = Some(file);
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::backend(e)),
+        }
+    }
+
     async fn head(&self) -> Result<Head, StoreError> {
         self.with(|conn| {
             let meta = |key: &str| -> rusqlite::Result<Option<String>> {
@@ -308,5 +332,30 @@ impl Source for PostgresSource {
             })
             .collect();
         Ok(truncate_at(records, until))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_exporter_of_an_embedded_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chargegate.db");
+        rusqlite::Connection::open(&path).unwrap();
+        let first = SqliteSource::open(&path).unwrap();
+        let second = SqliteSource::open(&path).unwrap();
+        assert!(first.exclusive().await.unwrap());
+        assert!(first.exclusive().await.unwrap(), "held already");
+        assert!(
+            !second.exclusive().await.unwrap(),
+            "another exporter holds it"
+        );
+        drop(first);
+        assert!(
+            second.exclusive().await.unwrap(),
+            "free once the first is gone"
+        );
     }
 }

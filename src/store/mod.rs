@@ -216,7 +216,7 @@ async fn archive_before(target: &ArchiveTarget, cutoff: Micros) -> u64 {
     let exported = async {
         let source = archive::source::open(&target.store).await?;
         if !source.exclusive().await? {
-            tracing::debug!("another instance is archiving; purging what the archive holds");
+            tracing::debug!("another exporter holds the log; purging what the archive holds");
             return Ok::<_, archive::ArchiveError>(None);
         }
         archive::export(&*source, &target.archive, cutoff, archive::CHUNK_MAX)
