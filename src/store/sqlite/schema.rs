@@ -19,7 +19,29 @@ const WRITE_CACHE_KIB: i64 = -4096;
 const READ_CACHE_KIB: i64 = -1024;
 const READ_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-const SCHEMA: &str = "
+/// The decision log's columns: the schema's table, and the table a version-4 log is rebuilt into.
+macro_rules! decisions_table {
+    () => {
+        "(
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id     TEXT NOT NULL,
+    station_id     TEXT NOT NULL,
+    token_fp       TEXT NOT NULL,
+    status         TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    authorizer     TEXT NOT NULL,
+    accepted_at_us INTEGER NOT NULL,
+    decided_at_us  INTEGER NOT NULL,
+    processing_ms  INTEGER NOT NULL,
+    chain          BLOB,
+    revision       INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (request_id, revision)
+)"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -36,21 +58,9 @@ CREATE TABLE IF NOT EXISTS queue (
     seq          INTEGER PRIMARY KEY,
     driver_token TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS decisions (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id     TEXT NOT NULL,
-    station_id     TEXT NOT NULL,
-    token_fp       TEXT NOT NULL,
-    status         TEXT NOT NULL,
-    reason         TEXT NOT NULL,
-    authorizer     TEXT NOT NULL,
-    accepted_at_us INTEGER NOT NULL,
-    decided_at_us  INTEGER NOT NULL,
-    processing_ms  INTEGER NOT NULL,
-    chain          BLOB,
-    revision       INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (request_id, revision)
-);
+CREATE TABLE IF NOT EXISTS decisions ",
+    decisions_table!(),
+    ";
 -- UNKNOWN decisions that may be revised (CONTRACT §2a), with the plain token to ask again:
 -- deleted (securely) when revised or when revise_unknown_within_ms has passed.
 CREATE TABLE IF NOT EXISTS revisable (
@@ -108,7 +118,8 @@ CREATE TABLE IF NOT EXISTS grants (
     blocked       INTEGER NOT NULL,
     PRIMARY KEY (station_id, token_fp)
 ) WITHOUT ROWID;
-";
+"
+);
 
 pub(super) fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
     let flags = if read_only {
@@ -184,21 +195,10 @@ pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
     // every position and the sequence (positions are never reused, even after a purge to empty).
     if !has_column(&tx, "decisions", "revision")? {
         tx.execute_batch(
-            "CREATE TABLE decisions_v5 (
-                 seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-                 request_id     TEXT NOT NULL,
-                 station_id     TEXT NOT NULL,
-                 token_fp       TEXT NOT NULL,
-                 status         TEXT NOT NULL,
-                 reason         TEXT NOT NULL,
-                 authorizer     TEXT NOT NULL,
-                 accepted_at_us INTEGER NOT NULL,
-                 decided_at_us  INTEGER NOT NULL,
-                 processing_ms  INTEGER NOT NULL,
-                 chain          BLOB,
-                 revision       INTEGER NOT NULL DEFAULT 0,
-                 UNIQUE (request_id, revision)
-             );
+            concat!(
+                "CREATE TABLE decisions_v5 ",
+                decisions_table!(),
+                ";
              INSERT INTO decisions_v5 (seq, request_id, station_id, token_fp, status, reason,
                                        authorizer, accepted_at_us, decided_at_us, processing_ms, chain)
                  SELECT seq, request_id, station_id, token_fp, status, reason, authorizer,
@@ -210,7 +210,8 @@ pub(super) fn migrate(conn: &mut Connection) -> rusqlite::Result<u32> {
              DROP TABLE decisions;
              ALTER TABLE decisions_v5 RENAME TO decisions;
              CREATE INDEX decisions_by_time ON decisions (decided_at_us);
-             CREATE INDEX decisions_by_status ON decisions (status, decided_at_us);",
+             CREATE INDEX decisions_by_status ON decisions (status, decided_at_us);"
+            ),
         )?;
     }
     if !has_column(&tx, "deliveries", "revision")? {

@@ -415,3 +415,12 @@ pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
         .map(|v| v.field)
         .collect()
 }
+
+/// `found`, saying `skipped` when not; under `CI=true` a missing program fails with `in_ci`.
+pub fn present_or_skipped(found: bool, in_ci: &str, skipped: &str) -> bool {
+    if !found {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{in_ci}");
+        eprintln!("{skipped}");
+    }
+    found
+}
